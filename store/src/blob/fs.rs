@@ -1,0 +1,242 @@
+//! Blobs as read-only files: `blobs/ab/cdef…`, staged in `tmp/` and renamed
+//! into place, so a blob file is either absent or whole.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::{Blob, BlobStore, BlobWriter, Hasher, StagedBlob};
+use crate::{Digest, Error, Result};
+
+/// Blob storage in a directory of files.
+pub struct FsBlobStore {
+    blobs: PathBuf,
+    tmp: PathBuf,
+}
+
+impl FsBlobStore {
+    /// Uses `blobs/` and `tmp/` under `root`, creating them when missing.
+    /// The two must be on one filesystem (renames move staged blobs into place).
+    pub fn open(root: &Path) -> Result<FsBlobStore> {
+        let blobs = root.join("blobs");
+        let tmp = root.join("tmp");
+        for dir in [&blobs, &tmp] {
+            fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
+        }
+        Ok(FsBlobStore { blobs, tmp })
+    }
+
+    /// Uses an existing store's `blobs/` and `tmp/` without creating anything.
+    pub fn open_existing(root: &Path) -> Result<FsBlobStore> {
+        Ok(FsBlobStore {
+            blobs: root.join("blobs"),
+            tmp: root.join("tmp"),
+        })
+    }
+
+    /// Removes everything left in `tmp/` by an interrupted operation; returns
+    /// how many entries were removed. Only call while holding the write lock.
+    pub fn sweep_staging(&self) -> Result<usize> {
+        let mut removed = 0;
+        let entries = fs::read_dir(&self.tmp).map_err(Error::io("list", &self.tmp))?;
+        for entry in entries {
+            let entry = entry.map_err(Error::io("list", &self.tmp))?;
+            let path = entry.path();
+            let res = if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            res.map_err(Error::io("remove the leftover", &path))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    fn path_of(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.to_hex();
+        self.blobs.join(&hex[..2]).join(&hex[2..])
+    }
+}
+
+struct FileBlob(File, u64);
+
+impl Blob for FileBlob {
+    fn size(&self) -> u64 {
+        self.1
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.1 {
+            return Ok(0);
+        }
+        self.0.read_at(buf, offset)
+    }
+}
+
+struct FsWriter {
+    file: tempfile::NamedTempFile,
+    hasher: Hasher,
+    dest_dir: PathBuf,
+}
+
+impl Write for FsWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write_all(buf)?;
+        self.hasher.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl BlobWriter for FsWriter {
+    fn finish(self: Box<Self>) -> Result<Box<dyn StagedBlob>> {
+        let (digest, size) = self.hasher.finish();
+        let hex = digest.to_hex();
+        let dest = self.dest_dir.join(&hex[..2]).join(&hex[2..]);
+        // Close the file now: an import may stage thousands of blobs.
+        let path = self.file.into_temp_path();
+        Ok(Box::new(FsStaged {
+            path,
+            digest,
+            size,
+            dest,
+        }))
+    }
+}
+
+/// A staged blob: its temporary file is removed on drop unless published.
+struct FsStaged {
+    path: tempfile::TempPath,
+    digest: Digest,
+    size: u64,
+    dest: PathBuf,
+}
+
+impl StagedBlob for FsStaged {
+    fn digest(&self) -> Digest {
+        self.digest
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn publish(self: Box<Self>) -> Result<()> {
+        if self.dest.exists() {
+            return Ok(()); // Same digest, same bytes: keep the stored one.
+        }
+        fs::set_permissions(&self.path, fs::Permissions::from_mode(0o444))
+            .map_err(Error::io("set permissions on", &*self.path))?;
+        let dest = self.dest;
+        match self.path.persist(&dest) {
+            Ok(()) => Ok(()),
+            Err(e) if e.error.kind() == io::ErrorKind::NotFound => {
+                // The shard directory does not exist yet.
+                if let Some(parent) = dest.parent() {
+                    fs::create_dir_all(parent).map_err(Error::io("create", parent))?;
+                }
+                e.path
+                    .persist(&dest)
+                    .map_err(|e| Error::io("move a blob to", &dest)(e.error))
+            }
+            Err(e) => Err(Error::io("move a blob to", &dest)(e.error)),
+        }
+    }
+}
+
+impl BlobStore for FsBlobStore {
+    fn writer(&self) -> Result<Box<dyn BlobWriter>> {
+        let file = tempfile::Builder::new()
+            .prefix("blob-")
+            .tempfile_in(&self.tmp)
+            .map_err(Error::io("create a staging file in", &self.tmp))?;
+        Ok(Box::new(FsWriter {
+            file,
+            hasher: Hasher::new(),
+            dest_dir: self.blobs.clone(),
+        }))
+    }
+
+    fn contains(&self, digest: &Digest) -> Result<bool> {
+        let path = self.path_of(digest);
+        match fs::symlink_metadata(&path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("stat", path)(e)),
+        }
+    }
+
+    fn open(&self, digest: &Digest) -> Result<Option<Box<dyn Blob>>> {
+        let path = self.path_of(digest);
+        match File::open(&path) {
+            Ok(f) => {
+                let len = f.metadata().map_err(Error::io("stat", &path))?.len();
+                Ok(Some(Box::new(FileBlob(f, len))))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("open", path)(e)),
+        }
+    }
+
+    fn file_path(&self, digest: &Digest) -> Option<PathBuf> {
+        Some(self.path_of(digest))
+    }
+
+    fn for_each(&self, f: &mut dyn FnMut(Digest, u64) -> Result<()>) -> Result<()> {
+        let shards = fs::read_dir(&self.blobs).map_err(Error::io("list", &self.blobs))?;
+        let mut shard_dirs: Vec<(String, PathBuf)> = Vec::new();
+        for shard in shards {
+            let shard = shard.map_err(Error::io("list", &self.blobs))?;
+            if let Some(name) = shard.file_name().to_str() {
+                shard_dirs.push((name.to_owned(), shard.path()));
+            }
+        }
+        shard_dirs.sort();
+        for (prefix, dir) in shard_dirs {
+            let mut names = Vec::new();
+            for entry in fs::read_dir(&dir).map_err(Error::io("list", &dir))? {
+                let entry = entry.map_err(Error::io("list", &dir))?;
+                let Some(rest) = entry.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                let Ok(digest) = format!("{prefix}{rest}").parse::<Digest>() else {
+                    continue;
+                };
+                let len = entry.metadata().map_err(Error::io("stat", entry.path()))?.len();
+                names.push((digest, len));
+            }
+            names.sort();
+            for (d, len) in names {
+                f(d, len)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn delete(&self, digest: &Digest) -> Result<u64> {
+        let path = self.path_of(digest);
+        let len = match fs::symlink_metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(Error::io("stat", path)(e)),
+        };
+        fs::remove_file(&path).map_err(Error::io("remove", &path))?;
+        Ok(len)
+    }
+
+    fn sync(&self) -> Result<()> {
+        let dir = File::open(&self.blobs).map_err(Error::io("open", &self.blobs))?;
+        // One syncfs makes every staged-and-renamed blob durable at once;
+        // 20,000 fsyncs would cost more than the ingest itself.
+        use std::os::fd::AsRawFd;
+        // SAFETY: `dir` is an open file descriptor for the duration of the call.
+        let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
+        if rc != 0 {
+            return Err(Error::io("sync the filesystem of", &self.blobs)(
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,114 @@
+//! The index: trees, layer records, lineage, refs, action cache, runs,
+//! leases and the stat cache, as ordered key-value families.
+//!
+//! One trait, one file per backend: [`rocks::RocksMetaStore`] (RocksDB, one
+//! column family per [`Family`]) and [`memory::MemoryMetaStore`] for tests.
+
+pub mod memory;
+pub mod rocks;
+
+use crate::Result;
+
+/// The key spaces of the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// tree digest → canonical tree encoding
+    Trees,
+    /// layer digest → layer record (JSON)
+    Layers,
+    /// layer digest → lineage (JSON)
+    Lineage,
+    /// ref name → layer digest
+    Refs,
+    /// action key → action entry (JSON)
+    Actions,
+    /// run id → run entry (JSON)
+    Runs,
+    /// lease id → lease (JSON)
+    Leases,
+    /// absolute path → stat fields and content digest
+    StatCache,
+}
+
+impl Family {
+    pub const ALL: [Family; 8] = [
+        Family::Trees,
+        Family::Layers,
+        Family::Lineage,
+        Family::Refs,
+        Family::Actions,
+        Family::Runs,
+        Family::Leases,
+        Family::StatCache,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Trees => "trees",
+            Family::Layers => "layers",
+            Family::Lineage => "lineage",
+            Family::Refs => "refs",
+            Family::Actions => "actions",
+            Family::Runs => "runs",
+            Family::Leases => "leases",
+            Family::StatCache => "statcache",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Writes applied together or not at all.
+#[derive(Default, Debug)]
+pub struct Batch {
+    pub(crate) ops: Vec<(Family, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    pub fn new() -> Batch {
+        Batch::default()
+    }
+    pub fn put(&mut self, family: Family, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push((family, key.into(), Some(value.into())));
+    }
+    pub fn delete(&mut self, family: Family, key: impl Into<Vec<u8>>) {
+        self.ops.push((family, key.into(), None));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+}
+
+/// What a scan callback wants next.
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+/// The ordered key-value index of a store.
+pub trait MetaStore: Send + Sync {
+    /// The value under `key`, or `None`.
+    fn get(&self, family: Family, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Applies every write of `batch` atomically and durably.
+    fn write(&self, batch: Batch) -> Result<()>;
+    /// Calls `f` for each entry whose key starts with `prefix`, in key order.
+    fn scan(
+        &self,
+        family: Family,
+        prefix: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<Flow>,
+    ) -> Result<()>;
+    /// Brings a read-only view up to date with the writer (no-op elsewhere).
+    fn refresh(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Whether writes are refused.
+    fn is_read_only(&self) -> bool {
+        false
+    }
+}

@@ -1,0 +1,141 @@
+//! The index in RocksDB: one column family per [`Family`].
+//!
+//! RocksDB types never leave this file.
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{ColumnFamily, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+
+use super::{Batch, Family, Flow, MetaStore};
+use crate::{Error, Result};
+
+/// An index in a RocksDB database, opened for writing (one process at a
+/// time) or as a read-only secondary that follows the writer.
+pub struct RocksMetaStore {
+    db: DB,
+    read_only: bool,
+    // Keeps the secondary's private directory alive as long as the handle.
+    _secondary_dir: Option<tempfile::TempDir>,
+}
+
+fn db_err(action: &'static str) -> impl FnOnce(rocksdb::Error) -> Error {
+    move |e| Error::Db {
+        action,
+        source: Box::new(e),
+    }
+}
+
+fn options() -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_keep_log_file_num(4);
+    opts.set_max_open_files(-1);
+    opts
+}
+
+fn cf_names() -> Vec<&'static str> {
+    Family::ALL.iter().map(|f| f.name()).collect()
+}
+
+impl RocksMetaStore {
+    /// Opens (creating when missing) the database at `path` for writing.
+    /// The caller must hold the store's write lock.
+    pub fn open(path: &Path) -> Result<RocksMetaStore> {
+        let db = DB::open_cf(&options(), path, cf_names()).map_err(db_err("opening"))?;
+        Ok(RocksMetaStore {
+            db,
+            read_only: false,
+            _secondary_dir: None,
+        })
+    }
+
+    /// Opens the database at `path` read-only, as a secondary instance: works
+    /// while another process writes, and sees its writes after [`MetaStore::refresh`].
+    pub fn open_secondary(path: &Path) -> Result<RocksMetaStore> {
+        let dir = tempfile::Builder::new()
+            .prefix("strata-reader-")
+            .tempdir()
+            .map_err(Error::io("create a directory in", std::env::temp_dir()))?;
+        let mut opts = options();
+        opts.create_if_missing(false);
+        opts.create_missing_column_families(false);
+        let db = DB::open_cf_as_secondary(&opts, path, dir.path(), cf_names())
+            .map_err(db_err("opening read-only"))?;
+        Ok(RocksMetaStore {
+            db,
+            read_only: true,
+            _secondary_dir: Some(dir),
+        })
+    }
+
+    fn cf(&self, family: Family) -> Result<&ColumnFamily> {
+        self.db.cf_handle(family.name()).ok_or(Error::CorruptRecord {
+            what: "column family",
+            key: family.name().to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.db.path().to_owned()
+    }
+}
+
+impl MetaStore for RocksMetaStore {
+    fn get(&self, family: Family, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.db
+            .get_cf(self.cf(family)?, key)
+            .map_err(db_err("reading"))
+    }
+
+    fn write(&self, batch: Batch) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly { path: self.path() });
+        }
+        let mut wb = WriteBatch::default();
+        for (family, key, value) in &batch.ops {
+            let cf = self.cf(*family)?;
+            match value {
+                Some(v) => wb.put_cf(cf, key, v),
+                None => wb.delete_cf(cf, key),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(wb, &wo).map_err(db_err("writing"))
+    }
+
+    fn scan(
+        &self,
+        family: Family,
+        prefix: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<Flow>,
+    ) -> Result<()> {
+        let iter = self
+            .db
+            .iterator_cf(self.cf(family)?, IteratorMode::From(prefix, Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(db_err("scanning"))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if let Flow::Stop = f(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn refresh(&self) -> Result<()> {
+        if self.read_only {
+            self.db
+                .try_catch_up_with_primary()
+                .map_err(db_err("catching up with the writer"))?;
+        }
+        Ok(())
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}

@@ -1,0 +1,401 @@
+//! Records kept beside layers: layer records, lineage, refs, action-cache
+//! entries, runs and leases. None of them is part of any digest.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Batch, Digest, DigestPrefix, Entry, Error, Family, Flow, Result, Store};
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Counts over a whole layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Sum of the sizes of all files (a file stored twice counts twice).
+    pub bytes: u64,
+}
+
+/// What the store knows of a layer it recorded (by ingest, import or a task).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    pub stats: LayerStats,
+    /// When the layer was first recorded, seconds since the epoch.
+    pub created: u64,
+}
+
+/// Which layer a layer was made on top of, and by what.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lineage {
+    /// The layer this one was made on top of (a transform's base).
+    pub parent: Option<Digest>,
+    /// The task that made it, as a label.
+    pub task: Option<String>,
+    /// How it was made: `add`, `import`, `task`, `merge`…
+    pub how: String,
+    pub created: u64,
+}
+
+/// A cached action result, as the store sees it: the layers and blobs it
+/// refers to (so GC can keep or drop it) and the engine's own payload.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ActionEntry {
+    pub layers: Vec<Digest>,
+    pub blobs: Vec<Digest>,
+    pub payload: serde_json::Value,
+    pub created: u64,
+}
+
+/// A run as the store sees it: the layers and blobs it refers to (GC roots for
+/// the most recent runs) and the engine's own record.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunEntry {
+    pub layers: Vec<Digest>,
+    pub blobs: Vec<Digest>,
+    pub record: serde_json::Value,
+    pub created: u64,
+}
+
+/// A GC root held by a running operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub pid: u32,
+    pub layers: Vec<Digest>,
+    pub created: u64,
+}
+
+/// Keeps its layers alive across GC until dropped.
+pub struct LeaseGuard {
+    store: Store,
+    key: Vec<u8>,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let mut b = Batch::new();
+        b.delete(Family::Leases, self.key.clone());
+        // Best effort: a lease of a dead process is ignored by GC anyway.
+        let _ = self.store.meta().write(b);
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &'static str, key: &[u8], v: &[u8]) -> Result<T> {
+    serde_json::from_slice(v).map_err(|_| Error::CorruptRecord {
+        what,
+        key: String::from_utf8_lossy(key).into_owned(),
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing these plain structs to a Vec cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// Checks a ref name: like git's, `[A-Za-z0-9._/-]`, 1 to 200 characters, no
+/// `..`, no leading `-` or `/`, no trailing `/`, and not hexadecimal-only
+/// (which would read as a digest prefix).
+pub(crate) fn check_ref_name(name: &str) -> Result<()> {
+    let bad = |reason| {
+        Err(Error::BadRefName {
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    if name.is_empty() || name.len() > 200 {
+        return bad("a ref name has 1 to 200 characters");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b))
+    {
+        return bad("use only letters, digits, `.`, `_`, `/` and `-`");
+    }
+    if name.contains("..") || name.contains("//") {
+        return bad("`..` and `//` are not allowed");
+    }
+    if name.starts_with('-') || name.starts_with('/') || name.ends_with('/') {
+        return bad("a ref name may not start with `-` or `/` or end with `/`");
+    }
+    if name.len() >= 8 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return bad("a hexadecimal-only name would read as a digest");
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Adds a layer record (and its lineage, when given) to `batch`.
+    pub(crate) fn stage_layer(
+        &self,
+        batch: &mut Batch,
+        layer: &Digest,
+        stats: LayerStats,
+        lineage: Option<&Lineage>,
+    ) -> Result<()> {
+        let created = match self.layer(layer)? {
+            Some(existing) => existing.created,
+            None => now_secs(),
+        };
+        batch.put(
+            Family::Layers,
+            layer.as_bytes().to_vec(),
+            encode(&LayerRecord { stats, created }),
+        );
+        if let Some(l) = lineage {
+            batch.put(Family::Lineage, layer.as_bytes().to_vec(), encode(l));
+        }
+        Ok(())
+    }
+
+    /// Records that the tree `root` (already stored) is a layer, with its
+    /// lineage. Returns the layer's stats.
+    pub fn record_layer(&self, root: &Digest, lineage: Option<&Lineage>) -> Result<LayerStats> {
+        let stats = self.stats(root)?;
+        let mut batch = Batch::new();
+        self.stage_layer(&mut batch, root, stats, lineage)?;
+        self.meta.write(batch)?;
+        Ok(stats)
+    }
+
+    /// The record of a layer, `None` when the digest was never recorded as one.
+    pub fn layer(&self, digest: &Digest) -> Result<Option<LayerRecord>> {
+        self.meta
+            .get(Family::Layers, digest.as_bytes())?
+            .map(|v| decode("layer", digest.to_hex().as_bytes(), &v))
+            .transpose()
+    }
+
+    pub fn lineage(&self, digest: &Digest) -> Result<Option<Lineage>> {
+        self.meta
+            .get(Family::Lineage, digest.as_bytes())?
+            .map(|v| decode("lineage", digest.to_hex().as_bytes(), &v))
+            .transpose()
+    }
+
+    /// Every recorded layer, in digest order.
+    pub fn layers(&self) -> Result<Vec<(Digest, LayerRecord)>> {
+        let mut out = Vec::new();
+        self.meta.scan(Family::Layers, &[], &mut |k, v| {
+            if let Some(d) = Digest::from_slice(k) {
+                out.push((d, decode("layer", k, v)?));
+            }
+            Ok(Flow::Continue)
+        })?;
+        Ok(out)
+    }
+
+    /// Counts files, directories, symlinks and bytes under a tree, visiting
+    /// each distinct subtree once per occurrence.
+    pub fn stats(&self, root: &Digest) -> Result<LayerStats> {
+        let mut memo: BTreeMap<Digest, LayerStats> = BTreeMap::new();
+        self.stats_memo(root, &mut memo)
+    }
+
+    fn stats_memo(&self, d: &Digest, memo: &mut BTreeMap<Digest, LayerStats>) -> Result<LayerStats> {
+        if let Some(s) = memo.get(d) {
+            return Ok(*s);
+        }
+        let mut s = LayerStats::default();
+        for (_, e) in self.tree(d)?.entries() {
+            match e {
+                Entry::File { size, .. } => {
+                    s.files += 1;
+                    s.bytes += size;
+                }
+                Entry::Symlink { .. } => s.symlinks += 1,
+                Entry::Dir { digest } => {
+                    let sub = self.stats_memo(digest, memo)?;
+                    s.dirs += 1 + sub.dirs;
+                    s.files += sub.files;
+                    s.symlinks += sub.symlinks;
+                    s.bytes += sub.bytes;
+                }
+            }
+        }
+        memo.insert(*d, s);
+        Ok(s)
+    }
+
+    // ---- refs ----
+
+    /// Points the ref `name` at `layer` (which must be a stored tree).
+    pub fn set_ref(&self, name: &str, layer: &Digest) -> Result<()> {
+        check_ref_name(name)?;
+        if !self.has_tree(layer)? {
+            return Err(Error::MissingTree(*layer));
+        }
+        let mut b = Batch::new();
+        b.put(Family::Refs, name.as_bytes().to_vec(), layer.as_bytes().to_vec());
+        if self.layer(layer)?.is_none() {
+            self.stage_layer(&mut b, layer, self.stats(layer)?, None)?;
+        }
+        self.meta.write(b)
+    }
+
+    /// The layer a ref points at.
+    pub fn get_ref(&self, name: &str) -> Result<Option<Digest>> {
+        Ok(self
+            .meta
+            .get(Family::Refs, name.as_bytes())?
+            .and_then(|v| Digest::from_slice(&v)))
+    }
+
+    /// Removes a ref; [`Error::NoSuchRef`] when there is none.
+    pub fn delete_ref(&self, name: &str) -> Result<Digest> {
+        let d = self.get_ref(name)?.ok_or_else(|| Error::NoSuchRef(name.to_owned()))?;
+        let mut b = Batch::new();
+        b.delete(Family::Refs, name.as_bytes().to_vec());
+        self.meta.write(b)?;
+        Ok(d)
+    }
+
+    /// Every ref, sorted by name.
+    pub fn refs(&self) -> Result<Vec<(String, Digest)>> {
+        let mut out = Vec::new();
+        self.meta.scan(Family::Refs, &[], &mut |k, v| {
+            if let Some(d) = Digest::from_slice(v) {
+                out.push((String::from_utf8_lossy(k).into_owned(), d));
+            }
+            Ok(Flow::Continue)
+        })?;
+        Ok(out)
+    }
+
+    /// Resolves what a user typed where a layer is expected: a ref name, a
+    /// full digest, or a unique prefix of 8+ hex characters of a recorded
+    /// layer (or, failing that, of any stored tree).
+    pub fn resolve(&self, spec: &str) -> Result<Digest> {
+        if let Some(d) = self.get_ref(spec)? {
+            return Ok(d);
+        }
+        let prefix = match DigestPrefix::parse(spec) {
+            Ok(p) => p,
+            Err(_) => {
+                return Err(Error::UnknownLayer {
+                    input: spec.to_owned(),
+                })
+            }
+        };
+        if let Some(full) = prefix.as_full() {
+            if self.has_tree(&full)? {
+                return Ok(full);
+            }
+            return Err(Error::UnknownLayer {
+                input: spec.to_owned(),
+            });
+        }
+        for family in [Family::Layers, Family::Trees] {
+            let mut found = Vec::new();
+            self.meta.scan(family, &prefix.byte_prefix(), &mut |k, _| {
+                if let Some(d) = Digest::from_slice(k) {
+                    if prefix.matches(&d) {
+                        found.push(d);
+                    }
+                }
+                Ok(if found.len() > 16 { Flow::Stop } else { Flow::Continue })
+            })?;
+            match found.len() {
+                0 => continue,
+                1 => return Ok(found[0]),
+                _ => {
+                    return Err(Error::AmbiguousPrefix {
+                        input: spec.to_owned(),
+                        candidates: found,
+                    })
+                }
+            }
+        }
+        Err(Error::UnknownLayer {
+            input: spec.to_owned(),
+        })
+    }
+
+    // ---- action cache ----
+
+    /// Records the result of an action under its key.
+    pub fn put_action(&self, key: &Digest, entry: &ActionEntry) -> Result<()> {
+        let mut b = Batch::new();
+        b.put(Family::Actions, key.as_bytes().to_vec(), encode(entry));
+        self.meta.write(b)
+    }
+
+    /// The cached result of an action, `None` on a miss. An entry whose layers
+    /// are no longer stored is a miss.
+    pub fn action(&self, key: &Digest) -> Result<Option<ActionEntry>> {
+        let Some(v) = self.meta.get(Family::Actions, key.as_bytes())? else {
+            return Ok(None);
+        };
+        let entry: ActionEntry = decode("action", key.to_hex().as_bytes(), &v)?;
+        for l in &entry.layers {
+            if !self.has_tree(l)? {
+                return Ok(None);
+            }
+        }
+        Ok(Some(entry))
+    }
+
+    // ---- runs ----
+
+    /// Records a run under `id`. Ids sort in the order runs started.
+    pub fn put_run(&self, id: &str, entry: &RunEntry) -> Result<()> {
+        let mut b = Batch::new();
+        b.put(Family::Runs, id.as_bytes().to_vec(), encode(entry));
+        self.meta.write(b)
+    }
+
+    pub fn run(&self, id: &str) -> Result<Option<RunEntry>> {
+        self.meta
+            .get(Family::Runs, id.as_bytes())?
+            .map(|v| decode("run", id.as_bytes(), &v))
+            .transpose()
+    }
+
+    /// Run ids, oldest first.
+    pub fn run_ids(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        self.meta.scan(Family::Runs, &[], &mut |k, _| {
+            out.push(String::from_utf8_lossy(k).into_owned());
+            Ok(Flow::Continue)
+        })?;
+        Ok(out)
+    }
+
+    // ---- leases ----
+
+    /// Keeps `layers` alive across GC until the returned guard is dropped (or
+    /// this process dies).
+    pub fn lease(&self, layers: &[Digest]) -> Result<LeaseGuard> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let pid = std::process::id();
+        let key = format!("{pid}-{}-{}", now_secs(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let lease = Lease {
+            pid,
+            layers: layers.to_vec(),
+            created: now_secs(),
+        };
+        let mut b = Batch::new();
+        b.put(Family::Leases, key.as_bytes().to_vec(), encode(&lease));
+        self.meta.write(b)?;
+        Ok(LeaseGuard {
+            store: self.clone(),
+            key: key.into_bytes(),
+        })
+    }
+
+    pub(crate) fn leases(&self) -> Result<Vec<(Vec<u8>, Lease)>> {
+        let mut out = Vec::new();
+        self.meta.scan(Family::Leases, &[], &mut |k, v| {
+            out.push((k.to_vec(), decode("lease", k, v)?));
+            Ok(Flow::Continue)
+        })?;
+        Ok(out)
+    }
+}
