@@ -48,6 +48,9 @@ pub enum Error {
         candidates: Vec<Digest>,
     },
 
+    #[error("Task `{label}` has no successful output in this store yet; `ci build {label}` makes one")]
+    UnknownLabel { label: String },
+
     #[error("No path `{path}` in layer `{layer}`")]
     NoSuchPath { layer: String, path: String },
 

@@ -1,6 +1,6 @@
 //! Garbage collection, verification and usage.
 //!
-//! GC marks from the roots (refs, the lineage of rooted layers, the most
+//! GC marks from the roots (refs, the latest output of every task label, the lineage of rooted layers, the most
 //! recent runs, leases of live processes), then sweeps records first and blob
 //! files last, so no record ever points at a missing blob, even if GC is
 //! interrupted.
@@ -102,6 +102,7 @@ impl Store {
 
         // Roots.
         let mut root_layers: Vec<Digest> = self.refs()?.into_iter().map(|(_, d)| d).collect();
+        root_layers.extend(self.labels()?.into_iter().map(|(_, e)| e.layer));
         let mut live_blobs: HashSet<Digest> = HashSet::new();
         let run_ids = self.run_ids()?;
         let keep_from = run_ids.len().saturating_sub(opts.keep_runs);
@@ -313,6 +314,9 @@ impl Store {
         }
         for (name, d) in self.refs()? {
             need_tree(&format!("ref `{name}`"), &d, &mut problems);
+        }
+        for (label, e) in self.labels()? {
+            need_tree(&format!("the output of `{label}`"), &e.layer, &mut problems);
         }
         let mut actions = Vec::new();
         self.meta.scan(Family::Actions, &[], &mut |k, v| {

@@ -33,7 +33,7 @@ pub use ingest::{IngestOptions, IngestReport};
 pub use meta::{Batch, Family, Flow, MetaStore};
 pub use open::{OpenMode, StoreUrl};
 pub use path::RelPath;
-pub use records::{ActionEntry, LayerRecord, LayerStats, Lease, LeaseGuard, Lineage, RunEntry};
+pub use records::{ActionEntry, LabelEntry, LayerRecord, LayerStats, Lease, LeaseGuard, Lineage, RunEntry};
 pub use tree::{Entry, Kind, Name, Target, Tree, NAME_MAX, TARGET_MAX, TREE_MAGIC};
 
 use std::path::PathBuf;
@@ -163,6 +163,16 @@ impl Store {
             }
         }
         Ok(Some(entry))
+    }
+
+    /// A directory for scratch space (task work directories) on the store's
+    /// filesystem: `<store>/work`, or a directory under the system temporary
+    /// directory for an in-memory store. Never holds store content.
+    pub fn scratch_dir(&self) -> PathBuf {
+        match &self.root {
+            Some(root) => root.join("work"),
+            None => std::env::temp_dir().join(format!("strata-work-{}", std::process::id())),
+        }
     }
 
     /// Brings a read-only handle up to date with the writing process.

@@ -64,6 +64,15 @@ pub struct RunEntry {
     pub created: u64,
 }
 
+/// The latest successful output of a task label, with the engine's payload
+/// (its action key and preimage, for `ci explain`). A GC root.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LabelEntry {
+    pub layer: Digest,
+    pub payload: serde_json::Value,
+    pub updated: u64,
+}
+
 /// A GC root held by a running operation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -268,10 +277,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Resolves what a user typed where a layer is expected: a ref name, a
-    /// full digest, or a unique prefix of 8+ hex characters of a recorded
-    /// layer (or, failing that, of any stored tree).
+    /// Resolves what a user typed where a layer is expected: a task label
+    /// (`//pkg:name`, its latest successful output), a ref name, a full
+    /// digest, or a unique prefix of 8+ hex characters of a recorded layer
+    /// (or, failing that, of any stored tree).
     pub fn resolve(&self, spec: &str) -> Result<Digest> {
+        if spec.starts_with("//") {
+            return match self.label(spec)? {
+                Some(e) => Ok(e.layer),
+                None => Err(Error::UnknownLabel { label: spec.to_owned() }),
+            };
+        }
         if let Some(d) = self.get_ref(spec)? {
             return Ok(d);
         }
@@ -315,6 +331,33 @@ impl Store {
         Err(Error::UnknownLayer {
             input: spec.to_owned(),
         })
+    }
+
+    // ---- labels ----
+
+    /// Records `entry` as the latest successful output of the task `label`.
+    pub fn put_label(&self, label: &str, entry: &LabelEntry) -> Result<()> {
+        let mut b = Batch::new();
+        b.put(Family::Labels, label.as_bytes().to_vec(), encode(entry));
+        self.meta.write(b)
+    }
+
+    /// The latest successful output of the task `label`.
+    pub fn label(&self, label: &str) -> Result<Option<LabelEntry>> {
+        self.meta
+            .get(Family::Labels, label.as_bytes())?
+            .map(|v| decode("label", label.as_bytes(), &v))
+            .transpose()
+    }
+
+    /// Every label with a recorded output, sorted.
+    pub fn labels(&self) -> Result<Vec<(String, LabelEntry)>> {
+        let mut out = Vec::new();
+        self.meta.scan(Family::Labels, &[], &mut |k, v| {
+            out.push((String::from_utf8_lossy(k).into_owned(), decode("label", k, v)?));
+            Ok(Flow::Continue)
+        })?;
+        Ok(out)
     }
 
     // ---- action cache ----

@@ -28,10 +28,12 @@ pub enum Family {
     Leases,
     /// absolute path → stat fields and content digest
     StatCache,
+    /// task label → its latest successful output (JSON)
+    Labels,
 }
 
 impl Family {
-    pub const ALL: [Family; 8] = [
+    pub const ALL: [Family; 9] = [
         Family::Trees,
         Family::Layers,
         Family::Lineage,
@@ -40,6 +42,7 @@ impl Family {
         Family::Runs,
         Family::Leases,
         Family::StatCache,
+        Family::Labels,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +55,7 @@ impl Family {
             Family::Runs => "runs",
             Family::Leases => "leases",
             Family::StatCache => "statcache",
+            Family::Labels => "labels",
         }
     }
 

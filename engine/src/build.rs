@@ -1,0 +1,1032 @@
+//! The scheduler: runs every ready task of the requested targets, in
+//! parallel up to `jobs`, at most once per action key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use strata_fuse::{WorkDir, WorkDirOptions};
+use strata_store::{
+    ActionEntry, Digest, IngestOptions, LabelEntry, Lineage, MergePolicy, Store,
+};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::{Event, EventSink};
+use crate::exec::host::HostExecutor;
+use crate::exec::{ExecRequest, Executor, LogSink, TaskDirs};
+use crate::key::ActionPreimage;
+use crate::model::{self, Command, OnConflict, Task, TaskKind, Workspace};
+use crate::record::{new_run_id, now_ms, RunRecord, TaskRecord, TaskState};
+use crate::{BuildError, Graph, Label};
+
+/// How to build.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// Tasks run at once (at least 1).
+    pub jobs: usize,
+    /// Go on with independent tasks after a failure.
+    pub keep_going: bool,
+    /// Re-run cached pure tasks and fail those whose output differs.
+    pub check: bool,
+    /// Overrides every task's executor (`--executor`).
+    pub executor: Option<model::Executor>,
+    /// `ci rerun`: the run whose succeeded tasks are kept as they were.
+    pub rerun_of: Option<RunRecord>,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            keep_going: false,
+            check: false,
+            executor: None,
+            rerun_of: None,
+        }
+    }
+}
+
+/// What the engine keeps with a cached action and a label's latest output.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ActionPayload {
+    pub output: Digest,
+    pub context: BTreeMap<String, String>,
+    pub log: Option<Digest>,
+    pub key: Digest,
+    pub preimage: ActionPreimage,
+    /// Input mount → the label that produced it (for `ci explain`).
+    #[serde(default)]
+    pub input_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub run: String,
+    /// For a label's latest output: the preimage of the action before it,
+    /// when its key differed (what `ci explain` compares).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Box<ActionPreimage>>,
+}
+
+/// Builds targets of one workspace against one store.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    ws: Workspace,
+    host: Arc<dyn Executor>,
+    docker: Option<Arc<dyn Executor>>,
+    events: EventSink,
+}
+
+/// The result of an input: what a dependant needs.
+#[derive(Clone, Debug)]
+struct Done {
+    output: Digest,
+    context: BTreeMap<String, String>,
+}
+
+impl Engine {
+    pub fn new(store: Store, ws: Workspace, events: EventSink) -> Engine {
+        Engine {
+            inner: Arc::new(Inner {
+                store,
+                ws,
+                host: Arc::new(HostExecutor),
+                docker: None,
+                events,
+            }),
+        }
+    }
+
+    /// Adds a container executor (used for tasks with an `image`).
+    pub fn with_docker(self, docker: Arc<dyn Executor>) -> Engine {
+        let inner = Inner {
+            store: self.inner.store.clone(),
+            ws: self.inner.ws.clone(),
+            host: self.inner.host.clone(),
+            docker: Some(docker),
+            events: self.inner.events.clone(),
+        };
+        Engine { inner: Arc::new(inner) }
+    }
+
+    pub fn workspace(&self) -> &Workspace {
+        &self.inner.ws
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Builds `targets` and everything they need. Returns the run record (also
+    /// saved in the store) whatever the tasks did; `Err` only when the build
+    /// itself could not be carried out. Cancelling `cancel` stops running
+    /// tasks (their processes and mounts are cleaned up) and starts no more.
+    pub async fn build(
+        &self,
+        targets: &[Label],
+        opts: &BuildOptions,
+        cancel: CancellationToken,
+    ) -> Result<RunRecord, BuildError> {
+        let inner = &self.inner;
+        let graph = Graph::new(&inner.ws);
+        let closure = graph.deps_closure(targets);
+        let order: Vec<Label> = graph.topo_order_of(&closure).into_iter().cloned().collect();
+        let started = Instant::now();
+        let mut run = RunRecord {
+            id: new_run_id(),
+            targets: targets.iter().map(|l| l.to_string()).collect(),
+            state: TaskState::Running,
+            started_ms: now_ms(),
+            duration_ms: 0,
+            rerun_of: opts.rerun_of.as_ref().map(|r| r.id.clone()),
+            tasks: order.iter().map(|l| (l.to_string(), TaskRecord::pending())).collect(),
+        };
+        run.save(&inner.store)?;
+        inner.events.send(Event::RunStarted {
+            run: run.id.clone(),
+            targets: run.targets.clone(),
+            tasks: order.len(),
+        });
+
+        for c in strata_fuse::cleanup_stale()? {
+            inner.events.send(Event::Note { message: c.to_string() });
+        }
+        let scratch_root = inner.store.scratch_dir();
+        clean_scratch(&scratch_root, &inner.events);
+        let scratch = scratch_root.join(&run.id);
+
+        let run_cancel = cancel.child_token();
+        let jobs = opts.jobs.max(1);
+        let mut done: BTreeMap<Label, Done> = BTreeMap::new();
+        let mut state: BTreeMap<Label, TaskState> =
+            order.iter().map(|l| (l.clone(), TaskState::Pending)).collect();
+        let mut running: JoinSet<(Label, TaskRecord)> = JoinSet::new();
+        let mut stopping = false;
+        let mut note_sent = false;
+
+        loop {
+            // Settle what can be settled, launch what is ready.
+            let mut progressed = true;
+            while progressed {
+                progressed = false;
+                for label in &order {
+                    if state[label] != TaskState::Pending {
+                        continue;
+                    }
+                    let task = &inner.ws.tasks[label];
+                    let mut needs: Vec<Label> = task.inputs().into_iter().cloned().collect();
+                    needs.extend(graph.stage_gates(label, Some(&closure)).into_iter().cloned());
+                    let blocked = needs.iter().any(|n| {
+                        matches!(
+                            state.get(n),
+                            Some(TaskState::Failed | TaskState::Skipped | TaskState::Cancelled)
+                        )
+                    });
+                    if blocked || (stopping && !opts.keep_going) || cancel.is_cancelled() {
+                        let s = if blocked { TaskState::Skipped } else { TaskState::Cancelled };
+                        state.insert(label.clone(), s);
+                        let mut rec = TaskRecord::pending();
+                        rec.state = s;
+                        rec.error = Some(if blocked {
+                            "skipped: a task it needs did not succeed".into()
+                        } else {
+                            "cancelled before it started".into()
+                        });
+                        self.finish_event(label, &rec);
+                        run.tasks.insert(label.to_string(), rec);
+                        progressed = true;
+                        continue;
+                    }
+                    let ready = needs.iter().all(|n| state.get(n) == Some(&TaskState::Succeeded));
+                    if !ready || running.len() >= jobs {
+                        continue;
+                    }
+                    // Reuse from the run being re-run?
+                    if let Some(prev) = opts
+                        .rerun_of
+                        .as_ref()
+                        .and_then(|r| r.tasks.get(&label.to_string()))
+                        .filter(|t| t.state == TaskState::Succeeded)
+                    {
+                        if let Some(output) = prev.output {
+                            let mut rec = prev.clone();
+                            rec.reused = true;
+                            rec.duration_ms = 0;
+                            done.insert(label.clone(), Done { output, context: rec.context.clone() });
+                            state.insert(label.clone(), TaskState::Succeeded);
+                            self.finish_event(label, &rec);
+                            run.tasks.insert(label.to_string(), rec);
+                            progressed = true;
+                            continue;
+                        }
+                    }
+                    let inputs: Vec<(Label, Done)> = task
+                        .inputs()
+                        .into_iter()
+                        .map(|l| (l.clone(), done[l].clone()))
+                        .collect();
+                    state.insert(label.clone(), TaskState::Running);
+                    let me = self.clone();
+                    let label = label.clone();
+                    let task = task.clone();
+                    let cancel = run_cancel.clone();
+                    let scratch = scratch.clone();
+                    let opts = opts.clone();
+                    let run_id = run.id.clone();
+                    running.spawn(async move {
+                        let rec = me.run_task(&task, inputs, &scratch, &opts, &run_id, cancel).await;
+                        (label, rec)
+                    });
+                    progressed = true;
+                }
+            }
+            if running.is_empty() {
+                break;
+            }
+            let joined = tokio::select! {
+                j = running.join_next() => j,
+                _ = cancel.cancelled(), if !stopping => {
+                    stopping = true;
+                    run_cancel.cancel();
+                    continue;
+                }
+            };
+            let Some(joined) = joined else { break };
+            let (label, rec) = joined.map_err(|e| BuildError::Join(e.to_string()))?;
+            if !note_sent && rec.attempts > 0 {
+                note_sent = true;
+            }
+            if rec.state == TaskState::Succeeded {
+                if let Some(output) = rec.output {
+                    done.insert(label.clone(), Done { output, context: rec.context.clone() });
+                }
+            } else if !opts.keep_going && !stopping {
+                stopping = true;
+                run_cancel.cancel();
+            }
+            state.insert(label.clone(), rec.state);
+            self.finish_event(&label, &rec);
+            run.tasks.insert(label.to_string(), rec);
+        }
+
+        let _ = std::fs::remove_dir_all(&scratch);
+        run.duration_ms = started.elapsed().as_millis() as u64;
+        run.state = if run.tasks.values().all(|t| t.state == TaskState::Succeeded) {
+            TaskState::Succeeded
+        } else if cancel.is_cancelled() {
+            TaskState::Cancelled
+        } else {
+            TaskState::Failed
+        };
+        run.save(&inner.store)?;
+        inner.events.send(Event::RunFinished {
+            run: run.id.clone(),
+            state: run.state,
+            executed: run.executed(),
+            cached: run.cached(),
+            failed: run.failed(),
+            skipped: run.skipped(),
+            duration_ms: run.duration_ms,
+        });
+        Ok(run)
+    }
+
+    fn finish_event(&self, label: &Label, rec: &TaskRecord) {
+        self.inner.events.send(Event::TaskFinished {
+            label: label.to_string(),
+            state: rec.state,
+            cached: rec.cached || rec.reused,
+            output: rec.output,
+            duration_ms: rec.duration_ms,
+            exit_code: rec.exit_code,
+            error: rec.error.clone(),
+        });
+    }
+
+    /// Runs one task to a record; never fails (a problem is a failed record).
+    async fn run_task(
+        &self,
+        task: &Task,
+        inputs: Vec<(Label, Done)>,
+        scratch: &Path,
+        opts: &BuildOptions,
+        run_id: &str,
+        cancel: CancellationToken,
+    ) -> TaskRecord {
+        let started = Instant::now();
+        let mut rec = TaskRecord::pending();
+        rec.started_ms = now_ms();
+        let res = match &task.kind {
+            TaskKind::Run(r) => self.run_command(task, r, &inputs, scratch, opts, run_id, cancel, &mut rec).await,
+            TaskKind::Merge(m) => self.run_merge(task, m, &inputs, run_id, &mut rec).await,
+            TaskKind::LocalSource(s) => self.run_local_source(task, s, run_id, &mut rec).await,
+            TaskKind::GitSource(g) => self.run_git_source(task, g, scratch, run_id, &mut rec).await,
+        };
+        if let Err(e) = res {
+            rec.state = TaskState::Failed;
+            rec.error = Some(error_chain(&e));
+        }
+        rec.duration_ms = started.elapsed().as_millis() as u64;
+        rec
+    }
+
+    fn inherited_context(inputs: &[(Label, Done)]) -> BTreeMap<String, String> {
+        let mut ctx = BTreeMap::new();
+        for (_, d) in inputs {
+            for (k, v) in &d.context {
+                ctx.insert(k.clone(), v.clone());
+            }
+        }
+        ctx
+    }
+
+    fn executor_for(&self, r: &model::Run, opts: &BuildOptions) -> Result<Arc<dyn Executor>, BuildError> {
+        let inner = &self.inner;
+        let wanted = opts
+            .executor
+            .or(r.executor)
+            .or(if r.image.is_some() { Some(model::Executor::Docker) } else { None })
+            .or(inner.ws.settings.executor)
+            .unwrap_or(if inner.docker.is_some() && r.image.is_some() {
+                model::Executor::Docker
+            } else {
+                model::Executor::Host
+            });
+        match wanted {
+            model::Executor::Host => Ok(inner.host.clone()),
+            model::Executor::Docker => inner.docker.clone().ok_or_else(|| match &r.image {
+                Some(image) => BuildError::ImageNeedsDocker { image: image.clone() },
+                None => BuildError::ExecutorUnavailable {
+                    executor: "docker".into(),
+                    reason: "Docker is not reachable; start it (`dockerd &`) or use `--executor host`".into(),
+                },
+            }),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_command(
+        &self,
+        task: &Task,
+        r: &model::Run,
+        inputs: &[(Label, Done)],
+        scratch: &Path,
+        opts: &BuildOptions,
+        run_id: &str,
+        cancel: CancellationToken,
+        rec: &mut TaskRecord,
+    ) -> Result<(), BuildError> {
+        let inner = &self.inner;
+        let store = &inner.store;
+        let label = task.label.to_string();
+        let executor = self.executor_for(r, opts)?;
+        let image = match &r.image {
+            Some(i) => Some(executor.resolve_image(i).await?),
+            None => None,
+        };
+        let context = Self::inherited_context(inputs);
+        let argv = match &r.cmd {
+            Command::Argv(a) => a.clone(),
+            Command::Script(s) => vec!["/bin/sh".into(), "-ec".into(), s.clone()],
+        };
+        let by_label: BTreeMap<&Label, &Done> = inputs.iter().map(|(l, d)| (l, d)).collect();
+        let base = task.transform.as_ref().map(|l| by_label[l].output);
+        let mut pre = ActionPreimage::new("run", &executor.platform());
+        pre.image = image.clone();
+        pre.command = argv.clone();
+        pre.env = r.env.clone();
+        pre.secret_names = r.secret_env.clone();
+        pre.context = context.clone();
+        pre.inputs = task.deps.iter().map(|d| (d.mount.clone(), by_label[&d.label].output)).collect();
+        pre.base = base;
+        pre.workdir = r.workdir.clone();
+        pre.user = r.user.clone();
+        pre.network = r.network;
+        if !r.services.is_empty() {
+            pre.extra.insert(
+                "services".into(),
+                serde_json::to_string(&r.services).unwrap_or_default(),
+            );
+        }
+        let key = pre.key();
+        rec.key = Some(key);
+        let input_labels: BTreeMap<String, String> =
+            task.deps.iter().map(|d| (d.mount.clone(), d.label.to_string())).collect();
+        let cacheable = r.pure && !r.effects;
+
+        let mut cached_output = None;
+        if cacheable {
+            if let Some(hit) = store.action(&key)? {
+                if let Ok(p) = serde_json::from_value::<ActionPayload>(hit.payload) {
+                    if !opts.check {
+                        rec.state = TaskState::Succeeded;
+                        rec.cached = true;
+                        rec.output = Some(p.output);
+                        rec.log = p.log;
+                        rec.context = p.context.clone();
+                        rec.exit_code = Some(0);
+                        self.record_label(&label, p.output, &pre, &input_labels, &p.context, p.log, run_id)?;
+                        return Ok(());
+                    }
+                    cached_output = Some(p.output);
+                }
+            }
+        }
+
+        let prev = if r.pure {
+            None
+        } else {
+            store.label(&label)?.map(|e| e.layer)
+        };
+        let secrets: BTreeMap<String, String> = r
+            .secret_env
+            .iter()
+            .filter_map(|n| std::env::var(n).ok().map(|v| (n.clone(), v)))
+            .collect();
+        let missing: Vec<&String> = r.secret_env.iter().filter(|n| !secrets.contains_key(*n)).collect();
+        if !missing.is_empty() {
+            rec.state = TaskState::Failed;
+            rec.error = Some(format!(
+                "Secret {} is not set in the environment of `ci`; export it and build again",
+                missing.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+            ));
+            return Ok(());
+        }
+        let mut env = r.env.clone();
+        env.extend(context.clone());
+
+        let attempts = r.retries + 1;
+        for attempt in 1..=attempts {
+            rec.attempts = attempt;
+            inner.events.send(Event::TaskStarted {
+                label: label.clone(),
+                attempt,
+                executor: executor.name().into(),
+            });
+            let dir = scratch.join(format!("{}-{attempt}", slug(&label)));
+            let prepared = self.prepare(&dir, task, inputs, base, prev).await?;
+            if let Some(note) = &prepared.note {
+                inner.events.send(Event::Note { message: format!("{label}: work directory: {note}") });
+            }
+            let log_file = std::fs::File::create(dir.join("log")).map_err(BuildError::io("create", dir.join("log")))?;
+            let log = LogSink::new(&label, inner.events.clone(), secrets.values().cloned().collect(), log_file);
+            let req = ExecRequest {
+                label: label.clone(),
+                argv: argv.clone(),
+                env: env.clone(),
+                secrets: secrets.clone(),
+                image: image.clone(),
+                dirs: prepared.dirs.clone(),
+                workdir: r.workdir.clone(),
+                user: r.user.clone(),
+                network: r.network,
+                timeout: r.timeout_secs.map(Duration::from_secs),
+                cancel: cancel.clone(),
+                log: log.clone(),
+            };
+            let outcome = executor.run(req).await;
+            // Capture even a failed attempt: its partial output is kept.
+            let finished = self.finish_attempt(prepared, &dir, &label, base).await;
+            let outcome = outcome?;
+            let (output, log_blob, written) = finished?;
+            rec.output = Some(output);
+            rec.log = log_blob;
+            rec.exit_code = outcome.exit_code;
+            if outcome.success() {
+                let mut ctx = context.clone();
+                match written {
+                    Ok(w) => ctx.extend(w),
+                    Err(msg) => {
+                        rec.state = TaskState::Failed;
+                        rec.error = Some(msg);
+                        return Ok(());
+                    }
+                }
+                rec.context = ctx.clone();
+                if let Some(expected) = cached_output {
+                    if expected != output {
+                        let changes = store.diff(&expected, &output)?;
+                        let paths: Vec<String> = changes.iter().map(|c| c.path.to_string()).collect();
+                        rec.state = TaskState::Failed;
+                        rec.error = Some(format!(
+                            "Not deterministic: the output differs from the cached one at {}",
+                            paths.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ")
+                        ));
+                        return Ok(());
+                    }
+                }
+                rec.state = TaskState::Succeeded;
+                rec.error = None;
+                if cacheable {
+                    self.put_action(key, output, &ctx, log_blob, &pre, &input_labels, run_id)?;
+                }
+                self.record_label(&label, output, &pre, &input_labels, &ctx, log_blob, run_id)?;
+                return Ok(());
+            }
+            rec.state = if outcome.cancelled { TaskState::Cancelled } else { TaskState::Failed };
+            let mut why = outcome.describe(r.timeout_secs.map(Duration::from_secs));
+            let tail = log.tail();
+            if !tail.is_empty() && !outcome.cancelled {
+                why.push_str("\n");
+                why.push_str(&tail.join("\n"));
+            }
+            rec.error = Some(why);
+            if outcome.cancelled || cancel.is_cancelled() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lays out one attempt's directories: inputs checked out read-only under
+    /// `in/`, the work directory over the base, the previous output, the
+    /// context file.
+    async fn prepare(
+        &self,
+        dir: &Path,
+        task: &Task,
+        inputs: &[(Label, Done)],
+        base: Option<Digest>,
+        prev: Option<Digest>,
+    ) -> Result<Prepared, BuildError> {
+        let store = self.inner.store.clone();
+        let dir = dir.to_owned();
+        let mounts: Vec<(String, Digest)> = task
+            .deps
+            .iter()
+            .filter_map(|d| {
+                inputs
+                    .iter()
+                    .find(|(l, _)| *l == d.label)
+                    .map(|(_, done)| (d.mount.clone(), done.output))
+            })
+            .collect();
+        tokio::task::spawn_blocking(move || -> Result<Prepared, BuildError> {
+            let _ = std::fs::remove_dir_all(&dir);
+            let in_dir = dir.join("in");
+            std::fs::create_dir_all(&in_dir).map_err(BuildError::io("create", &in_dir))?;
+            for (mount, layer) in &mounts {
+                store.checkout(layer, &in_dir.join(mount))?;
+                make_read_only(&in_dir.join(mount));
+            }
+            let prev_dir = match prev {
+                Some(p) => {
+                    let pd = dir.join("prev");
+                    store.checkout(&p, &pd)?;
+                    make_read_only(&pd);
+                    Some(pd)
+                }
+                None => None,
+            };
+            let context = dir.join("context");
+            std::fs::write(&context, b"").map_err(BuildError::io("create", &context))?;
+            let work = WorkDir::create(&store, base, &dir.join("wd"), &WorkDirOptions::default())?;
+            let note = work.note().map(|n| format!("{} ({n})", work.strategy()));
+            Ok(Prepared {
+                dirs: TaskDirs {
+                    inputs: in_dir,
+                    work: work.path().to_owned(),
+                    prev: prev_dir,
+                    context,
+                },
+                work,
+                note,
+            })
+        })
+        .await
+        .map_err(|e| BuildError::Join(e.to_string()))?
+    }
+
+    /// Captures the work directory, stores the log, reads the context file,
+    /// and removes the attempt's directories.
+    async fn finish_attempt(
+        &self,
+        prepared: Prepared,
+        dir: &Path,
+        label: &str,
+        base: Option<Digest>,
+    ) -> Result<(Digest, Option<Digest>, Result<BTreeMap<String, String>, String>), BuildError> {
+        let store = self.inner.store.clone();
+        let dir = dir.to_owned();
+        let label = label.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let output = prepared.work.capture(&store);
+            let closed = prepared.work.close();
+            let output = output?;
+            closed?;
+            store.record_layer(
+                &output,
+                Some(&Lineage {
+                    parent: base,
+                    task: Some(label),
+                    how: "task".into(),
+                    created: now_ms() / 1000,
+                }),
+            )?;
+            let log_path = dir.join("log");
+            let log_bytes = std::fs::read(&log_path).map_err(BuildError::io("read", &log_path))?;
+            let log = if log_bytes.is_empty() { None } else { Some(store.put_blob(&log_bytes)?) };
+            let ctx_path = &prepared.dirs.context;
+            let written = match std::fs::read(ctx_path) {
+                Ok(bytes) => parse_context(&bytes),
+                Err(e) => Err(format!("Cannot read the context file: {e}")),
+            };
+            make_writable(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok((output, log, written))
+        })
+        .await
+        .map_err(|e| BuildError::Join(e.to_string()))?
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn put_action(
+        &self,
+        key: Digest,
+        output: Digest,
+        context: &BTreeMap<String, String>,
+        log: Option<Digest>,
+        pre: &ActionPreimage,
+        input_labels: &BTreeMap<String, String>,
+        run_id: &str,
+    ) -> Result<(), BuildError> {
+        let payload = ActionPayload {
+            output,
+            context: context.clone(),
+            log,
+            key,
+            preimage: pre.clone(),
+            input_labels: input_labels.clone(),
+            run: run_id.to_owned(),
+            previous: None,
+        };
+        self.inner.store.put_action(
+            &key,
+            &ActionEntry {
+                layers: vec![output],
+                blobs: log.into_iter().collect(),
+                payload: serde_json::to_value(&payload).unwrap_or_default(),
+                created: now_ms() / 1000,
+            },
+        )?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_label(
+        &self,
+        label: &str,
+        output: Digest,
+        pre: &ActionPreimage,
+        input_labels: &BTreeMap<String, String>,
+        context: &BTreeMap<String, String>,
+        log: Option<Digest>,
+        run_id: &str,
+    ) -> Result<(), BuildError> {
+        let key = pre.key();
+        let before = previous_payload(&self.inner.store, label)?;
+        let previous = match before {
+            Some(b) if b.key != key => Some(Box::new(b.preimage)),
+            Some(b) => b.previous,
+            None => None,
+        };
+        let payload = ActionPayload {
+            output,
+            context: context.clone(),
+            log,
+            key,
+            preimage: pre.clone(),
+            input_labels: input_labels.clone(),
+            run: run_id.to_owned(),
+            previous,
+        };
+        self.inner.store.put_label(
+            label,
+            &LabelEntry {
+                layer: output,
+                payload: serde_json::to_value(&payload).unwrap_or_default(),
+                updated: now_ms() / 1000,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Looks up `pre`; on a hit fills `rec` and returns true.
+    fn try_cache(
+        &self,
+        label: &str,
+        pre: &ActionPreimage,
+        input_labels: &BTreeMap<String, String>,
+        run_id: &str,
+        rec: &mut TaskRecord,
+    ) -> Result<bool, BuildError> {
+        let key = pre.key();
+        rec.key = Some(key);
+        if let Some(hit) = self.inner.store.action(&key)? {
+            if let Ok(p) = serde_json::from_value::<ActionPayload>(hit.payload) {
+                rec.state = TaskState::Succeeded;
+                rec.cached = true;
+                rec.output = Some(p.output);
+                rec.context = p.context.clone();
+                self.record_label(label, p.output, pre, input_labels, &p.context, None, run_id)?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Records a computed output of a non-command task (merge, source).
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &self,
+        label: &str,
+        pre: &ActionPreimage,
+        input_labels: &BTreeMap<String, String>,
+        output: Digest,
+        context: BTreeMap<String, String>,
+        run_id: &str,
+        rec: &mut TaskRecord,
+    ) -> Result<(), BuildError> {
+        let key = pre.key();
+        self.put_action(key, output, &context, None, pre, input_labels, run_id)?;
+        self.record_label(label, output, pre, input_labels, &context, None, run_id)?;
+        rec.state = TaskState::Succeeded;
+        rec.output = Some(output);
+        rec.context = context;
+        rec.attempts = 1;
+        Ok(())
+    }
+
+    async fn run_merge(
+        &self,
+        task: &Task,
+        m: &model::Merge,
+        inputs: &[(Label, Done)],
+        run_id: &str,
+        rec: &mut TaskRecord,
+    ) -> Result<(), BuildError> {
+        let label = task.label.to_string();
+        let by_label: BTreeMap<&Label, &Done> = inputs.iter().map(|(l, d)| (l, d)).collect();
+        let base = by_label[&m.base].output;
+        let sides: Vec<Digest> = m.sides.iter().map(|s| by_label[s].output).collect();
+        let mut pre = ActionPreimage::new("merge", "store");
+        pre.base = Some(base);
+        pre.context = Self::inherited_context(inputs);
+        for (i, s) in sides.iter().enumerate() {
+            pre.inputs.insert(format!("side{i:03}"), *s);
+        }
+        let policy = match m.on_conflict {
+            OnConflict::Fail => MergePolicy::Fail,
+            OnConflict::Ours => MergePolicy::Ours,
+            OnConflict::Theirs => MergePolicy::Theirs,
+        };
+        pre.extra.insert("on_conflict".into(), format!("{:?}", m.on_conflict).to_lowercase());
+        let input_labels: BTreeMap<String, String> = m
+            .sides
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("side{i:03}"), s.to_string()))
+            .collect();
+        if self.try_cache(&label, &pre, &input_labels, run_id, rec)? {
+            return Ok(());
+        }
+        let store = self.inner.store.clone();
+        let merged = tokio::task::spawn_blocking(move || -> Result<Result<Digest, Vec<String>>, BuildError> {
+            let mut acc = sides[0];
+            let mut conflicts = Vec::new();
+            for side in &sides[1..] {
+                let out = store.merge(&base, &acc, side, policy)?;
+                conflicts.extend(out.conflicts.iter().map(|p| p.to_string()));
+                match out.merged {
+                    Some(d) => acc = d,
+                    None => return Ok(Err(conflicts)),
+                }
+            }
+            store.record_layer(
+                &acc,
+                Some(&Lineage { parent: Some(base), task: None, how: "merge".into(), created: now_ms() / 1000 }),
+            )?;
+            Ok(Ok(acc))
+        })
+        .await
+        .map_err(|e| BuildError::Join(e.to_string()))??;
+        match merged {
+            Ok(out) => self.settle(&label, &pre, &input_labels, out, pre.context.clone(), run_id, rec),
+            Err(conflicts) => {
+                rec.state = TaskState::Failed;
+                rec.attempts = 1;
+                rec.error = Some(format!(
+                    "Merge conflict: both sides changed {} differently; reconcile them or set `on_conflict = \"ours\"` or `\"theirs\"`",
+                    conflicts.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ")
+                ));
+                Ok(())
+            }
+        }
+    }
+
+    async fn run_local_source(
+        &self,
+        task: &Task,
+        s: &model::LocalSource,
+        run_id: &str,
+        rec: &mut TaskRecord,
+    ) -> Result<(), BuildError> {
+        let label = task.label.to_string();
+        let root = self.inner.ws.root.clone().unwrap_or_else(|| PathBuf::from("."));
+        let dir = root.join(&s.path);
+        let mut exclude = s.exclude.clone();
+        // Never ingest the store itself when it lives in the workspace.
+        if let Some(store_root) = self.inner.store.root() {
+            if let (Ok(d), Ok(st)) = (std::fs::canonicalize(&dir), std::fs::canonicalize(store_root)) {
+                if let Ok(rel) = st.strip_prefix(&d) {
+                    if !rel.as_os_str().is_empty() {
+                        exclude.push(format!("/{}", rel.display()));
+                    }
+                }
+            }
+        }
+        let store = self.inner.store.clone();
+        let opts = IngestOptions {
+            ignore_files: true,
+            exclude,
+            lineage: Some(Lineage { parent: None, task: Some(label.clone()), how: "source".into(), created: now_ms() / 1000 }),
+            ..IngestOptions::default()
+        };
+        let report = tokio::task::spawn_blocking(move || store.ingest(&dir, &opts))
+            .await
+            .map_err(|e| BuildError::Join(e.to_string()))??;
+        let mut pre = ActionPreimage::new("local_source", "store");
+        pre.base = Some(report.layer);
+        pre.extra.insert("path".into(), s.path.clone());
+        pre.extra.insert("exclude".into(), s.exclude.join("\n"));
+        if self.try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)? {
+            return Ok(());
+        }
+        self.settle(&label, &pre, &BTreeMap::new(), report.layer, BTreeMap::new(), run_id, rec)
+    }
+
+    async fn run_git_source(
+        &self,
+        task: &Task,
+        g: &model::GitSource,
+        scratch: &Path,
+        run_id: &str,
+        rec: &mut TaskRecord,
+    ) -> Result<(), BuildError> {
+        let label = task.label.to_string();
+        let root = self.inner.ws.root.clone().unwrap_or_else(|| PathBuf::from("."));
+        let url = if g.url.contains("://") || g.url.contains('@') || Path::new(&g.url).is_absolute() {
+            g.url.clone()
+        } else {
+            root.join(&g.url).display().to_string()
+        };
+        let commit = crate::git::resolve(&url, &g.rev).await?;
+        let mut pre = ActionPreimage::new("git_source", "store");
+        pre.extra.insert("url".into(), g.url.clone());
+        pre.extra.insert("commit".into(), commit.clone());
+        if self.try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)? {
+            return Ok(());
+        }
+        let dir = scratch.join(format!("{}-git", slug(&label)));
+        crate::git::fetch(&url, &commit, &dir).await?;
+        let store = self.inner.store.clone();
+        let opts = IngestOptions {
+            exclude: vec!["/.git".into()],
+            no_stat_cache: true,
+            lineage: Some(Lineage { parent: None, task: Some(label.clone()), how: "git".into(), created: now_ms() / 1000 }),
+            ..IngestOptions::default()
+        };
+        let d2 = dir.clone();
+        let report = tokio::task::spawn_blocking(move || store.ingest(&d2, &opts))
+            .await
+            .map_err(|e| BuildError::Join(e.to_string()))??;
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut ctx = BTreeMap::new();
+        ctx.insert("CI_GIT_COMMIT".to_owned(), commit);
+        self.settle(&label, &pre, &BTreeMap::new(), report.layer, ctx, run_id, rec)
+    }
+}
+
+struct Prepared {
+    dirs: TaskDirs,
+    work: WorkDir,
+    note: Option<String>,
+}
+
+/// A file-name-safe form of a label.
+fn slug(label: &str) -> String {
+    label
+        .trim_start_matches("//")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .collect()
+}
+
+/// Parses `KEY=VALUE` lines; blank lines and `#` comments are ignored.
+fn parse_context(bytes: &[u8]) -> Result<BTreeMap<String, String>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "The context file is not UTF-8".to_owned())?;
+    let mut out = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(format!("Context file line {}: expected `KEY=VALUE`, got `{line}`", i + 1));
+        };
+        let valid = !k.is_empty()
+            && k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(format!(
+                "Context file line {}: `{k}` is not a variable name (letters, digits, `_`)",
+                i + 1
+            ));
+        }
+        if k.starts_with("CI_") && matches!(k, "CI_IN" | "CI_WORK" | "CI_PREV" | "CI_CONTEXT") {
+            return Err(format!("Context file line {}: `{k}` is reserved", i + 1));
+        }
+        out.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(out)
+}
+
+fn make_read_only(path: &Path) {
+    set_write_bits(path, false);
+}
+
+fn make_writable(path: &Path) {
+    set_write_bits(path, true);
+}
+
+/// Adds or removes write permission on a checked-out tree (symlinks untouched).
+fn set_write_bits(path: &Path, writable: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return };
+    if meta.file_type().is_symlink() {
+        return;
+    }
+    if meta.is_dir() {
+        if let Ok(rd) = std::fs::read_dir(path) {
+            for e in rd.flatten() {
+                set_write_bits(&e.path(), writable);
+            }
+        }
+    }
+    let mode = meta.permissions().mode();
+    let new = if writable { mode | 0o200 } else { mode & !0o222 };
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(new));
+}
+
+/// Removes work directories of runs that ended without cleaning up (the
+/// store's write lock guarantees no other build is using them).
+fn clean_scratch(root: &Path, events: &EventSink) {
+    let Ok(rd) = std::fs::read_dir(root) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        make_writable(&p);
+        if std::fs::remove_dir_all(&p).is_ok() {
+            events.send(Event::Note {
+                message: format!("Removed leftover work directory `{}` of an interrupted run", p.display()),
+            });
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// The latest action recorded for a label (its payload), if any.
+pub fn previous_payload(store: &Store, label: &str) -> Result<Option<ActionPayload>, BuildError> {
+    Ok(store
+        .label(label)?
+        .and_then(|e| serde_json::from_value::<ActionPayload>(e.payload).ok()))
+}
+
+
+/// Why the latest action of `label` had a different key from the one before
+/// it: one line per changed field. `Ok(None)` when the label never ran;
+/// an empty list when there was no earlier, different action.
+pub fn explain_label(store: &Store, label: &str) -> Result<Option<(ActionPayload, Vec<String>)>, BuildError> {
+    let Some(p) = previous_payload(store, label)? else {
+        return Ok(None);
+    };
+    let lines = match &p.previous {
+        Some(prev) => crate::key::explain(prev, &p.preimage, &p.input_labels),
+        None => Vec::new(),
+    };
+    Ok(Some((p, lines)))
+}

@@ -1,0 +1,67 @@
+use std::path::PathBuf;
+
+/// Why a build could not be carried out. A task that fails is not an error:
+/// it is recorded in the run ([`crate::TaskRecord`]).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Store(#[from] strata_store::Error),
+
+    #[error(transparent)]
+    Fuse(#[from] strata_fuse::Error),
+
+    #[error(transparent)]
+    Load(#[from] crate::LoadError),
+
+    #[error(transparent)]
+    Model(#[from] crate::ModelError),
+
+    #[error("Task image `{image}` needs Docker, which is not reachable here; start it (`dockerd &` or `systemctl start docker`) or choose `--executor docker` on a machine that has it")]
+    ImageNeedsDocker { image: String },
+
+    #[error("The `{executor}` executor is not available: {reason}")]
+    ExecutorUnavailable { executor: String, reason: String },
+
+    #[error("No run `{run}`; `ci runs` lists them")]
+    UnknownRun { run: String },
+
+    #[error("Run id `{run}` is ambiguous; it matches {}", candidates.join(", "))]
+    AmbiguousRun { run: String, candidates: Vec<String> },
+
+    #[error("The record of run `{run}` is unreadable: {reason}")]
+    Record { run: String, reason: String },
+
+    #[error("Cannot {action} `{path}`")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("No task `{label}` in the last build; `ci build {label}` first")]
+    NoHistory { label: String },
+
+    #[error("The engine's worker failed: {0}")]
+    Join(String),
+}
+
+impl BuildError {
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> BuildError {
+        let path = path.into();
+        move |source| BuildError::Io { action, path, source }
+    }
+
+    /// Whether the user can fix this by changing their input (exit status 2).
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            BuildError::Load(_)
+                | BuildError::Model(_)
+                | BuildError::UnknownRun { .. }
+                | BuildError::AmbiguousRun { .. }
+                | BuildError::NoHistory { .. }
+                | BuildError::ImageNeedsDocker { .. }
+        )
+    }
+}

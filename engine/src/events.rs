@@ -1,0 +1,78 @@
+//! Events: every state change and log line of a run, on one stream. The
+//! terminal view, the run record and (later) the HTTP API's live feed all
+//! read it.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use strata_store::Digest;
+
+use crate::record::TaskState;
+
+/// Which output stream a log line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// One thing that happened during a run.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    RunStarted {
+        run: String,
+        targets: Vec<String>,
+        tasks: usize,
+    },
+    /// Something the user should read once (e.g. the work-directory strategy).
+    Note { message: String },
+    TaskStarted {
+        label: String,
+        attempt: u32,
+        executor: String,
+    },
+    TaskLog {
+        label: String,
+        stream: Stream,
+        line: String,
+    },
+    TaskFinished {
+        label: String,
+        state: TaskState,
+        cached: bool,
+        output: Option<Digest>,
+        duration_ms: u64,
+        exit_code: Option<i32>,
+        error: Option<String>,
+    },
+    RunFinished {
+        run: String,
+        state: TaskState,
+        executed: usize,
+        cached: usize,
+        failed: usize,
+        skipped: usize,
+        duration_ms: u64,
+    },
+}
+
+/// Where events go. Cheap to clone; must not block.
+#[derive(Clone)]
+pub struct EventSink(Arc<dyn Fn(Event) + Send + Sync>);
+
+impl EventSink {
+    pub fn new(f: impl Fn(Event) + Send + Sync + 'static) -> EventSink {
+        EventSink(Arc::new(f))
+    }
+
+    /// Drops every event.
+    pub fn none() -> EventSink {
+        EventSink::new(|_| {})
+    }
+
+    pub fn send(&self, e: Event) {
+        (self.0)(e)
+    }
+}
