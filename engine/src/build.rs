@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use strata_fuse::{WorkDir, WorkDirOptions};
-use strata_store::{
-    ActionEntry, Digest, IngestOptions, LabelEntry, Lineage, MergePolicy, Store,
-};
+use strata_store::{ActionEntry, Digest, IngestOptions, LabelEntry, Lineage, MergePolicy, Store};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -80,6 +78,8 @@ struct Inner {
     host: Arc<dyn Executor>,
     docker: Option<Arc<dyn Executor>>,
     events: EventSink,
+    /// Work-directory strategies already announced (each is printed once).
+    announced: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// The result of an input: what a dependant needs.
@@ -98,6 +98,7 @@ impl Engine {
                 host: Arc::new(HostExecutor),
                 docker: None,
                 events,
+                announced: Default::default(),
             }),
         }
     }
@@ -110,8 +111,11 @@ impl Engine {
             host: self.inner.host.clone(),
             docker: Some(docker),
             events: self.inner.events.clone(),
+            announced: Default::default(),
         };
-        Engine { inner: Arc::new(inner) }
+        Engine {
+            inner: Arc::new(inner),
+        }
     }
 
     pub fn workspace(&self) -> &Workspace {
@@ -144,7 +148,10 @@ impl Engine {
             started_ms: now_ms(),
             duration_ms: 0,
             rerun_of: opts.rerun_of.as_ref().map(|r| r.id.clone()),
-            tasks: order.iter().map(|l| (l.to_string(), TaskRecord::pending())).collect(),
+            tasks: order
+                .iter()
+                .map(|l| (l.to_string(), TaskRecord::pending()))
+                .collect(),
         };
         run.save(&inner.store)?;
         inner.events.send(Event::RunStarted {
@@ -154,7 +161,9 @@ impl Engine {
         });
 
         for c in strata_fuse::cleanup_stale()? {
-            inner.events.send(Event::Note { message: c.to_string() });
+            inner.events.send(Event::Note {
+                message: c.to_string(),
+            });
         }
         let scratch_root = inner.store.scratch_dir();
         clean_scratch(&scratch_root, &inner.events);
@@ -163,8 +172,10 @@ impl Engine {
         let run_cancel = cancel.child_token();
         let jobs = opts.jobs.max(1);
         let mut done: BTreeMap<Label, Done> = BTreeMap::new();
-        let mut state: BTreeMap<Label, TaskState> =
-            order.iter().map(|l| (l.clone(), TaskState::Pending)).collect();
+        let mut state: BTreeMap<Label, TaskState> = order
+            .iter()
+            .map(|l| (l.clone(), TaskState::Pending))
+            .collect();
         let mut running: JoinSet<(Label, TaskRecord)> = JoinSet::new();
         let mut stopping = false;
         let mut note_sent = false;
@@ -180,7 +191,12 @@ impl Engine {
                     }
                     let task = &inner.ws.tasks[label];
                     let mut needs: Vec<Label> = task.inputs().into_iter().cloned().collect();
-                    needs.extend(graph.stage_gates(label, Some(&closure)).into_iter().cloned());
+                    needs.extend(
+                        graph
+                            .stage_gates(label, Some(&closure))
+                            .into_iter()
+                            .cloned(),
+                    );
                     let blocked = needs.iter().any(|n| {
                         matches!(
                             state.get(n),
@@ -188,7 +204,11 @@ impl Engine {
                         )
                     });
                     if blocked || (stopping && !opts.keep_going) || cancel.is_cancelled() {
-                        let s = if blocked { TaskState::Skipped } else { TaskState::Cancelled };
+                        let s = if blocked {
+                            TaskState::Skipped
+                        } else {
+                            TaskState::Cancelled
+                        };
                         state.insert(label.clone(), s);
                         let mut rec = TaskRecord::pending();
                         rec.state = s;
@@ -202,7 +222,9 @@ impl Engine {
                         progressed = true;
                         continue;
                     }
-                    let ready = needs.iter().all(|n| state.get(n) == Some(&TaskState::Succeeded));
+                    let ready = needs
+                        .iter()
+                        .all(|n| state.get(n) == Some(&TaskState::Succeeded));
                     if !ready || running.len() >= jobs {
                         continue;
                     }
@@ -217,7 +239,13 @@ impl Engine {
                             let mut rec = prev.clone();
                             rec.reused = true;
                             rec.duration_ms = 0;
-                            done.insert(label.clone(), Done { output, context: rec.context.clone() });
+                            done.insert(
+                                label.clone(),
+                                Done {
+                                    output,
+                                    context: rec.context.clone(),
+                                },
+                            );
                             state.insert(label.clone(), TaskState::Succeeded);
                             self.finish_event(label, &rec);
                             run.tasks.insert(label.to_string(), rec);
@@ -239,7 +267,9 @@ impl Engine {
                     let opts = opts.clone();
                     let run_id = run.id.clone();
                     running.spawn(async move {
-                        let rec = me.run_task(&task, inputs, &scratch, &opts, &run_id, cancel).await;
+                        let rec = me
+                            .run_task(&task, inputs, &scratch, &opts, &run_id, cancel)
+                            .await;
                         (label, rec)
                     });
                     progressed = true;
@@ -263,7 +293,13 @@ impl Engine {
             }
             if rec.state == TaskState::Succeeded {
                 if let Some(output) = rec.output {
-                    done.insert(label.clone(), Done { output, context: rec.context.clone() });
+                    done.insert(
+                        label.clone(),
+                        Done {
+                            output,
+                            context: rec.context.clone(),
+                        },
+                    );
                 }
             } else if !opts.keep_going && !stopping {
                 stopping = true;
@@ -322,10 +358,16 @@ impl Engine {
         let mut rec = TaskRecord::pending();
         rec.started_ms = now_ms();
         let res = match &task.kind {
-            TaskKind::Run(r) => self.run_command(task, r, &inputs, scratch, opts, run_id, cancel, &mut rec).await,
+            TaskKind::Run(r) => {
+                self.run_command(task, r, &inputs, scratch, opts, run_id, cancel, &mut rec)
+                    .await
+            }
             TaskKind::Merge(m) => self.run_merge(task, m, &inputs, run_id, &mut rec).await,
             TaskKind::LocalSource(s) => self.run_local_source(task, s, run_id, &mut rec).await,
-            TaskKind::GitSource(g) => self.run_git_source(task, g, scratch, run_id, &mut rec).await,
+            TaskKind::GitSource(g) => {
+                self.run_git_source(task, g, scratch, run_id, &mut rec)
+                    .await
+            }
         };
         if let Err(e) = res {
             rec.state = TaskState::Failed;
@@ -345,12 +387,20 @@ impl Engine {
         ctx
     }
 
-    fn executor_for(&self, r: &model::Run, opts: &BuildOptions) -> Result<Arc<dyn Executor>, BuildError> {
+    fn executor_for(
+        &self,
+        r: &model::Run,
+        opts: &BuildOptions,
+    ) -> Result<Arc<dyn Executor>, BuildError> {
         let inner = &self.inner;
         let wanted = opts
             .executor
             .or(r.executor)
-            .or(if r.image.is_some() { Some(model::Executor::Docker) } else { None })
+            .or(if r.image.is_some() {
+                Some(model::Executor::Docker)
+            } else {
+                None
+            })
             .or(inner.ws.settings.executor)
             .unwrap_or(if inner.docker.is_some() && r.image.is_some() {
                 model::Executor::Docker
@@ -360,10 +410,14 @@ impl Engine {
         match wanted {
             model::Executor::Host => Ok(inner.host.clone()),
             model::Executor::Docker => inner.docker.clone().ok_or_else(|| match &r.image {
-                Some(image) => BuildError::ImageNeedsDocker { image: image.clone() },
+                Some(image) => BuildError::ImageNeedsDocker {
+                    image: image.clone(),
+                },
                 None => BuildError::ExecutorUnavailable {
                     executor: "docker".into(),
-                    reason: "Docker is not reachable; start it (`dockerd &`) or use `--executor host`".into(),
+                    reason:
+                        "Docker is not reachable; start it (`dockerd &`) or use `--executor host`"
+                            .into(),
                 },
             }),
         }
@@ -402,7 +456,11 @@ impl Engine {
         pre.env = r.env.clone();
         pre.secret_names = r.secret_env.clone();
         pre.context = context.clone();
-        pre.inputs = task.deps.iter().map(|d| (d.mount.clone(), by_label[&d.label].output)).collect();
+        pre.inputs = task
+            .deps
+            .iter()
+            .map(|d| (d.mount.clone(), by_label[&d.label].output))
+            .collect();
         pre.base = base;
         pre.workdir = r.workdir.clone();
         pre.user = r.user.clone();
@@ -415,8 +473,11 @@ impl Engine {
         }
         let key = pre.key();
         rec.key = Some(key);
-        let input_labels: BTreeMap<String, String> =
-            task.deps.iter().map(|d| (d.mount.clone(), d.label.to_string())).collect();
+        let input_labels: BTreeMap<String, String> = task
+            .deps
+            .iter()
+            .map(|d| (d.mount.clone(), d.label.to_string()))
+            .collect();
         let cacheable = r.pure && !r.effects;
 
         let mut cached_output = None;
@@ -430,7 +491,15 @@ impl Engine {
                         rec.log = p.log;
                         rec.context = p.context.clone();
                         rec.exit_code = Some(0);
-                        self.record_label(&label, p.output, &pre, &input_labels, &p.context, p.log, run_id)?;
+                        self.record_label(
+                            &label,
+                            p.output,
+                            &pre,
+                            &input_labels,
+                            &p.context,
+                            p.log,
+                            run_id,
+                        )?;
                         return Ok(());
                     }
                     cached_output = Some(p.output);
@@ -441,19 +510,27 @@ impl Engine {
         let prev = if r.pure {
             None
         } else {
-            store.label(&label)?.map(|e| e.layer)
+            store.label(&label_key(&inner.ws, &label))?.map(|e| e.layer)
         };
         let secrets: BTreeMap<String, String> = r
             .secret_env
             .iter()
             .filter_map(|n| std::env::var(n).ok().map(|v| (n.clone(), v)))
             .collect();
-        let missing: Vec<&String> = r.secret_env.iter().filter(|n| !secrets.contains_key(*n)).collect();
+        let missing: Vec<&String> = r
+            .secret_env
+            .iter()
+            .filter(|n| !secrets.contains_key(*n))
+            .collect();
         if !missing.is_empty() {
             rec.state = TaskState::Failed;
             rec.error = Some(format!(
                 "Secret {} is not set in the environment of `ci`; export it and build again",
-                missing.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+                missing
+                    .iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
             return Ok(());
         }
@@ -470,11 +547,24 @@ impl Engine {
             });
             let dir = scratch.join(format!("{}-{attempt}", slug(&label)));
             let prepared = self.prepare(&dir, task, inputs, base, prev).await?;
-            if let Some(note) = &prepared.note {
-                inner.events.send(Event::Note { message: format!("{label}: work directory: {note}") });
+            let first = inner
+                .announced
+                .lock()
+                .map(|mut a| a.insert(prepared.strategy.clone()))
+                .unwrap_or(false);
+            if first {
+                inner.events.send(Event::Note {
+                    message: format!("work directories: {}", prepared.note),
+                });
             }
-            let log_file = std::fs::File::create(dir.join("log")).map_err(BuildError::io("create", dir.join("log")))?;
-            let log = LogSink::new(&label, inner.events.clone(), secrets.values().cloned().collect(), log_file);
+            let log_file = std::fs::File::create(dir.join("log"))
+                .map_err(BuildError::io("create", dir.join("log")))?;
+            let log = LogSink::new(
+                &label,
+                inner.events.clone(),
+                secrets.values().cloned().collect(),
+                log_file,
+            );
             let req = ExecRequest {
                 label: label.clone(),
                 argv: argv.clone(),
@@ -485,6 +575,7 @@ impl Engine {
                 workdir: r.workdir.clone(),
                 user: r.user.clone(),
                 network: r.network,
+                services: r.services.clone(),
                 timeout: r.timeout_secs.map(Duration::from_secs),
                 cancel: cancel.clone(),
                 log: log.clone(),
@@ -511,11 +602,16 @@ impl Engine {
                 if let Some(expected) = cached_output {
                     if expected != output {
                         let changes = store.diff(&expected, &output)?;
-                        let paths: Vec<String> = changes.iter().map(|c| c.path.to_string()).collect();
+                        let paths: Vec<String> =
+                            changes.iter().map(|c| c.path.to_string()).collect();
                         rec.state = TaskState::Failed;
                         rec.error = Some(format!(
                             "Not deterministic: the output differs from the cached one at {}",
-                            paths.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ")
+                            paths
+                                .iter()
+                                .map(|p| format!("`{p}`"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ));
                         return Ok(());
                     }
@@ -528,7 +624,11 @@ impl Engine {
                 self.record_label(&label, output, &pre, &input_labels, &ctx, log_blob, run_id)?;
                 return Ok(());
             }
-            rec.state = if outcome.cancelled { TaskState::Cancelled } else { TaskState::Failed };
+            rec.state = if outcome.cancelled {
+                TaskState::Cancelled
+            } else {
+                TaskState::Failed
+            };
             let mut why = outcome.describe(r.timeout_secs.map(Duration::from_secs));
             let tail = log.tail();
             if !tail.is_empty() && !outcome.cancelled {
@@ -586,7 +686,11 @@ impl Engine {
             let context = dir.join("context");
             std::fs::write(&context, b"").map_err(BuildError::io("create", &context))?;
             let work = WorkDir::create(&store, base, &dir.join("wd"), &WorkDirOptions::default())?;
-            let note = work.note().map(|n| format!("{} ({n})", work.strategy()));
+            let strategy = work.strategy().to_string();
+            let note = match work.note() {
+                Some(n) => format!("{strategy} ({n})"),
+                None => strategy.clone(),
+            };
             Ok(Prepared {
                 dirs: TaskDirs {
                     inputs: in_dir,
@@ -595,6 +699,7 @@ impl Engine {
                     context,
                 },
                 work,
+                strategy,
                 note,
             })
         })
@@ -610,7 +715,14 @@ impl Engine {
         dir: &Path,
         label: &str,
         base: Option<Digest>,
-    ) -> Result<(Digest, Option<Digest>, Result<BTreeMap<String, String>, String>), BuildError> {
+    ) -> Result<
+        (
+            Digest,
+            Option<Digest>,
+            Result<BTreeMap<String, String>, String>,
+        ),
+        BuildError,
+    > {
         let store = self.inner.store.clone();
         let dir = dir.to_owned();
         let label = label.to_owned();
@@ -630,7 +742,11 @@ impl Engine {
             )?;
             let log_path = dir.join("log");
             let log_bytes = std::fs::read(&log_path).map_err(BuildError::io("read", &log_path))?;
-            let log = if log_bytes.is_empty() { None } else { Some(store.put_blob(&log_bytes)?) };
+            let log = if log_bytes.is_empty() {
+                None
+            } else {
+                Some(store.put_blob(&log_bytes)?)
+            };
             let ctx_path = &prepared.dirs.context;
             let written = match std::fs::read(ctx_path) {
                 Ok(bytes) => parse_context(&bytes),
@@ -689,7 +805,8 @@ impl Engine {
         run_id: &str,
     ) -> Result<(), BuildError> {
         let key = pre.key();
-        let before = previous_payload(&self.inner.store, label)?;
+        let key_name = label_key(&self.inner.ws, label);
+        let before = previous_payload(&self.inner.store, &key_name)?;
         let previous = match before {
             Some(b) if b.key != key => Some(Box::new(b.preimage)),
             Some(b) => b.previous,
@@ -706,7 +823,7 @@ impl Engine {
             previous,
         };
         self.inner.store.put_label(
-            label,
+            &key_name,
             &LabelEntry {
                 layer: output,
                 payload: serde_json::to_value(&payload).unwrap_or_default(),
@@ -785,7 +902,10 @@ impl Engine {
             OnConflict::Ours => MergePolicy::Ours,
             OnConflict::Theirs => MergePolicy::Theirs,
         };
-        pre.extra.insert("on_conflict".into(), format!("{:?}", m.on_conflict).to_lowercase());
+        pre.extra.insert(
+            "on_conflict".into(),
+            format!("{:?}", m.on_conflict).to_lowercase(),
+        );
         let input_labels: BTreeMap<String, String> = m
             .sides
             .iter()
@@ -796,27 +916,42 @@ impl Engine {
             return Ok(());
         }
         let store = self.inner.store.clone();
-        let merged = tokio::task::spawn_blocking(move || -> Result<Result<Digest, Vec<String>>, BuildError> {
-            let mut acc = sides[0];
-            let mut conflicts = Vec::new();
-            for side in &sides[1..] {
-                let out = store.merge(&base, &acc, side, policy)?;
-                conflicts.extend(out.conflicts.iter().map(|p| p.to_string()));
-                match out.merged {
-                    Some(d) => acc = d,
-                    None => return Ok(Err(conflicts)),
+        let merged = tokio::task::spawn_blocking(
+            move || -> Result<Result<Digest, Vec<String>>, BuildError> {
+                let mut acc = sides[0];
+                let mut conflicts = Vec::new();
+                for side in &sides[1..] {
+                    let out = store.merge(&base, &acc, side, policy)?;
+                    conflicts.extend(out.conflicts.iter().map(|p| p.to_string()));
+                    match out.merged {
+                        Some(d) => acc = d,
+                        None => return Ok(Err(conflicts)),
+                    }
                 }
-            }
-            store.record_layer(
-                &acc,
-                Some(&Lineage { parent: Some(base), task: None, how: "merge".into(), created: now_ms() / 1000 }),
-            )?;
-            Ok(Ok(acc))
-        })
+                store.record_layer(
+                    &acc,
+                    Some(&Lineage {
+                        parent: Some(base),
+                        task: None,
+                        how: "merge".into(),
+                        created: now_ms() / 1000,
+                    }),
+                )?;
+                Ok(Ok(acc))
+            },
+        )
         .await
         .map_err(|e| BuildError::Join(e.to_string()))??;
         match merged {
-            Ok(out) => self.settle(&label, &pre, &input_labels, out, pre.context.clone(), run_id, rec),
+            Ok(out) => self.settle(
+                &label,
+                &pre,
+                &input_labels,
+                out,
+                pre.context.clone(),
+                run_id,
+                rec,
+            ),
             Err(conflicts) => {
                 rec.state = TaskState::Failed;
                 rec.attempts = 1;
@@ -837,12 +972,20 @@ impl Engine {
         rec: &mut TaskRecord,
     ) -> Result<(), BuildError> {
         let label = task.label.to_string();
-        let root = self.inner.ws.root.clone().unwrap_or_else(|| PathBuf::from("."));
+        let root = self
+            .inner
+            .ws
+            .root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("."));
         let dir = root.join(&s.path);
         let mut exclude = s.exclude.clone();
         // Never ingest the store itself when it lives in the workspace.
         if let Some(store_root) = self.inner.store.root() {
-            if let (Ok(d), Ok(st)) = (std::fs::canonicalize(&dir), std::fs::canonicalize(store_root)) {
+            if let (Ok(d), Ok(st)) = (
+                std::fs::canonicalize(&dir),
+                std::fs::canonicalize(store_root),
+            ) {
                 if let Ok(rel) = st.strip_prefix(&d) {
                     if !rel.as_os_str().is_empty() {
                         exclude.push(format!("/{}", rel.display()));
@@ -854,7 +997,12 @@ impl Engine {
         let opts = IngestOptions {
             ignore_files: true,
             exclude,
-            lineage: Some(Lineage { parent: None, task: Some(label.clone()), how: "source".into(), created: now_ms() / 1000 }),
+            lineage: Some(Lineage {
+                parent: None,
+                task: Some(label.clone()),
+                how: "source".into(),
+                created: now_ms() / 1000,
+            }),
             ..IngestOptions::default()
         };
         let report = tokio::task::spawn_blocking(move || store.ingest(&dir, &opts))
@@ -867,7 +1015,15 @@ impl Engine {
         if self.try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)? {
             return Ok(());
         }
-        self.settle(&label, &pre, &BTreeMap::new(), report.layer, BTreeMap::new(), run_id, rec)
+        self.settle(
+            &label,
+            &pre,
+            &BTreeMap::new(),
+            report.layer,
+            BTreeMap::new(),
+            run_id,
+            rec,
+        )
     }
 
     async fn run_git_source(
@@ -879,8 +1035,14 @@ impl Engine {
         rec: &mut TaskRecord,
     ) -> Result<(), BuildError> {
         let label = task.label.to_string();
-        let root = self.inner.ws.root.clone().unwrap_or_else(|| PathBuf::from("."));
-        let url = if g.url.contains("://") || g.url.contains('@') || Path::new(&g.url).is_absolute() {
+        let root = self
+            .inner
+            .ws
+            .root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("."));
+        let url = if g.url.contains("://") || g.url.contains('@') || Path::new(&g.url).is_absolute()
+        {
             g.url.clone()
         } else {
             root.join(&g.url).display().to_string()
@@ -898,7 +1060,12 @@ impl Engine {
         let opts = IngestOptions {
             exclude: vec!["/.git".into()],
             no_stat_cache: true,
-            lineage: Some(Lineage { parent: None, task: Some(label.clone()), how: "git".into(), created: now_ms() / 1000 }),
+            lineage: Some(Lineage {
+                parent: None,
+                task: Some(label.clone()),
+                how: "git".into(),
+                created: now_ms() / 1000,
+            }),
             ..IngestOptions::default()
         };
         let d2 = dir.clone();
@@ -908,14 +1075,23 @@ impl Engine {
         let _ = std::fs::remove_dir_all(&dir);
         let mut ctx = BTreeMap::new();
         ctx.insert("CI_GIT_COMMIT".to_owned(), commit);
-        self.settle(&label, &pre, &BTreeMap::new(), report.layer, ctx, run_id, rec)
+        self.settle(
+            &label,
+            &pre,
+            &BTreeMap::new(),
+            report.layer,
+            ctx,
+            run_id,
+            rec,
+        )
     }
 }
 
 struct Prepared {
     dirs: TaskDirs,
     work: WorkDir,
-    note: Option<String>,
+    strategy: String,
+    note: String,
 }
 
 /// A file-name-safe form of a label.
@@ -923,13 +1099,20 @@ fn slug(label: &str) -> String {
     label
         .trim_start_matches("//")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
 /// Parses `KEY=VALUE` lines; blank lines and `#` comments are ignored.
 fn parse_context(bytes: &[u8]) -> Result<BTreeMap<String, String>, String> {
-    let text = std::str::from_utf8(bytes).map_err(|_| "The context file is not UTF-8".to_owned())?;
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| "The context file is not UTF-8".to_owned())?;
     let mut out = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');
@@ -937,10 +1120,15 @@ fn parse_context(bytes: &[u8]) -> Result<BTreeMap<String, String>, String> {
             continue;
         }
         let Some((k, v)) = line.split_once('=') else {
-            return Err(format!("Context file line {}: expected `KEY=VALUE`, got `{line}`", i + 1));
+            return Err(format!(
+                "Context file line {}: expected `KEY=VALUE`, got `{line}`",
+                i + 1
+            ));
         };
         let valid = !k.is_empty()
-            && k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && k.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
             return Err(format!(
@@ -967,7 +1155,9 @@ fn make_writable(path: &Path) {
 /// Adds or removes write permission on a checked-out tree (symlinks untouched).
 fn set_write_bits(path: &Path, writable: bool) {
     use std::os::unix::fs::PermissionsExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return };
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
     if meta.file_type().is_symlink() {
         return;
     }
@@ -979,20 +1169,29 @@ fn set_write_bits(path: &Path, writable: bool) {
         }
     }
     let mode = meta.permissions().mode();
-    let new = if writable { mode | 0o200 } else { mode & !0o222 };
+    let new = if writable {
+        mode | 0o200
+    } else {
+        mode & !0o222
+    };
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(new));
 }
 
 /// Removes work directories of runs that ended without cleaning up (the
 /// store's write lock guarantees no other build is using them).
 fn clean_scratch(root: &Path, events: &EventSink) {
-    let Ok(rd) = std::fs::read_dir(root) else { return };
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
     for e in rd.flatten() {
         let p = e.path();
         make_writable(&p);
         if std::fs::remove_dir_all(&p).is_ok() {
             events.send(Event::Note {
-                message: format!("Removed leftover work directory `{}` of an interrupted run", p.display()),
+                message: format!(
+                    "Removed leftover work directory `{}` of an interrupted run",
+                    p.display()
+                ),
             });
         }
     }
@@ -1009,18 +1208,41 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// The latest action recorded for a label (its payload), if any.
+/// The name under which the store keeps a label's latest output: the label
+/// prefixed with the workspace root, so two workspaces sharing a store never
+/// see each other's `//:name`.
+pub fn label_key(ws: &Workspace, label: &str) -> String {
+    workspace_label_key(ws.root.as_deref(), label)
+}
+
+/// [`label_key`] from a workspace root alone (for commands that do not load
+/// the workspace).
+pub fn workspace_label_key(root: Option<&Path>, label: &str) -> String {
+    match root {
+        Some(r) => format!(
+            "{}{label}",
+            std::fs::canonicalize(r)
+                .unwrap_or_else(|_| r.to_owned())
+                .display()
+        ),
+        None => label.to_owned(),
+    }
+}
+
+/// The latest action recorded under a label key ([`label_key`]), if any.
 pub fn previous_payload(store: &Store, label: &str) -> Result<Option<ActionPayload>, BuildError> {
     Ok(store
         .label(label)?
         .and_then(|e| serde_json::from_value::<ActionPayload>(e.payload).ok()))
 }
 
-
-/// Why the latest action of `label` had a different key from the one before
+/// Why the latest action under a label key ([`label_key`]) had a different key from the one before
 /// it: one line per changed field. `Ok(None)` when the label never ran;
 /// an empty list when there was no earlier, different action.
-pub fn explain_label(store: &Store, label: &str) -> Result<Option<(ActionPayload, Vec<String>)>, BuildError> {
+pub fn explain_label(
+    store: &Store,
+    label: &str,
+) -> Result<Option<(ActionPayload, Vec<String>)>, BuildError> {
     let Some(p) = previous_payload(store, label)? else {
         return Ok(None);
     };

@@ -79,8 +79,14 @@ impl Executor for HostExecutor {
             }
         };
         let pgid = child.id().map(|p| p as i32);
-        let out = child.stdout.take().map(|o| tokio::spawn(pump(o, Stream::Stdout, req.log.clone())));
-        let err = child.stderr.take().map(|e| tokio::spawn(pump(e, Stream::Stderr, req.log.clone())));
+        let out = child
+            .stdout
+            .take()
+            .map(|o| tokio::spawn(pump(o, Stream::Stdout, req.log.clone())));
+        let err = child
+            .stderr
+            .take()
+            .map(|e| tokio::spawn(pump(e, Stream::Stderr, req.log.clone())));
 
         let timeout = async {
             match req.timeout {

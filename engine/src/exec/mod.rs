@@ -46,6 +46,8 @@ pub struct ExecRequest {
     pub workdir: Option<String>,
     pub user: Option<String>,
     pub network: bool,
+    /// Service containers started first on a private network (container executors).
+    pub services: BTreeMap<String, crate::model::Service>,
     pub timeout: Option<Duration>,
     pub cancel: CancellationToken,
     pub log: LogSink,
@@ -120,7 +122,12 @@ struct LogInner {
 }
 
 impl LogSink {
-    pub fn new(label: &str, events: EventSink, secrets: Vec<String>, file: std::fs::File) -> LogSink {
+    pub fn new(
+        label: &str,
+        events: EventSink,
+        secrets: Vec<String>,
+        file: std::fs::File,
+    ) -> LogSink {
         let mut secrets: Vec<String> = secrets.into_iter().filter(|s| !s.is_empty()).collect();
         // Longest first, so a secret containing another is redacted whole.
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));

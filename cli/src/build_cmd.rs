@@ -1,0 +1,622 @@
+//! `ci build`, `ci rerun`, `ci runs`, `ci run show`, `ci logs`, `ci explain`
+//! and `ci graph`: the engine's commands.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use strata_engine::{
+    expand, explain_label, render_graph, BuildOptions, Engine, Event, EventSink, GraphFormat,
+    Label, Loader, Pattern, RunRecord, TaskState, Workspace,
+};
+use strata_store::{OpenMode, Store, StoreUrl};
+use tokio_util::sync::CancellationToken;
+
+use crate::{usage, Ctx, Outcome};
+
+/// Where the workspace is and which store to use.
+#[derive(Args, Clone)]
+pub struct WsArgs {
+    /// Run as if started in DIR (the workspace is the nearest ancestor with `ci.toml`)
+    #[arg(short = 'C', long = "directory", value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    /// Targets: `//pkg:name`, `:name`, `//pkg:all`, `//...` [default: `//...`]
+    targets: Vec<String>,
+    #[command(flatten)]
+    ws: WsArgs,
+    /// Tasks run at once [default: `jobs` in ci.toml, else the number of cores]
+    #[arg(short, long)]
+    jobs: Option<usize>,
+    /// Go on with independent tasks after a failure
+    #[arg(short, long)]
+    keep_going: bool,
+    /// Re-run cached pure tasks and fail those whose output differs (non-determinism)
+    #[arg(long)]
+    check: bool,
+    /// Run every task with this executor (`host` or `docker`)
+    #[arg(long, value_name = "NAME")]
+    executor: Option<String>,
+}
+
+#[derive(Args)]
+pub struct RerunArgs {
+    /// The run to re-run: an id, a unique prefix, or `latest`
+    run: String,
+    #[command(flatten)]
+    ws: WsArgs,
+    #[arg(short, long)]
+    jobs: Option<usize>,
+    #[arg(short, long)]
+    keep_going: bool,
+}
+
+#[derive(Subcommand)]
+pub enum RunCommand {
+    /// Every task of a run: state, cache, duration, output
+    Show {
+        /// A run id, a unique prefix, or `latest`
+        run: String,
+        #[command(flatten)]
+        ws: WsArgs,
+    },
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    /// A run id, a unique prefix, or `latest`
+    run: String,
+    /// The task whose log to print
+    label: String,
+    #[command(flatten)]
+    ws: WsArgs,
+}
+
+#[derive(Args)]
+pub struct ExplainArgs {
+    /// The task: `//pkg:name`
+    label: String,
+    #[command(flatten)]
+    ws: WsArgs,
+}
+
+#[derive(Args)]
+pub struct GraphArgs {
+    /// Targets [default: every task]
+    targets: Vec<String>,
+    #[command(flatten)]
+    ws: WsArgs,
+    /// `dot`, `mermaid` or `json` (`--json` is `--format json`)
+    #[arg(long, default_value = "dot")]
+    format: String,
+}
+
+/// A loaded workspace and the package the user stands in.
+struct Loaded {
+    ws: Workspace,
+    current: Option<String>,
+}
+
+fn load(args: &WsArgs, patterns: &[String]) -> anyhow::Result<(Loaded, Vec<Label>)> {
+    let start = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::current_dir().context("Cannot read the current directory")?,
+    };
+    let loader = Loader::discover(&start)?;
+    let root = loader.root().to_owned();
+    let start = std::fs::canonicalize(&start).unwrap_or(start);
+    let current = start
+        .strip_prefix(std::fs::canonicalize(&root).unwrap_or(root.clone()))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned());
+    let texts: Vec<String> = if patterns.is_empty() {
+        vec!["//...".into()]
+    } else {
+        patterns.to_vec()
+    };
+    let mut parsed = Vec::new();
+    for t in &texts {
+        parsed
+            .push(Pattern::parse(t, current.as_deref()).map_err(|e| usage(format!("`{t}`: {e}")))?);
+    }
+    let ws = loader.load_patterns(&parsed)?;
+    let labels = expand(&ws, &parsed)?;
+    Ok((Loaded { ws, current }, labels))
+}
+
+/// The store: `--store`, `CI_STORE`, `store` in ci.toml, then the default.
+fn store_url(ctx: &Ctx, ws: Option<&Workspace>) -> anyhow::Result<StoreUrl> {
+    if ctx.store.is_none() {
+        if let Some(p) = ws.and_then(|w| w.store_path()) {
+            return Ok(StoreUrl::Local(p));
+        }
+    }
+    ctx.url()
+}
+
+fn open_write(ctx: &Ctx, ws: Option<&Workspace>) -> anyhow::Result<Store> {
+    let mut on_wait = |msg: &str| {
+        let _ = writeln!(std::io::stderr(), "{msg}");
+    };
+    Ok(Store::open(
+        &store_url(ctx, ws)?,
+        OpenMode::Write,
+        &mut on_wait,
+    )?)
+}
+
+fn open_read(ctx: &Ctx, ws: Option<&Workspace>) -> anyhow::Result<Store> {
+    Ok(Store::open(
+        &store_url(ctx, ws)?,
+        OpenMode::Read,
+        &mut |_| {},
+    )?)
+}
+
+/// The workspace settings when there is a workspace here (commands that do
+/// not need one still use its store setting).
+fn try_ws(args: &WsArgs) -> Option<Workspace> {
+    let start = args.dir.clone().or_else(|| std::env::current_dir().ok())?;
+    let loader = Loader::discover(&start).ok()?;
+    let settings = strata_engine::loader::read_settings(loader.root()).ok()?;
+    Some(Workspace {
+        root: Some(loader.root().to_owned()),
+        settings,
+        ..Workspace::default()
+    })
+}
+
+pub fn build(args: BuildArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
+    let (loaded, targets) = load(&args.ws, &args.targets)?;
+    let _ = &loaded.current;
+    let executor = match &args.executor {
+        Some(e) => Some(
+            e.parse()
+                .map_err(|_| usage(format!("Unknown executor `{e}`; use `host` or `docker`")))?,
+        ),
+        None => None,
+    };
+    let opts = BuildOptions {
+        jobs: args
+            .jobs
+            .or(loaded.ws.settings.jobs.map(|j| j.get() as usize))
+            .unwrap_or(BuildOptions::default().jobs),
+        keep_going: args.keep_going,
+        check: args.check,
+        executor,
+        rerun_of: None,
+    };
+    run_build(ctx, loaded.ws, targets, opts)
+}
+
+pub fn rerun(args: RerunArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
+    let ws0 = try_ws(&args.ws);
+    let previous = {
+        let store = open_read(ctx, ws0.as_ref())?;
+        RunRecord::load(&store, &args.run)?
+    };
+    let (loaded, targets) = load(&args.ws, &previous.targets)?;
+    let opts = BuildOptions {
+        jobs: args
+            .jobs
+            .or(loaded.ws.settings.jobs.map(|j| j.get() as usize))
+            .unwrap_or(BuildOptions::default().jobs),
+        keep_going: args.keep_going,
+        rerun_of: Some(previous),
+        ..BuildOptions::default()
+    };
+    run_build(ctx, loaded.ws, targets, opts)
+}
+
+fn run_build(
+    ctx: &Ctx,
+    ws: Workspace,
+    targets: Vec<Label>,
+    opts: BuildOptions,
+) -> anyhow::Result<Outcome> {
+    let store = open_write(ctx, Some(&ws))?;
+    let view = Arc::new(Mutex::new(View::new(ctx.json, ctx.verbose)));
+    let v2 = view.clone();
+    let events = EventSink::new(move |e| {
+        if let Ok(mut v) = v2.lock() {
+            v.event(&e);
+        }
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("Cannot start the async runtime")?;
+    let run = rt.block_on(async {
+        let engine = Engine::new(store.clone(), ws, events);
+        let engine = match crate::docker::connect().await {
+            Some(d) => engine.with_docker(d),
+            None => engine,
+        };
+        let cancel = CancellationToken::new();
+        let c2 = cancel.clone();
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
+            }
+            let _ = writeln!(std::io::stderr(), "Interrupted: stopping running tasks…");
+            c2.cancel();
+        });
+        engine.build(&targets, &opts, cancel).await
+    })?;
+    if let Ok(mut v) = view.lock() {
+        v.finish(&run);
+    }
+    Ok(match run.state {
+        TaskState::Succeeded => Outcome::Clean,
+        TaskState::Cancelled => Outcome::Interrupted,
+        _ => Outcome::Problems,
+    })
+}
+
+/// The terminal view of a run: a live view on a TTY, plain lines otherwise,
+/// JSON lines with `--json`.
+struct View {
+    json: bool,
+    verbose: bool,
+    live: Option<Live>,
+    started: Instant,
+}
+
+struct Live {
+    multi: indicatif::MultiProgress,
+    header: indicatif::ProgressBar,
+    tasks: std::collections::BTreeMap<String, indicatif::ProgressBar>,
+    total: usize,
+    done: usize,
+    cached: usize,
+    failed: usize,
+}
+
+impl View {
+    fn new(json: bool, verbose: bool) -> View {
+        let tty = std::io::stderr().is_terminal() && !json;
+        let live = tty.then(|| {
+            let multi = indicatif::MultiProgress::new();
+            let header = multi.add(indicatif::ProgressBar::new_spinner());
+            header.enable_steady_tick(Duration::from_millis(120));
+            Live {
+                multi,
+                header,
+                tasks: Default::default(),
+                total: 0,
+                done: 0,
+                cached: 0,
+                failed: 0,
+            }
+        });
+        View {
+            json,
+            verbose,
+            live,
+            started: Instant::now(),
+        }
+    }
+
+    fn event(&mut self, e: &Event) {
+        if self.json {
+            if let Ok(line) = serde_json::to_string(e) {
+                let _ = writeln!(std::io::stdout(), "{line}");
+            }
+            return;
+        }
+        if let Some(live) = &mut self.live {
+            live.event(e);
+            return;
+        }
+        let line = match e {
+            Event::RunStarted { run, tasks, .. } => Some(format!("run {run}: {tasks} tasks")),
+            Event::Note { message } => Some(format!("note: {message}")),
+            Event::TaskStarted {
+                label,
+                attempt,
+                executor,
+            } => Some(if *attempt > 1 {
+                format!("start {label} (attempt {attempt}, {executor})")
+            } else {
+                format!("start {label} ({executor})")
+            }),
+            Event::TaskLog { label, line, .. } if self.verbose => Some(format!("{label}| {line}")),
+            Event::TaskLog { .. } => None,
+            Event::TaskFinished {
+                label,
+                state,
+                cached,
+                duration_ms,
+                ..
+            } => Some(format!(
+                "{} {label}{} {}",
+                state.as_str(),
+                if *cached { " (cached)" } else { "" },
+                secs(*duration_ms)
+            )),
+            Event::RunFinished { .. } => None,
+        };
+        if let Some(l) = line {
+            let _ = writeln!(std::io::stderr(), "{l}");
+        }
+    }
+
+    fn finish(&mut self, run: &RunRecord) {
+        if let Some(live) = self.live.take() {
+            live.header.finish_and_clear();
+            let _ = live.multi.clear();
+        }
+        if self.json {
+            let summary = serde_json::json!({
+                "summary": {
+                    "run": run.id,
+                    "state": run.state,
+                    "executed": run.executed(),
+                    "cached": run.cached(),
+                    "failed": run.failed(),
+                    "skipped": run.skipped(),
+                    "total": run.tasks.len(),
+                    "duration_ms": run.duration_ms,
+                }
+            });
+            let _ = writeln!(std::io::stdout(), "{summary}");
+            return;
+        }
+        let mut err = std::io::stderr().lock();
+        for (label, t) in &run.tasks {
+            if t.state == TaskState::Failed {
+                let _ = writeln!(err, "\nFAILED {label}");
+                if let Some(e) = &t.error {
+                    for l in e.lines() {
+                        let _ = writeln!(err, "  {l}");
+                    }
+                }
+                if let Some(out) = t.output {
+                    let _ = writeln!(err, "  partial output: {}", out.short());
+                }
+            }
+        }
+        let _ = writeln!(
+            err,
+            "\n{} {}: {} tasks, {} executed, {} cached, {} failed, {} skipped in {}",
+            match run.state {
+                TaskState::Succeeded => "Succeeded",
+                TaskState::Cancelled => "Cancelled",
+                _ => "Failed",
+            },
+            run.id,
+            run.tasks.len(),
+            run.executed(),
+            run.cached(),
+            run.failed(),
+            run.skipped(),
+            secs(self.started.elapsed().as_millis() as u64),
+        );
+    }
+}
+
+impl Live {
+    fn event(&mut self, e: &Event) {
+        match e {
+            Event::RunStarted { tasks, run, .. } => {
+                self.total = *tasks;
+                self.header.set_message(format!("run {run}"));
+            }
+            Event::Note { message } => {
+                let _ = self.multi.println(format!("note: {message}"));
+            }
+            Event::TaskStarted { label, .. } => {
+                let bar = self.multi.add(indicatif::ProgressBar::new_spinner());
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("  {spinner} {msg} {elapsed}")
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                );
+                bar.set_message(label.clone());
+                bar.enable_steady_tick(Duration::from_millis(120));
+                self.tasks.insert(label.clone(), bar);
+            }
+            Event::TaskLog { .. } => {}
+            Event::TaskFinished {
+                label,
+                state,
+                cached,
+                duration_ms,
+                ..
+            } => {
+                if let Some(bar) = self.tasks.remove(label) {
+                    bar.finish_and_clear();
+                    self.multi.remove(&bar);
+                }
+                self.done += 1;
+                if *cached {
+                    self.cached += 1;
+                }
+                if *state == TaskState::Failed {
+                    self.failed += 1;
+                    let _ = self
+                        .multi
+                        .println(format!("FAILED {label} {}", secs(*duration_ms)));
+                }
+            }
+            Event::RunFinished { .. } => {}
+        }
+        self.header.set_message(format!(
+            "{}/{} done, {} cached, {} failed, {} running",
+            self.done,
+            self.total,
+            self.cached,
+            self.failed,
+            self.tasks.len()
+        ));
+    }
+}
+
+fn secs(ms: u64) -> String {
+    format!("{:.2}s", ms as f64 / 1000.0)
+}
+
+pub fn runs(ws: WsArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
+    let store = open_read(ctx, try_ws(&ws).as_ref())?;
+    let runs = RunRecord::list(&store)?;
+    if ctx.json {
+        // Newest first, like the human listing.
+        let rows: Vec<serde_json::Value> = runs
+            .iter()
+            .rev()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.id, "state": r.state, "targets": r.targets,
+                    "executed": r.executed(), "cached": r.cached(), "failed": r.failed(),
+                    "tasks": r.tasks.len(), "duration_ms": r.duration_ms, "rerun_of": r.rerun_of,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(Outcome::Clean);
+    }
+    let mut out = std::io::stdout().lock();
+    for r in runs.iter().rev() {
+        writeln!(
+            out,
+            "{}  {:<9}  {:>4} tasks  {:>4} executed  {:>4} cached  {:>3} failed  {:>8}  {}",
+            r.id,
+            r.state.as_str(),
+            r.tasks.len(),
+            r.executed(),
+            r.cached(),
+            r.failed(),
+            secs(r.duration_ms),
+            r.targets.join(" ")
+        )?;
+    }
+    Ok(Outcome::Clean)
+}
+
+pub fn run_cmd(cmd: RunCommand, ctx: &Ctx) -> anyhow::Result<Outcome> {
+    match cmd {
+        RunCommand::Show { run, ws } => {
+            let store = open_read(ctx, try_ws(&ws).as_ref())?;
+            let r = RunRecord::load(&store, &run)?;
+            if ctx.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(Outcome::Clean);
+            }
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "run {}  {}  targets: {}",
+                r.id,
+                r.state.as_str(),
+                r.targets.join(" ")
+            )?;
+            if let Some(of) = &r.rerun_of {
+                writeln!(out, "re-run of {of}")?;
+            }
+            for (label, t) in &r.tasks {
+                writeln!(
+                    out,
+                    "  {:<9} {:<7} {:>8}  {}  {}",
+                    t.state.as_str(),
+                    if t.cached {
+                        "cached"
+                    } else if t.reused {
+                        "kept"
+                    } else {
+                        ""
+                    },
+                    secs(t.duration_ms),
+                    t.output.map_or_else(|| "-".repeat(12), |d| d.short()),
+                    label
+                )?;
+            }
+            Ok(Outcome::Clean)
+        }
+    }
+}
+
+pub fn logs(args: LogsArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
+    let store = open_read(ctx, try_ws(&args.ws).as_ref())?;
+    let r = RunRecord::load(&store, &args.run)?;
+    let label = normalize_label(&args.label)?;
+    let t = r.tasks.get(&label).ok_or_else(|| {
+        usage(format!(
+            "Run `{}` has no task `{label}`; `ci run show {}` lists its tasks",
+            r.id, r.id
+        ))
+    })?;
+    if let Some(log) = t.log {
+        let bytes = store.read_blob(&log)?;
+        std::io::stdout().lock().write_all(&bytes)?;
+    }
+    Ok(Outcome::Clean)
+}
+
+fn normalize_label(text: &str) -> anyhow::Result<String> {
+    Label::parse(text, None)
+        .map(|l| l.to_string())
+        .map_err(|e| usage(format!("`{text}`: {e}")))
+}
+
+pub fn explain(args: ExplainArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
+    let ws = try_ws(&args.ws);
+    let store = open_read(ctx, ws.as_ref())?;
+    let label = normalize_label(&args.label)?;
+    let key =
+        strata_engine::workspace_label_key(ws.as_ref().and_then(|w| w.root.as_deref()), &label);
+    let Some((p, lines)) = explain_label(&store, &key)? else {
+        return Err(usage(format!(
+            "`{label}` has not run in this store; `ci build {label}` first"
+        )));
+    };
+    if ctx.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "label": label, "key": p.key, "output": p.output, "run": p.run,
+                "changes": lines, "preimage": p.preimage,
+            }))?
+        );
+        return Ok(Outcome::Clean);
+    }
+    println!(
+        "{label}: key {} (run {}), output {}",
+        p.key.short(),
+        p.run,
+        p.output.short()
+    );
+    if p.previous.is_none() {
+        println!("  no earlier action with a different key: the task was never re-keyed");
+    } else if lines.is_empty() {
+        println!("  the key changed, but no field differs (a change of the key format)");
+    } else {
+        println!("  since the previous action:");
+        for l in lines {
+            println!("  - {l}");
+        }
+    }
+    Ok(Outcome::Clean)
+}
+
+pub fn graph(args: GraphArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
+    let (loaded, targets) = load(&args.ws, &args.targets)?;
+    let format: GraphFormat = if ctx.json {
+        GraphFormat::Json
+    } else {
+        args.format.parse().map_err(usage)?
+    };
+    let targets = if args.targets.is_empty() {
+        Vec::new()
+    } else {
+        targets
+    };
+    print!("{}", render_graph(&loaded.ws, &targets, format));
+    Ok(Outcome::Clean)
+}

@@ -1,0 +1,675 @@
+//! `ci store …`: the store subcommands.
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Subcommand;
+use serde::Serialize;
+use strata_store::blob::BlobReader;
+use strata_store::{
+    Digest, Entry, Error, GcOptions, ImportOptions, IngestOptions, Kind, RelPath, Store,
+};
+
+use crate::output::{human_size, json, mode_string, utc_time};
+use crate::{usage, Ctx, Outcome};
+
+#[derive(Subcommand)]
+pub enum StoreCommand {
+    /// Snapshot a directory as a layer and print its digest
+    Add {
+        dir: PathBuf,
+        /// Point this ref at the new layer
+        #[arg(long = "ref", value_name = "NAME")]
+        ref_name: Option<String>,
+        /// Honour .gitignore, .ignore and .ciignore files and leave out .git
+        #[arg(long)]
+        ignore_files: bool,
+        /// Leave out paths matching GLOB (gitignore syntax; repeatable)
+        #[arg(long, value_name = "GLOB")]
+        exclude: Vec<String>,
+        /// Read and hash every file, ignoring the stat cache
+        #[arg(long)]
+        no_stat_cache: bool,
+    },
+    /// List a directory of a layer like `ls -l` (or one entry)
+    Ls {
+        layer: String,
+        path: Option<OsString>,
+        /// List every entry below PATH
+        #[arg(short, long)]
+        recursive: bool,
+    },
+    /// Write a file of a layer to stdout
+    Cat { layer: String, path: OsString },
+    /// Describe a layer: size, counts, lineage, refs
+    Show { layer: String },
+    /// List the paths that differ from layer A to layer B
+    Diff { a: String, b: String },
+    /// Write a layer into a new or empty directory
+    Checkout { layer: String, dir: PathBuf },
+    /// Write a layer as a deterministic .tar.zst archive
+    Export {
+        layer: String,
+        /// The archive to write, `-` for stdout
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Import a .tar.zst archive as a layer and print its digest
+    Import {
+        /// The archive to read, `-` for stdin
+        file: PathBuf,
+        /// Point this ref at the imported layer
+        #[arg(long = "ref", value_name = "NAME")]
+        ref_name: Option<String>,
+        /// Accept symlinks that point outside the layer
+        #[arg(long)]
+        allow_escaping_symlinks: bool,
+    },
+    /// Manage refs: named pins of layers
+    Ref {
+        #[command(subcommand)]
+        command: RefCommand,
+    },
+    /// Delete everything not reachable from refs, recent runs and leases
+    Gc {
+        /// Keep what the last N runs refer to
+        #[arg(long, default_value_t = 10, value_name = "N")]
+        keep_runs: usize,
+        /// Report what would be freed without deleting anything
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Re-hash every blob and check every reference; exit 1 on any problem
+    Verify,
+    /// Show how much the store holds
+    Du,
+}
+
+#[derive(Subcommand)]
+pub enum RefCommand {
+    /// Point NAME at LAYER
+    Set { name: String, layer: String },
+    /// List refs
+    Ls,
+    /// Remove a ref
+    Rm { name: String },
+}
+
+pub fn run(cmd: StoreCommand, ctx: &Ctx) -> anyhow::Result<Outcome> {
+    let mut out = BufWriter::new(io::stdout().lock());
+    let outcome = match cmd {
+        StoreCommand::Add {
+            dir,
+            ref_name,
+            ignore_files,
+            exclude,
+            no_stat_cache,
+        } => {
+            let opts = IngestOptions {
+                ignore_files,
+                exclude,
+                no_stat_cache,
+                lineage: None,
+                ref_name,
+            };
+            add(ctx, &dir, &opts, &mut out)?
+        }
+        StoreCommand::Ls {
+            layer,
+            path,
+            recursive,
+        } => ls(ctx, &layer, path.as_deref(), recursive, &mut out)?,
+        StoreCommand::Cat { layer, path } => cat(ctx, &layer, &path, &mut out)?,
+        StoreCommand::Show { layer } => show(ctx, &layer, &mut out)?,
+        StoreCommand::Diff { a, b } => diff(ctx, &a, &b, &mut out)?,
+        StoreCommand::Checkout { layer, dir } => checkout(ctx, &layer, &dir, &mut out)?,
+        StoreCommand::Export { layer, output } => export(ctx, &layer, &output, &mut out)?,
+        StoreCommand::Import {
+            file,
+            ref_name,
+            allow_escaping_symlinks,
+        } => {
+            let opts = ImportOptions {
+                ref_name,
+                allow_escaping_symlinks,
+            };
+            import(ctx, &file, &opts, &mut out)?
+        }
+        StoreCommand::Ref { command } => refs(ctx, command, &mut out)?,
+        StoreCommand::Gc { keep_runs, dry_run } => {
+            gc(ctx, &GcOptions { keep_runs, dry_run }, &mut out)?
+        }
+        StoreCommand::Verify => verify(ctx, &mut out)?,
+        StoreCommand::Du => du(ctx, &mut out)?,
+    };
+    out.flush()?;
+    Ok(outcome)
+}
+
+fn add(
+    ctx: &Ctx,
+    dir: &Path,
+    opts: &IngestOptions,
+    out: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    // Checked here so that a mistyped directory is a usage error, not a store error.
+    if let Err(e) = fs::metadata(dir) {
+        return Err(anyhow::Error::new(e)
+            .context(crate::UsageError(format!("Cannot add `{}`", dir.display()))));
+    }
+    let store = ctx.open_write()?;
+    let start = Instant::now();
+    let report = store.ingest(dir, opts)?;
+    ctx.summary(&format!(
+        "{} files, {}, {} hashed, {} new blobs in {:.2}s",
+        report.stats.files,
+        human_size(report.stats.bytes),
+        report.hashed_files,
+        report.new_blobs,
+        start.elapsed().as_secs_f64()
+    ));
+    if ctx.json {
+        json(out, &report)?;
+    } else {
+        writeln!(out, "{}", report.layer)?;
+    }
+    Ok(Outcome::Clean)
+}
+
+/// One line of `ci store ls`.
+#[derive(Serialize)]
+struct LsRow {
+    name: String,
+    kind: Kind,
+    size: Option<u64>,
+    executable: Option<bool>,
+    digest: Option<Digest>,
+    target: Option<String>,
+}
+
+impl LsRow {
+    fn new(name: String, entry: &Entry) -> LsRow {
+        let (size, executable, digest, target) = match entry {
+            Entry::File {
+                digest,
+                size,
+                executable,
+            } => (Some(*size), Some(*executable), Some(*digest), None),
+            Entry::Dir { digest } => (None, None, Some(*digest), None),
+            Entry::Symlink { target } => (None, None, None, Some(target.to_string())),
+        };
+        LsRow {
+            name,
+            kind: entry.kind(),
+            size,
+            executable,
+            digest,
+            target,
+        }
+    }
+}
+
+fn ls(
+    ctx: &Ctx,
+    layer: &str,
+    path: Option<&std::ffi::OsStr>,
+    recursive: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    let store = ctx.open_read()?;
+    let root = ctx.resolve(&store, layer)?;
+    let path = RelPath::parse(path.map_or(&[][..], |p| p.as_bytes()))?;
+    let entry = lookup(&store, layer, &root, &path)?;
+    let mut rows: Vec<(LsRow, &'static str)> = Vec::new();
+    match &entry {
+        Entry::Dir { digest } => list_dir(&store, digest, "", recursive, &mut rows)?,
+        other => rows.push((LsRow::new(path.to_string(), other), mode_string(other))),
+    }
+    if ctx.json {
+        let rows: Vec<&LsRow> = rows.iter().map(|(r, _)| r).collect();
+        json(out, &rows)?;
+        return Ok(Outcome::Clean);
+    }
+    let width = rows
+        .iter()
+        .map(|(r, _)| r.size.map_or(1, |s| s.to_string().len()))
+        .max()
+        .unwrap_or(1);
+    for (row, mode) in &rows {
+        let size = row.size.map_or_else(|| "-".to_owned(), |s| s.to_string());
+        write!(out, "{mode} {size:>width$} {}", row.name)?;
+        if let Some(target) = &row.target {
+            write!(out, " -> {target}")?;
+        }
+        writeln!(out)?;
+    }
+    Ok(Outcome::Clean)
+}
+
+/// Appends the entries of a tree in name order; with `recursive`, each
+/// directory is followed by its contents, named by their path below the listing.
+fn list_dir(
+    store: &Store,
+    tree: &Digest,
+    prefix: &str,
+    recursive: bool,
+    rows: &mut Vec<(LsRow, &'static str)>,
+) -> anyhow::Result<()> {
+    for (name, entry) in store.tree(tree)?.entries() {
+        let name = format!("{prefix}{name}");
+        rows.push((LsRow::new(name.clone(), entry), mode_string(entry)));
+        if let (true, Entry::Dir { digest }) = (recursive, entry) {
+            list_dir(store, digest, &format!("{name}/"), true, rows)?;
+        }
+    }
+    Ok(())
+}
+
+fn lookup(store: &Store, layer: &str, root: &Digest, path: &RelPath) -> anyhow::Result<Entry> {
+    store.lookup(root, path)?.ok_or_else(|| {
+        Error::NoSuchPath {
+            layer: layer.to_owned(),
+            path: path.to_string(),
+        }
+        .into()
+    })
+}
+
+fn cat(
+    ctx: &Ctx,
+    layer: &str,
+    path: &std::ffi::OsStr,
+    out: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    let store = ctx.open_read()?;
+    let root = ctx.resolve(&store, layer)?;
+    let path = RelPath::parse(path.as_bytes())?;
+    let digest = match lookup(&store, layer, &root, &path)? {
+        Entry::File { digest, .. } => digest,
+        other => {
+            return Err(Error::WrongKind {
+                path: path.to_string(),
+                what: kind_name(other.kind()),
+                expected: "a file",
+            }
+            .into())
+        }
+    };
+    let blob = store.blob(&digest)?;
+    io::copy(&mut BlobReader::new(&*blob), out)
+        .with_context(|| format!("Cannot copy `{path}` to stdout"))?;
+    Ok(Outcome::Clean)
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::File => "a file",
+        Kind::Dir => "a directory",
+        Kind::Symlink => "a symlink",
+    }
+}
+
+fn show(ctx: &Ctx, layer: &str, out: &mut dyn Write) -> anyhow::Result<Outcome> {
+    #[derive(Serialize)]
+    struct Show {
+        layer: Digest,
+        stats: strata_store::LayerStats,
+        /// `None` for a tree never recorded as a layer.
+        created: Option<u64>,
+        lineage: Option<strata_store::Lineage>,
+        refs: Vec<String>,
+    }
+    let store = ctx.open_read()?;
+    let digest = ctx.resolve(&store, layer)?;
+    let record = store.layer(&digest)?;
+    let stats = match &record {
+        Some(r) => r.stats,
+        None => store.stats(&digest)?,
+    };
+    let refs: Vec<String> = store
+        .refs()?
+        .into_iter()
+        .filter(|(_, d)| *d == digest)
+        .map(|(name, _)| name)
+        .collect();
+    let show = Show {
+        layer: digest,
+        stats,
+        created: record.map(|r| r.created),
+        lineage: store.lineage(&digest)?,
+        refs,
+    };
+    if ctx.json {
+        json(out, &show)?;
+        return Ok(Outcome::Clean);
+    }
+    let dash = || "-".to_owned();
+    let lineage = show.lineage.as_ref();
+    writeln!(out, "layer     {}", show.layer)?;
+    writeln!(
+        out,
+        "size      {} ({} bytes)",
+        human_size(stats.bytes),
+        stats.bytes
+    )?;
+    writeln!(out, "files     {}", stats.files)?;
+    writeln!(out, "dirs      {}", stats.dirs)?;
+    writeln!(out, "symlinks  {}", stats.symlinks)?;
+    writeln!(
+        out,
+        "created   {}",
+        show.created
+            .map_or_else(|| "- (not recorded as a layer)".to_owned(), utc_time)
+    )?;
+    let parent = lineage
+        .and_then(|l| l.parent)
+        .map_or_else(dash, |d| d.to_string());
+    writeln!(out, "parent    {parent}")?;
+    writeln!(
+        out,
+        "task      {}",
+        lineage.and_then(|l| l.task.clone()).unwrap_or_else(dash)
+    )?;
+    writeln!(
+        out,
+        "how       {}",
+        lineage.map_or_else(dash, |l| l.how.clone())
+    )?;
+    let refs = if show.refs.is_empty() {
+        dash()
+    } else {
+        show.refs.join(", ")
+    };
+    writeln!(out, "refs      {refs}")?;
+    Ok(Outcome::Clean)
+}
+
+fn diff(ctx: &Ctx, a: &str, b: &str, out: &mut dyn Write) -> anyhow::Result<Outcome> {
+    #[derive(Serialize)]
+    struct Row {
+        path: RelPath,
+        change: strata_store::ChangeKind,
+        old_kind: Option<Kind>,
+        new_kind: Option<Kind>,
+    }
+    let store = ctx.open_read()?;
+    let (a, b) = (ctx.resolve(&store, a)?, ctx.resolve(&store, b)?);
+    let changes = store.diff(&a, &b)?;
+    if ctx.json {
+        let rows: Vec<Row> = changes
+            .into_iter()
+            .map(|c| Row {
+                old_kind: c.old.as_ref().map(Entry::kind),
+                new_kind: c.new_kind(),
+                change: c.kind,
+                path: c.path,
+            })
+            .collect();
+        json(out, &rows)?;
+        return Ok(Outcome::Clean);
+    }
+    for c in &changes {
+        // The side that exists after the change, or the removed one.
+        let is_dir = c.new.as_ref().or(c.old.as_ref()).map(Entry::kind) == Some(Kind::Dir);
+        writeln!(
+            out,
+            "{} {}{}",
+            c.letter(),
+            c.path,
+            if is_dir { "/" } else { "" }
+        )?;
+    }
+    Ok(Outcome::Clean)
+}
+
+fn checkout(ctx: &Ctx, layer: &str, dir: &Path, out: &mut dyn Write) -> anyhow::Result<Outcome> {
+    // Checked here so that a busy destination is a usage error, not a store error.
+    match fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(usage(format!(
+                    "Cannot check out into `{}`: the directory is not empty; choose a new or empty directory",
+                    dir.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(crate::UsageError(format!(
+                "Cannot check out into `{}`",
+                dir.display()
+            ))))
+        }
+    }
+    let store = ctx.open_read()?;
+    let root = ctx.resolve(&store, layer)?;
+    let start = Instant::now();
+    let report = store.checkout(&root, dir)?;
+    ctx.summary(&format!(
+        "{} files, {} dirs, {} symlinks, {} in {:.2}s",
+        report.files,
+        report.dirs,
+        report.symlinks,
+        human_size(report.bytes),
+        start.elapsed().as_secs_f64()
+    ));
+    if ctx.json {
+        json(out, &report)?;
+    }
+    Ok(Outcome::Clean)
+}
+
+fn export(ctx: &Ctx, layer: &str, output: &Path, out: &mut dyn Write) -> anyhow::Result<Outcome> {
+    let to_stdout = output == Path::new("-");
+    if to_stdout && ctx.json {
+        return Err(usage(
+            "`--json` prints the report on stdout, where `-o -` writes the archive; write the archive to a file",
+        ));
+    }
+    let store = ctx.open_read()?;
+    let root = ctx.resolve(&store, layer)?;
+    let report = if to_stdout {
+        store.export(&root, out)?
+    } else {
+        // Written beside the target and renamed, so FILE is never half-written.
+        let mut tmp = output.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let write = || -> anyhow::Result<_> {
+            let file =
+                File::create(&tmp).with_context(|| format!("Cannot create `{}`", tmp.display()))?;
+            let mut w = BufWriter::new(file);
+            let report = store.export(&root, &mut w)?;
+            let file = w
+                .into_inner()
+                .map_err(|e| e.into_error())
+                .with_context(|| format!("Cannot write `{}`", tmp.display()))?;
+            file.sync_all()
+                .with_context(|| format!("Cannot write `{}`", tmp.display()))?;
+            fs::rename(&tmp, output).with_context(|| {
+                format!(
+                    "Cannot rename `{}` to `{}`",
+                    tmp.display(),
+                    output.display()
+                )
+            })?;
+            Ok(report)
+        };
+        match write() {
+            Ok(report) => report,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+    };
+    ctx.summary(&format!(
+        "{} entries, {} written",
+        report.entries,
+        human_size(report.bytes)
+    ));
+    if ctx.json {
+        json(out, &report)?;
+    }
+    Ok(Outcome::Clean)
+}
+
+fn import(
+    ctx: &Ctx,
+    file: &Path,
+    opts: &ImportOptions,
+    out: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    let (mut input, name): (Box<dyn io::Read>, String) = if file == Path::new("-") {
+        (Box::new(io::stdin().lock()), "stdin".to_owned())
+    } else {
+        match File::open(file) {
+            Ok(f) => (Box::new(io::BufReader::new(f)), file.display().to_string()),
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(crate::UsageError(format!(
+                    "Cannot open archive `{}`",
+                    file.display()
+                ))))
+            }
+        }
+    };
+    let store = ctx.open_write()?;
+    let report = store.import(&mut *input, &name, opts)?;
+    ctx.summary(&format!(
+        "{} files, {}, {} new blobs",
+        report.stats.files,
+        human_size(report.stats.bytes),
+        report.new_blobs
+    ));
+    if ctx.json {
+        json(out, &report)?;
+    } else {
+        writeln!(out, "{}", report.layer)?;
+    }
+    Ok(Outcome::Clean)
+}
+
+fn refs(ctx: &Ctx, cmd: RefCommand, out: &mut dyn Write) -> anyhow::Result<Outcome> {
+    match cmd {
+        RefCommand::Set { name, layer } => {
+            let store = ctx.open_write()?;
+            let digest = ctx.resolve(&store, &layer)?;
+            store.set_ref(&name, &digest)?;
+        }
+        RefCommand::Rm { name } => {
+            let store = ctx.open_write()?;
+            store.delete_ref(&name)?;
+        }
+        RefCommand::Ls => {
+            #[derive(Serialize)]
+            struct Row {
+                name: String,
+                layer: Digest,
+            }
+            let store = ctx.open_read()?;
+            let refs = store.refs()?;
+            if ctx.json {
+                let rows: Vec<Row> = refs
+                    .into_iter()
+                    .map(|(name, layer)| Row { name, layer })
+                    .collect();
+                json(out, &rows)?;
+            } else {
+                for (name, digest) in refs {
+                    writeln!(out, "{name} {digest}")?;
+                }
+            }
+        }
+    }
+    Ok(Outcome::Clean)
+}
+
+fn gc(ctx: &Ctx, opts: &GcOptions, out: &mut dyn Write) -> anyhow::Result<Outcome> {
+    let store = ctx.open_write()?;
+    let r = store.gc(opts)?;
+    if ctx.json {
+        json(out, &r)?;
+        return Ok(Outcome::Clean);
+    }
+    let verb = if opts.dry_run { "would free" } else { "freed" };
+    writeln!(
+        out,
+        "{verb} {} layers, {} trees, {} blobs ({}); {} cached actions and {} runs dropped",
+        r.layers_freed,
+        r.trees_freed,
+        r.blobs_freed,
+        human_size(r.bytes_freed),
+        r.actions_dropped,
+        r.runs_dropped
+    )?;
+    writeln!(
+        out,
+        "kept {} blobs ({}) reachable from {} roots",
+        r.blobs_kept,
+        human_size(r.bytes_kept),
+        r.roots
+    )?;
+    Ok(Outcome::Clean)
+}
+
+fn verify(ctx: &Ctx, out: &mut dyn Write) -> anyhow::Result<Outcome> {
+    let store = ctx.open_read()?;
+    let report = store.verify()?;
+    let outcome = if report.problems.is_empty() {
+        Outcome::Clean
+    } else {
+        Outcome::Problems
+    };
+    if ctx.json {
+        json(out, &report)?;
+    } else if report.problems.is_empty() {
+        writeln!(
+            out,
+            "ok: {} blobs, {} trees checked",
+            report.blobs_checked, report.trees_checked
+        )?;
+    } else {
+        for p in &report.problems {
+            writeln!(out, "{p}")?;
+        }
+        writeln!(
+            out,
+            "{} problems found ({} blobs, {} trees checked)",
+            report.problems.len(),
+            report.blobs_checked,
+            report.trees_checked
+        )?;
+    }
+    Ok(outcome)
+}
+
+fn du(ctx: &Ctx, out: &mut dyn Write) -> anyhow::Result<Outcome> {
+    let store = ctx.open_read()?;
+    let u = store.usage()?;
+    if ctx.json {
+        json(out, &u)?;
+        return Ok(Outcome::Clean);
+    }
+    writeln!(
+        out,
+        "blobs    {:>10}  {}",
+        u.blobs,
+        human_size(u.blob_bytes)
+    )?;
+    writeln!(
+        out,
+        "trees    {:>10}  {}",
+        u.trees,
+        human_size(u.tree_bytes)
+    )?;
+    writeln!(out, "layers   {:>10}", u.layers)?;
+    writeln!(out, "refs     {:>10}", u.refs)?;
+    writeln!(out, "runs     {:>10}", u.runs)?;
+    writeln!(out, "actions  {:>10}", u.actions)?;
+    Ok(Outcome::Clean)
+}

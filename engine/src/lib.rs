@@ -1,0 +1,43 @@
+//! Strata's build engine, front half: the pipeline model, labels, the Starlark loader
+//! and the build graph.
+//!
+//! - [`model`]: plain serde types describing a pipeline; what the loader produces, what the
+//!   HTTP API accepts, what the scheduler consumes. [`model::Workspace::validate`] is the
+//!   one gate for models of any origin.
+//! - [`label`]: validated labels (`//dir:name`) and patterns (`//dir:all`, `//...`).
+//! - [`loader`]: `ci.toml` and `BUILD.star` files into a [`model::Workspace`].
+//! - [`graph`]: order, closures, stage gating, and `ci graph` output.
+//!
+//! Architecture invariant: nothing in this half touches the store or runs a command;
+//! loading only reads `ci.toml`, `BUILD.star` and loaded `.star` files (and checks that
+//! local source directories exist).
+
+mod build;
+mod build_error;
+pub mod error;
+pub mod events;
+pub mod exec;
+mod git;
+pub mod graph;
+pub mod key;
+pub mod label;
+pub mod loader;
+pub mod model;
+pub mod record;
+mod validate;
+
+pub use build::{
+    explain_label, label_key, previous_payload, workspace_label_key, ActionPayload, BuildOptions,
+    Engine,
+};
+pub use build_error::BuildError;
+pub use error::{Invalid, LoadError, ModelError};
+pub use events::{Event, EventSink, Stream};
+pub use graph::{expand, render_graph, Graph, GraphFormat, GraphJson};
+pub use label::{Label, LabelError, Pattern};
+pub use loader::{find_root, Loader};
+pub use model::{
+    Command, Dep, Executor, GitSource, LocalSource, Location, Merge, OnConflict, Run, Service,
+    Settings, Stage, Task, TaskKind, Workspace,
+};
+pub use record::{RunRecord, TaskRecord, TaskState};

@@ -1,0 +1,45 @@
+# Shared by scripts/test and scripts/demo: messages, apt packages, the Rust
+# toolchain and the cargo target directory. Source it; it defines functions
+# and exports CARGO_TARGET_DIR.
+
+log() { printf '==> %s\n' "$*" >&2; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+is_ci() { case "${CI:-}" in true | TRUE | True | 1 | yes) return 0 ;; *) return 1 ;; esac; }
+is_root() { [[ $(id -u) -eq 0 ]]; }
+
+pkg_installed() {
+    [[ $(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null) == installed ]]
+}
+
+# ensure_packages PKG...: installs the Debian packages that are missing.
+ensure_packages() {
+    local missing=() p
+    for p in "$@"; do
+        pkg_installed "$p" || missing+=("$p")
+    done
+    ((${#missing[@]})) || return 0
+    if ! is_root; then
+        die "missing packages: ${missing[*]}
+install them with:  sudo apt-get install --no-install-recommends ${missing[*]}"
+    fi
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq || warn "apt-get update reported errors; trying the install anyway"
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+# ensure_cargo: finds cargo and sets the target directory. It lives outside
+# the clone so RocksDB (14 minutes to compile) is built once per machine.
+ensure_cargo() {
+    if ! command -v cargo >/dev/null 2>&1 && [[ -f "$HOME/.cargo/env" ]]; then
+        # shellcheck disable=SC1091
+        . "$HOME/.cargo/env"
+    fi
+    command -v cargo >/dev/null 2>&1 ||
+        die "cargo not found: install Rust with rustup (Debian 12's cargo is older than the rust-version in Cargo.toml)"
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/strata-target}"
+    if is_ci; then
+        export CARGO_TERM_COLOR=never
+    fi
+}
