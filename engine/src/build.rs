@@ -1,7 +1,7 @@
 //! The scheduler: runs every ready task of the requested targets, in
 //! parallel up to `jobs`, at most once per action key.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -171,109 +171,85 @@ impl Engine {
 
         let run_cancel = cancel.child_token();
         let jobs = opts.jobs.max(1);
-        let mut done: BTreeMap<Label, Done> = BTreeMap::new();
-        let mut state: BTreeMap<Label, TaskState> = order
+
+        // What each task waits for (its inputs and its stage gates), who waits
+        // for it, and how many of its needs are still unmet: computed once, so
+        // each completion costs only its own dependants.
+        let mut needs: BTreeMap<&Label, Vec<Label>> = BTreeMap::new();
+        let mut users: BTreeMap<Label, Vec<Label>> = BTreeMap::new();
+        for label in &order {
+            let task = &inner.ws.tasks[label];
+            let mut n: Vec<Label> = task.inputs().into_iter().cloned().collect();
+            n.extend(graph.stage_gates(label, Some(&closure)).into_iter().cloned());
+            n.sort();
+            n.dedup();
+            for x in &n {
+                users.entry(x.clone()).or_default().push(label.clone());
+            }
+            needs.insert(label, n);
+        }
+        let mut unmet: BTreeMap<Label, usize> =
+            needs.iter().map(|(l, n)| ((*l).clone(), n.len())).collect();
+        let position: BTreeMap<&Label, usize> = order.iter().enumerate().map(|(i, l)| (l, i)).collect();
+        // Ready tasks, launched in topological order.
+        let mut ready: BTreeSet<(usize, Label)> = order
             .iter()
-            .map(|l| (l.clone(), TaskState::Pending))
+            .filter(|l| unmet[*l] == 0)
+            .map(|l| (position[l], l.clone()))
             .collect();
+        let mut done: BTreeMap<Label, Done> = BTreeMap::new();
+        let mut state: BTreeMap<Label, TaskState> =
+            order.iter().map(|l| (l.clone(), TaskState::Pending)).collect();
         let mut running: JoinSet<(Label, TaskRecord)> = JoinSet::new();
         let mut stopping = false;
-        let mut note_sent = false;
 
         loop {
-            // Settle what can be settled, launch what is ready.
-            let mut progressed = true;
-            while progressed {
-                progressed = false;
-                for label in &order {
-                    if state[label] != TaskState::Pending {
-                        continue;
-                    }
-                    let task = &inner.ws.tasks[label];
-                    let mut needs: Vec<Label> = task.inputs().into_iter().cloned().collect();
-                    needs.extend(
-                        graph
-                            .stage_gates(label, Some(&closure))
-                            .into_iter()
-                            .cloned(),
-                    );
-                    let blocked = needs.iter().any(|n| {
-                        matches!(
-                            state.get(n),
-                            Some(TaskState::Failed | TaskState::Skipped | TaskState::Cancelled)
-                        )
-                    });
-                    if blocked || (stopping && !opts.keep_going) || cancel.is_cancelled() {
-                        let s = if blocked {
-                            TaskState::Skipped
-                        } else {
-                            TaskState::Cancelled
-                        };
-                        state.insert(label.clone(), s);
-                        let mut rec = TaskRecord::pending();
-                        rec.state = s;
-                        rec.error = Some(if blocked {
-                            "skipped: a task it needs did not succeed".into()
-                        } else {
-                            "cancelled before it started".into()
-                        });
-                        self.finish_event(label, &rec);
-                        run.tasks.insert(label.to_string(), rec);
-                        progressed = true;
-                        continue;
-                    }
-                    let ready = needs
-                        .iter()
-                        .all(|n| state.get(n) == Some(&TaskState::Succeeded));
-                    if !ready || running.len() >= jobs {
-                        continue;
-                    }
-                    // Reuse from the run being re-run?
-                    if let Some(prev) = opts
-                        .rerun_of
-                        .as_ref()
-                        .and_then(|r| r.tasks.get(&label.to_string()))
-                        .filter(|t| t.state == TaskState::Succeeded)
-                    {
-                        if let Some(output) = prev.output {
-                            let mut rec = prev.clone();
-                            rec.reused = true;
-                            rec.duration_ms = 0;
-                            done.insert(
-                                label.clone(),
-                                Done {
-                                    output,
-                                    context: rec.context.clone(),
-                                },
-                            );
-                            state.insert(label.clone(), TaskState::Succeeded);
-                            self.finish_event(label, &rec);
-                            run.tasks.insert(label.to_string(), rec);
-                            progressed = true;
-                            continue;
-                        }
-                    }
-                    let inputs: Vec<(Label, Done)> = task
-                        .inputs()
-                        .into_iter()
-                        .map(|l| (l.clone(), done[l].clone()))
-                        .collect();
-                    state.insert(label.clone(), TaskState::Running);
-                    let me = self.clone();
-                    let label = label.clone();
-                    let task = task.clone();
-                    let cancel = run_cancel.clone();
-                    let scratch = scratch.clone();
-                    let opts = opts.clone();
-                    let run_id = run.id.clone();
-                    running.spawn(async move {
-                        let rec = me
-                            .run_task(&task, inputs, &scratch, &opts, &run_id, cancel)
-                            .await;
-                        (label, rec)
-                    });
-                    progressed = true;
+            // Launch what is ready (or settle it at once: reused from a re-run,
+            // or cancelled because the run is stopping).
+            while let Some((_, label)) = ready.pop_first() {
+                if stopping {
+                    let rec = not_run(TaskState::Cancelled, "cancelled before it started");
+                    state.insert(label.clone(), TaskState::Cancelled);
+                    self.finish_event(&label, &rec);
+                    run.tasks.insert(label.to_string(), rec);
+                    continue;
                 }
+                if let Some(prev) = opts
+                    .rerun_of
+                    .as_ref()
+                    .and_then(|r| r.tasks.get(&label.to_string()))
+                    .filter(|t| t.state == TaskState::Succeeded && t.output.is_some())
+                {
+                    let mut rec = prev.clone();
+                    rec.reused = true;
+                    rec.duration_ms = 0;
+                    if let Some(output) = rec.output {
+                        done.insert(label.clone(), Done { output, context: rec.context.clone() });
+                    }
+                    self.settle_state(&label, rec, &mut run, &mut state, &users, &mut unmet, &mut ready, &position);
+                    continue;
+                }
+                if running.len() >= jobs {
+                    ready.insert((position[&label], label));
+                    break;
+                }
+                let task = &inner.ws.tasks[&label];
+                let inputs: Vec<(Label, Done)> = task
+                    .inputs()
+                    .into_iter()
+                    .map(|l| (l.clone(), done[l].clone()))
+                    .collect();
+                state.insert(label.clone(), TaskState::Running);
+                let me = self.clone();
+                let task = task.clone();
+                let cancel = run_cancel.clone();
+                let scratch = scratch.clone();
+                let opts = opts.clone();
+                let run_id = run.id.clone();
+                running.spawn(async move {
+                    let rec = me.run_task(&task, inputs, &scratch, &opts, &run_id, cancel).await;
+                    (label, rec)
+                });
             }
             if running.is_empty() {
                 break;
@@ -288,26 +264,27 @@ impl Engine {
             };
             let Some(joined) = joined else { break };
             let (label, rec) = joined.map_err(|e| BuildError::Join(e.to_string()))?;
-            if !note_sent && rec.attempts > 0 {
-                note_sent = true;
-            }
             if rec.state == TaskState::Succeeded {
                 if let Some(output) = rec.output {
-                    done.insert(
-                        label.clone(),
-                        Done {
-                            output,
-                            context: rec.context.clone(),
-                        },
-                    );
+                    done.insert(label.clone(), Done { output, context: rec.context.clone() });
                 }
             } else if !opts.keep_going && !stopping {
                 stopping = true;
                 run_cancel.cancel();
             }
-            state.insert(label.clone(), rec.state);
-            self.finish_event(&label, &rec);
-            run.tasks.insert(label.to_string(), rec);
+            self.settle_state(&label, rec, &mut run, &mut state, &users, &mut unmet, &mut ready, &position);
+        }
+        // Whatever never became ready waited on something that did not succeed.
+        for label in &order {
+            if state[label] == TaskState::Pending {
+                let rec = if stopping {
+                    not_run(TaskState::Cancelled, "not started: the build stopped")
+                } else {
+                    not_run(TaskState::Skipped, "skipped: a task it needs did not succeed")
+                };
+                self.finish_event(label, &rec);
+                run.tasks.insert(label.to_string(), rec);
+            }
         }
 
         let _ = std::fs::remove_dir_all(&scratch);
@@ -330,6 +307,48 @@ impl Engine {
             duration_ms: run.duration_ms,
         });
         Ok(run)
+    }
+
+    /// Records a task's end and makes its dependants ready (on success) or
+    /// skipped (otherwise, transitively).
+    #[allow(clippy::too_many_arguments)]
+    fn settle_state(
+        &self,
+        label: &Label,
+        rec: TaskRecord,
+        run: &mut RunRecord,
+        state: &mut BTreeMap<Label, TaskState>,
+        users: &BTreeMap<Label, Vec<Label>>,
+        unmet: &mut BTreeMap<Label, usize>,
+        ready: &mut BTreeSet<(usize, Label)>,
+        position: &BTreeMap<&Label, usize>,
+    ) {
+        let ok = rec.state == TaskState::Succeeded;
+        state.insert(label.clone(), rec.state);
+        self.finish_event(label, &rec);
+        run.tasks.insert(label.to_string(), rec);
+        let mut stack = vec![(label.clone(), ok)];
+        while let Some((l, ok)) = stack.pop() {
+            for u in users.get(&l).into_iter().flatten() {
+                if state[u] != TaskState::Pending {
+                    continue;
+                }
+                if ok {
+                    if let Some(n) = unmet.get_mut(u) {
+                        *n -= 1;
+                        if *n == 0 {
+                            ready.insert((position[u], u.clone()));
+                        }
+                    }
+                } else {
+                    let rec = not_run(TaskState::Skipped, "skipped: a task it needs did not succeed");
+                    state.insert(u.clone(), TaskState::Skipped);
+                    self.finish_event(u, &rec);
+                    run.tasks.insert(u.to_string(), rec);
+                    stack.push((u.clone(), false));
+                }
+            }
+        }
     }
 
     fn finish_event(&self, label: &Label, rec: &TaskRecord) {
@@ -466,9 +485,14 @@ impl Engine {
         pre.user = r.user.clone();
         pre.network = r.network;
         if !r.services.is_empty() {
+            // Service images are keyed by content too: a retagged image changes the key.
+            let mut services = r.services.clone();
+            for s in services.values_mut() {
+                s.image = executor.resolve_image(&s.image).await?;
+            }
             pre.extra.insert(
                 "services".into(),
-                serde_json::to_string(&r.services).unwrap_or_default(),
+                serde_json::to_string(&services).unwrap_or_default(),
             );
         }
         let key = pre.key();
@@ -727,10 +751,24 @@ impl Engine {
         let dir = dir.to_owned();
         let label = label.to_owned();
         tokio::task::spawn_blocking(move || {
+            // The log first, so the capture's one sync of new blobs covers it.
+            let log_path = dir.join("log");
+            let log_bytes = std::fs::read(&log_path).map_err(BuildError::io("read", &log_path))?;
+            let (log, log_is_new) = if log_bytes.is_empty() {
+                (None, false)
+            } else {
+                let d = strata_store::Digest::of(&log_bytes);
+                let new = !store.blobs().contains(&d)?;
+                (Some(store.blobs().put(&log_bytes)?), new)
+            };
             let output = prepared.work.capture(&store);
             let closed = prepared.work.close();
             let output = output?;
             closed?;
+            if log_is_new {
+                // No record may name a blob that is not durable yet.
+                store.blobs().sync()?;
+            }
             store.record_layer(
                 &output,
                 Some(&Lineage {
@@ -740,13 +778,6 @@ impl Engine {
                     created: now_ms() / 1000,
                 }),
             )?;
-            let log_path = dir.join("log");
-            let log_bytes = std::fs::read(&log_path).map_err(BuildError::io("read", &log_path))?;
-            let log = if log_bytes.is_empty() {
-                None
-            } else {
-                Some(store.put_blob(&log_bytes)?)
-            };
             let ctx_path = &prepared.dirs.context;
             let written = match std::fs::read(ctx_path) {
                 Ok(bytes) => parse_context(&bytes),
@@ -1085,6 +1116,14 @@ impl Engine {
             rec,
         )
     }
+}
+
+/// The record of a task that never started.
+fn not_run(state: TaskState, why: &str) -> TaskRecord {
+    let mut rec = TaskRecord::pending();
+    rec.state = state;
+    rec.error = Some(why.to_owned());
+    rec
 }
 
 struct Prepared {

@@ -86,14 +86,16 @@ impl Store {
                     h.set_entry_type(tar::EntryType::Directory);
                     h.set_mode(0o755);
                     h.set_size(0);
-                    tar.append_data(&mut h, &os_path, io::empty()).map_err(werr)?;
+                    tar.append_data(&mut h, &os_path, io::empty())
+                        .map_err(werr)?;
                     self.export_tree(tar, digest, &path, report)?;
                 }
                 Entry::Symlink { target } => {
                     h.set_entry_type(tar::EntryType::Symlink);
                     h.set_mode(0o777);
                     h.set_size(0);
-                    tar.append_link(&mut h, &os_path, target.as_os_str()).map_err(werr)?;
+                    tar.append_link(&mut h, &os_path, target.as_os_str())
+                        .map_err(werr)?;
                 }
                 Entry::File {
                     digest,
@@ -107,7 +109,8 @@ impl Store {
                     if blob.size() != *size {
                         return Err(Error::MissingBlob(*digest));
                     }
-                    tar.append_data(&mut h, &os_path, BlobReader::new(&*blob)).map_err(werr)?;
+                    tar.append_data(&mut h, &os_path, BlobReader::new(&*blob))
+                        .map_err(werr)?;
                     report.bytes += size;
                 }
             }
@@ -122,7 +125,12 @@ impl Store {
     /// root, devices and FIFOs, hard links to anything but an earlier file of
     /// the archive, duplicate paths, paths through a file or symlink, and names
     /// the format forbids. `archive` names the input in error messages.
-    pub fn import(&self, input: &mut dyn Read, archive: &str, opts: &ImportOptions) -> Result<ImportReport> {
+    pub fn import(
+        &self,
+        input: &mut dyn Read,
+        archive: &str,
+        opts: &ImportOptions,
+    ) -> Result<ImportReport> {
         if let Some(name) = &opts.ref_name {
             check_ref_name(name)?;
         }
@@ -151,7 +159,9 @@ impl Store {
             let path = match entry_path(&raw) {
                 Ok(Some(p)) => p,
                 Ok(None) if et.is_dir() => continue, // "./": the root itself.
-                Ok(None) => return Err(refuse(&raw, "names the root but is not a directory".into())),
+                Ok(None) => {
+                    return Err(refuse(&raw, "names the root but is not a directory".into()))
+                }
                 Err(reason) => return Err(refuse(&raw, reason)),
             };
             // Every ancestor must be (or become) a directory.
@@ -181,7 +191,10 @@ impl Store {
             }
             if let Some(existing) = nodes.get(&path) {
                 if !(et.is_dir() && matches!(existing, Node::Dir)) {
-                    return Err(refuse(&raw, format!("appears twice (first as a {})", existing.what())));
+                    return Err(refuse(
+                        &raw,
+                        format!("appears twice (first as a {})", existing.what()),
+                    ));
                 }
                 continue;
             }
@@ -206,7 +219,10 @@ impl Store {
                         .map(|t| t.into_owned())
                         .unwrap_or_default();
                     let target = Target::new(target).map_err(|e| match e {
-                        Error::BadName { reason, .. } => refuse(&raw, format!("is a symlink whose target is invalid: {reason}")),
+                        Error::BadName { reason, .. } => refuse(
+                            &raw,
+                            format!("is a symlink whose target is invalid: {reason}"),
+                        ),
                         other => other,
                     })?;
                     Node::Symlink(target)
@@ -218,15 +234,13 @@ impl Store {
                         .unwrap_or_default();
                     let target_path = match entry_path(&target) {
                         Ok(Some(p)) => p,
-                        _ => {
-                            return Err(refuse(
-                                &raw,
-                                format!(
-                                    "is a hard link to `{}`, which is not a path inside the archive",
-                                    String::from_utf8_lossy(&target)
-                                ),
-                            ))
-                        }
+                        _ => return Err(refuse(
+                            &raw,
+                            format!(
+                                "is a hard link to `{}`, which is not a path inside the archive",
+                                String::from_utf8_lossy(&target)
+                            ),
+                        )),
                     };
                     match nodes.get(&target_path) {
                         Some(Node::File(f)) => Node::File(f.clone()),
@@ -242,12 +256,18 @@ impl Store {
                 tar::EntryType::Block => return Err(refuse(&raw, "is a block device".into())),
                 tar::EntryType::Fifo => return Err(refuse(&raw, "is a FIFO".into())),
                 tar::EntryType::GNUSparse => {
-                    return Err(refuse(&raw, "is a sparse file, which is not supported".into()))
+                    return Err(refuse(
+                        &raw,
+                        "is a sparse file, which is not supported".into(),
+                    ))
                 }
                 other => {
                     return Err(refuse(
                         &raw,
-                        format!("has the unsupported entry type `{}`", other.as_byte() as char),
+                        format!(
+                            "has the unsupported entry type `{}`",
+                            other.as_byte() as char
+                        ),
                     ))
                 }
             };
@@ -261,7 +281,9 @@ impl Store {
                     if escapes(&nodes, path, t) {
                         return Err(refuse(
                             &path.to_bytes(),
-                            format!("is a symlink to `{t}`, which leads outside the archive's root"),
+                            format!(
+                                "is a symlink to `{t}`, which leads outside the archive's root"
+                            ),
                         ));
                     }
                 }
@@ -273,7 +295,12 @@ impl Store {
             match &nodes[path] {
                 Node::Dir => builder.add_dir(path),
                 Node::File(e) => builder.add(path, e.clone())?,
-                Node::Symlink(target) => builder.add(path, Entry::Symlink { target: target.clone() })?,
+                Node::Symlink(target) => builder.add(
+                    path,
+                    Entry::Symlink {
+                        target: target.clone(),
+                    },
+                )?,
             }
         }
         // Accepted: publish the blobs, make them durable, then record.
@@ -297,9 +324,14 @@ impl Store {
         };
         self.stage_layer(&mut batch, &layer, stats, Some(&lineage))?;
         if let Some(name) = &opts.ref_name {
-            batch.put(Family::Refs, name.as_bytes().to_vec(), layer.as_bytes().to_vec());
+            batch.put(
+                Family::Refs,
+                name.as_bytes().to_vec(),
+                layer.as_bytes().to_vec(),
+            );
         }
         self.meta.write(batch)?;
+        self.meta.sync()?;
         Ok(ImportReport {
             layer,
             stats,
@@ -369,7 +401,10 @@ fn entry_path(raw: &[u8]) -> std::result::Result<Option<RelPath>, String> {
 /// following the archive's own symlinks on the way (as a kernel would inside
 /// a chroot, except that `..` at the root is an escape, not the root).
 fn escapes(nodes: &HashMap<RelPath, Node>, link: &RelPath, target: &Target) -> bool {
-    let mut cur: Vec<Name> = link.parent().map(|p| p.components().to_vec()).unwrap_or_default();
+    let mut cur: Vec<Name> = link
+        .parent()
+        .map(|p| p.components().to_vec())
+        .unwrap_or_default();
     let mut todo: VecDeque<Vec<u8>> = VecDeque::new();
     let push_front = |todo: &mut VecDeque<Vec<u8>>, t: &[u8]| {
         for part in t.split(|b| *b == b'/').rev() {
@@ -390,7 +425,9 @@ fn escapes(nodes: &HashMap<RelPath, Node>, link: &RelPath, target: &Target) -> b
                 }
             }
             name => {
-                let Ok(name) = Name::new(name) else { return true };
+                let Ok(name) = Name::new(name) else {
+                    return true;
+                };
                 cur.push(name);
                 if let Some(Node::Symlink(t)) = nodes.get(&RelPath::from_names(cur.clone())) {
                     hops += 1;

@@ -57,7 +57,13 @@ impl Store {
         Ok(out)
     }
 
-    fn diff_trees(&self, at: &RelPath, a: &Digest, b: &Digest, out: &mut Vec<Change>) -> Result<()> {
+    fn diff_trees(
+        &self,
+        at: &RelPath,
+        a: &Digest,
+        b: &Digest,
+        out: &mut Vec<Change>,
+    ) -> Result<()> {
         if a == b {
             return Ok(());
         }
@@ -75,7 +81,12 @@ impl Store {
                     } else {
                         ChangeKind::TypeChanged
                     };
-                    out.push(Change { path, kind, old: Some(x.clone()), new: Some(y.clone()) });
+                    out.push(Change {
+                        path,
+                        kind,
+                        old: Some(x.clone()),
+                        new: Some(y.clone()),
+                    });
                 }
                 (Some(x), None) => out.push(Change {
                     path,
@@ -107,8 +118,10 @@ impl Store {
 
     /// Applies a diff (from [`Store::diff`]) to `base`.
     pub fn apply(&self, base: &Digest, changes: &[Change]) -> Result<Digest> {
-        let edits: Vec<(RelPath, Option<Entry>)> =
-            changes.iter().map(|c| (c.path.clone(), c.new.clone())).collect();
+        let edits: Vec<(RelPath, Option<Entry>)> = changes
+            .iter()
+            .map(|c| (c.path.clone(), c.new.clone()))
+            .collect();
         self.edit(base, &edits)
     }
 
@@ -177,12 +190,26 @@ impl Store {
     ) -> Result<MergeOutcome> {
         let mut conflicts = Vec::new();
         let mut batch = Batch::new();
-        let root = self.merge_trees(&RelPath::root(), Some(base), ours, theirs, policy, &mut conflicts, &mut batch)?;
+        let root = self.merge_trees(
+            &RelPath::root(),
+            Some(base),
+            ours,
+            theirs,
+            policy,
+            &mut conflicts,
+            &mut batch,
+        )?;
         if !conflicts.is_empty() && policy == MergePolicy::Fail {
-            return Ok(MergeOutcome { merged: None, conflicts });
+            return Ok(MergeOutcome {
+                merged: None,
+                conflicts,
+            });
         }
         self.meta.write(batch)?;
-        Ok(MergeOutcome { merged: Some(root), conflicts })
+        Ok(MergeOutcome {
+            merged: Some(root),
+            conflicts,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -225,11 +252,21 @@ impl Store {
                 t.cloned()
             } else if t == b {
                 o.cloned()
-            } else if let (Some(Entry::Dir { digest: od }), Some(Entry::Dir { digest: td })) = (o, t) {
+            } else if let (Some(Entry::Dir { digest: od }), Some(Entry::Dir { digest: td })) =
+                (o, t)
+            {
                 let bd = b.and_then(Entry::dir_digest);
                 let path = at.join(name.clone());
                 Some(Entry::Dir {
-                    digest: self.merge_trees(&path, bd.as_ref(), od, td, policy, conflicts, batch)?,
+                    digest: self.merge_trees(
+                        &path,
+                        bd.as_ref(),
+                        od,
+                        td,
+                        policy,
+                        conflicts,
+                        batch,
+                    )?,
                 })
             } else {
                 conflicts.push(at.join(name.clone()));

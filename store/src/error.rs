@@ -48,7 +48,9 @@ pub enum Error {
         candidates: Vec<Digest>,
     },
 
-    #[error("Task `{label}` has no successful output in this store yet; `ci build {label}` makes one")]
+    #[error(
+        "Task `{label}` has no successful output in this store yet; `ci build {label}` makes one"
+    )]
     UnknownLabel { label: String },
 
     #[error("No path `{path}` in layer `{layer}`")]
@@ -114,7 +116,10 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io {
             action,

@@ -189,6 +189,8 @@ impl Store {
         })?;
         if !opts.dry_run {
             self.meta.write(batch)?;
+            // The deletions must be durable before any blob file goes.
+            self.meta.sync()?;
         }
 
         // Sweep blobs, only after no record names them.
@@ -204,12 +206,21 @@ impl Store {
         })?;
         for (d, size) in dead {
             report.blobs_freed += 1;
-            report.bytes_freed += if opts.dry_run { size } else { self.blobs.delete(&d)? };
+            report.bytes_freed += if opts.dry_run {
+                size
+            } else {
+                self.blobs.delete(&d)?
+            };
         }
         Ok(report)
     }
 
-    fn mark(&self, tree: &Digest, trees: &mut HashSet<Digest>, blobs: &mut HashSet<Digest>) -> Result<()> {
+    fn mark(
+        &self,
+        tree: &Digest,
+        trees: &mut HashSet<Digest>,
+        blobs: &mut HashSet<Digest>,
+    ) -> Result<()> {
         let mut stack = vec![*tree];
         while let Some(d) = stack.pop() {
             if !trees.insert(d) {
@@ -267,7 +278,10 @@ impl Store {
             let tree = match Tree::decode(v) {
                 Ok(t) => t,
                 Err(e) => {
-                    problems.push(Problem { what: "corrupt tree".into(), detail: format!("`{key}`: {e}") });
+                    problems.push(Problem {
+                        what: "corrupt tree".into(),
+                        detail: format!("`{key}`: {e}"),
+                    });
                     continue;
                 }
             };
@@ -286,14 +300,18 @@ impl Store {
                         }),
                         Some(s) if s != size => problems.push(Problem {
                             what: "wrong blob size".into(),
-                            detail: format!("`{digest}` is {s} bytes, tree `{key}` says {size} for `{name}`"),
+                            detail: format!(
+                                "`{digest}` is {s} bytes, tree `{key}` says {size} for `{name}`"
+                            ),
                         }),
                         Some(_) => {}
                     },
-                    Entry::Dir { digest } if !tree_keys.contains(digest) => problems.push(Problem {
-                        what: "missing tree".into(),
-                        detail: format!("`{digest}` (directory `{name}` in tree `{key}`)"),
-                    }),
+                    Entry::Dir { digest } if !tree_keys.contains(digest) => {
+                        problems.push(Problem {
+                            what: "missing tree".into(),
+                            detail: format!("`{digest}` (directory `{name}` in tree `{key}`)"),
+                        })
+                    }
                     _ => {}
                 }
             }
@@ -301,14 +319,21 @@ impl Store {
 
         let need_tree = |what: &str, d: &Digest, problems: &mut Vec<Problem>| {
             if !tree_keys.contains(d) {
-                problems.push(Problem { what: "missing tree".into(), detail: format!("`{d}` ({what})") });
+                problems.push(Problem {
+                    what: "missing tree".into(),
+                    detail: format!("`{d}` ({what})"),
+                });
             }
         };
         for (d, _) in self.layers()? {
             need_tree("a recorded layer", &d, &mut problems);
             if let Some(l) = self.lineage(&d)? {
                 if let Some(p) = l.parent {
-                    need_tree(&format!("the parent of layer `{}`", d.short()), &p, &mut problems);
+                    need_tree(
+                        &format!("the parent of layer `{}`", d.short()),
+                        &p,
+                        &mut problems,
+                    );
                 }
             }
         }
@@ -320,12 +345,18 @@ impl Store {
         }
         let mut actions = Vec::new();
         self.meta.scan(Family::Actions, &[], &mut |k, v| {
-            actions.push((hex::encode(k), serde_json::from_slice::<crate::ActionEntry>(v).ok()));
+            actions.push((
+                hex::encode(k),
+                serde_json::from_slice::<crate::ActionEntry>(v).ok(),
+            ));
             Ok(Flow::Continue)
         })?;
         for (key, a) in actions {
             let Some(a) = a else {
-                problems.push(Problem { what: "corrupt record".into(), detail: format!("action `{key}`") });
+                problems.push(Problem {
+                    what: "corrupt record".into(),
+                    detail: format!("action `{key}`"),
+                });
                 continue;
             };
             for l in &a.layers {
@@ -333,13 +364,19 @@ impl Store {
             }
             for b in &a.blobs {
                 if !blob_sizes.contains_key(b) {
-                    problems.push(Problem { what: "missing blob".into(), detail: format!("`{b}` (action `{}`)", &key[..12]) });
+                    problems.push(Problem {
+                        what: "missing blob".into(),
+                        detail: format!("`{b}` (action `{}`)", &key[..12]),
+                    });
                 }
             }
         }
         for id in self.run_ids()? {
             let Some(run) = self.run(&id).ok().flatten() else {
-                problems.push(Problem { what: "corrupt record".into(), detail: format!("run `{id}`") });
+                problems.push(Problem {
+                    what: "corrupt record".into(),
+                    detail: format!("run `{id}`"),
+                });
                 continue;
             };
             for l in &run.layers {
@@ -347,7 +384,10 @@ impl Store {
             }
             for b in &run.blobs {
                 if !blob_sizes.contains_key(b) {
-                    problems.push(Problem { what: "missing blob".into(), detail: format!("`{b}` (run `{id}`)") });
+                    problems.push(Problem {
+                        what: "missing blob".into(),
+                        detail: format!("`{b}` (run `{id}`)"),
+                    });
                 }
             }
         }
@@ -366,7 +406,10 @@ impl Store {
     }
 
     fn check_blob(&self, d: &Digest) -> std::result::Result<(), Problem> {
-        let problem = |detail: String| Problem { what: "corrupt blob".into(), detail };
+        let problem = |detail: String| Problem {
+            what: "corrupt blob".into(),
+            detail,
+        };
         let blob = match self.blobs.open(d) {
             Ok(Some(b)) => b,
             Ok(None) => return Err(problem(format!("`{d}` vanished while verifying"))),
@@ -384,7 +427,9 @@ impl Store {
         }
         let (got, _) = hasher.finish();
         if &got != d {
-            return Err(problem(format!("`{d}` holds content whose digest is `{got}`")));
+            return Err(problem(format!(
+                "`{d}` holds content whose digest is `{got}`"
+            )));
         }
         Ok(())
     }

@@ -18,7 +18,9 @@ use rayon::prelude::*;
 
 use crate::builder::TreeBuilder;
 use crate::records::check_ref_name;
-use crate::{Batch, Digest, Entry, Error, Family, LayerStats, Lineage, RelPath, Result, Store, Target};
+use crate::{
+    Batch, Digest, Entry, Error, Family, LayerStats, Lineage, RelPath, Result, Store, Target,
+};
 
 /// Files up to this size are read whole; larger ones are streamed.
 const SMALL_FILE: u64 = 1 << 20;
@@ -84,7 +86,9 @@ impl Store {
         let root = std::fs::canonicalize(dir).map_err(Error::io("open", dir))?;
         let root_meta = std::fs::metadata(&root).map_err(Error::io("stat", &root))?;
         if !root_meta.is_dir() {
-            return Err(Error::NotADirectory { path: dir.to_owned() });
+            return Err(Error::NotADirectory {
+                path: dir.to_owned(),
+            });
         }
         let scan_start_ns = now_ns();
         let items = walk(&root, opts)?;
@@ -95,7 +99,9 @@ impl Store {
             let rel = item
                 .path
                 .strip_prefix(&root)
-                .map_err(|_| Error::NotADirectory { path: item.path.clone() })?;
+                .map_err(|_| Error::NotADirectory {
+                    path: item.path.clone(),
+                })?;
             let rel = RelPath::from_path(rel)?;
             let ft = item.meta.file_type();
             if ft.is_dir() {
@@ -143,7 +149,11 @@ impl Store {
                 report.new_blob_bytes += h.size;
             }
             if let Some(v) = h.cache_value {
-                batch.put(Family::StatCache, item.path.as_os_str().as_bytes().to_vec(), v);
+                batch.put(
+                    Family::StatCache,
+                    item.path.as_os_str().as_bytes().to_vec(),
+                    v,
+                );
             }
             let executable = item.meta.mode() & 0o100 != 0;
             builder.add(
@@ -168,9 +178,14 @@ impl Store {
         });
         self.stage_layer(&mut batch, &layer, report.stats, Some(&lineage))?;
         if let Some(name) = &opts.ref_name {
-            batch.put(Family::Refs, name.as_bytes().to_vec(), layer.as_bytes().to_vec());
+            batch.put(
+                Family::Refs,
+                name.as_bytes().to_vec(),
+                layer.as_bytes().to_vec(),
+            );
         }
         self.meta.write(batch)?;
+        self.meta.sync()?;
         report.layer = layer;
         Ok(report)
     }
@@ -199,12 +214,14 @@ impl Store {
             .map_err(Error::io("open", path))?;
         let (digest, size, new_blob) = if stat.size <= SMALL_FILE {
             let mut buf = Vec::with_capacity(stat.size as usize);
-            file.read_to_end(&mut buf).map_err(Error::io("read", path))?;
+            file.read_to_end(&mut buf)
+                .map_err(Error::io("read", path))?;
             let digest = Digest::of(&buf);
             let new_blob = !self.blobs.contains(&digest)?;
             if new_blob {
                 let mut w = self.blobs.writer()?;
-                w.write_all(&buf).map_err(Error::io("write the blob of", path))?;
+                w.write_all(&buf)
+                    .map_err(Error::io("write the blob of", path))?;
                 w.finish()?.publish()?;
             }
             (digest, buf.len() as u64, new_blob)
@@ -317,7 +334,9 @@ impl StatKey {
         // A file changed within the margin before the entry was written could
         // have changed again without moving its timestamps: not trusted.
         let settled = self.mtime_ns.max(self.ctime_ns) < cached_at - RACY_MARGIN_NS;
-        (same && settled).then(|| Digest::from_slice(&v[48..80])).flatten()
+        (same && settled)
+            .then(|| Digest::from_slice(&v[48..80]))
+            .flatten()
     }
 }
 
@@ -338,10 +357,11 @@ fn walk(root: &Path, opts: &IngestOptions) -> Result<Vec<Item>> {
     if !opts.exclude.is_empty() {
         let mut ob = ignore::overrides::OverrideBuilder::new(root);
         for p in &opts.exclude {
-            ob.add(&format!("!{p}")).map_err(|source| Error::BadPattern {
-                pattern: p.clone(),
-                source,
-            })?;
+            ob.add(&format!("!{p}"))
+                .map_err(|source| Error::BadPattern {
+                    pattern: p.clone(),
+                    source,
+                })?;
         }
         let ov = ob.build().map_err(|source| Error::BadPattern {
             pattern: opts.exclude.join(", "),
@@ -369,13 +389,10 @@ fn walk(root: &Path, opts: &IngestOptions) -> Result<Vec<Item>> {
                 Ok(m) => m,
                 Err(e) => return fail(Error::io("stat", entry.path())(e)),
             };
-            items
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(Item {
-                    path: entry.into_path(),
-                    meta,
-                });
+            items.lock().unwrap_or_else(|p| p.into_inner()).push(Item {
+                path: entry.into_path(),
+                meta,
+            });
             ignore::WalkState::Continue
         })
     });

@@ -7,7 +7,9 @@
 //! never leave `meta/rocks.rs`. The on-disk format is specified in
 //! `docs/FORMAT.md`.
 
+mod archive;
 pub mod blob;
+mod builder;
 mod checkout;
 mod diff;
 mod digest;
@@ -19,8 +21,6 @@ mod open;
 mod path;
 mod records;
 mod tree;
-mod archive;
-mod builder;
 
 pub use archive::{ExportReport, ImportOptions, ImportReport};
 pub use blob::{Blob, BlobStore};
@@ -33,7 +33,9 @@ pub use ingest::{IngestOptions, IngestReport};
 pub use meta::{Batch, Family, Flow, MetaStore};
 pub use open::{OpenMode, StoreUrl};
 pub use path::RelPath;
-pub use records::{ActionEntry, LabelEntry, LayerRecord, LayerStats, Lease, LeaseGuard, Lineage, RunEntry};
+pub use records::{
+    ActionEntry, LabelEntry, LayerRecord, LayerStats, Lease, LeaseGuard, Lineage, RunEntry,
+};
 pub use tree::{Entry, Kind, Name, Target, Tree, NAME_MAX, TARGET_MAX, TREE_MAGIC};
 
 use std::path::PathBuf;
@@ -120,6 +122,13 @@ impl Store {
     pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
         let blob = self.blob(digest)?;
         blob::read_all(&*blob).map_err(Error::io("read blob", digest.to_hex()))
+    }
+
+    /// Makes every record written so far durable (one fsync of the index's
+    /// log). Operations that a user waits on end with it; records written
+    /// without it are still ordered and never refer to a missing blob.
+    pub fn sync(&self) -> Result<()> {
+        self.meta.sync()
     }
 
     /// Stores bytes as a blob, durably, and returns the digest.

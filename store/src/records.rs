@@ -207,7 +207,11 @@ impl Store {
         self.stats_memo(root, &mut memo)
     }
 
-    fn stats_memo(&self, d: &Digest, memo: &mut BTreeMap<Digest, LayerStats>) -> Result<LayerStats> {
+    fn stats_memo(
+        &self,
+        d: &Digest,
+        memo: &mut BTreeMap<Digest, LayerStats>,
+    ) -> Result<LayerStats> {
         if let Some(s) = memo.get(d) {
             return Ok(*s);
         }
@@ -241,11 +245,16 @@ impl Store {
             return Err(Error::MissingTree(*layer));
         }
         let mut b = Batch::new();
-        b.put(Family::Refs, name.as_bytes().to_vec(), layer.as_bytes().to_vec());
+        b.put(
+            Family::Refs,
+            name.as_bytes().to_vec(),
+            layer.as_bytes().to_vec(),
+        );
         if self.layer(layer)?.is_none() {
             self.stage_layer(&mut b, layer, self.stats(layer)?, None)?;
         }
-        self.meta.write(b)
+        self.meta.write(b)?;
+        self.meta.sync()
     }
 
     /// The layer a ref points at.
@@ -258,10 +267,13 @@ impl Store {
 
     /// Removes a ref; [`Error::NoSuchRef`] when there is none.
     pub fn delete_ref(&self, name: &str) -> Result<Digest> {
-        let d = self.get_ref(name)?.ok_or_else(|| Error::NoSuchRef(name.to_owned()))?;
+        let d = self
+            .get_ref(name)?
+            .ok_or_else(|| Error::NoSuchRef(name.to_owned()))?;
         let mut b = Batch::new();
         b.delete(Family::Refs, name.as_bytes().to_vec());
         self.meta.write(b)?;
+        self.meta.sync()?;
         Ok(d)
     }
 
@@ -285,7 +297,9 @@ impl Store {
         if spec.starts_with("//") {
             return match self.label(spec)? {
                 Some(e) => Ok(e.layer),
-                None => Err(Error::UnknownLabel { label: spec.to_owned() }),
+                None => Err(Error::UnknownLabel {
+                    label: spec.to_owned(),
+                }),
             };
         }
         if let Some(d) = self.get_ref(spec)? {
@@ -315,7 +329,11 @@ impl Store {
                         found.push(d);
                     }
                 }
-                Ok(if found.len() > 16 { Flow::Stop } else { Flow::Continue })
+                Ok(if found.len() > 16 {
+                    Flow::Stop
+                } else {
+                    Flow::Continue
+                })
             })?;
             match found.len() {
                 0 => continue,
@@ -354,7 +372,10 @@ impl Store {
     pub fn labels(&self) -> Result<Vec<(String, LabelEntry)>> {
         let mut out = Vec::new();
         self.meta.scan(Family::Labels, &[], &mut |k, v| {
-            out.push((String::from_utf8_lossy(k).into_owned(), decode("label", k, v)?));
+            out.push((
+                String::from_utf8_lossy(k).into_owned(),
+                decode("label", k, v)?,
+            ));
             Ok(Flow::Continue)
         })?;
         Ok(out)
@@ -386,11 +407,13 @@ impl Store {
 
     // ---- runs ----
 
-    /// Records a run under `id`. Ids sort in the order runs started.
+    /// Records a run under `id`, durably (with every record written before
+    /// it). Ids sort in the order runs started.
     pub fn put_run(&self, id: &str, entry: &RunEntry) -> Result<()> {
         let mut b = Batch::new();
         b.put(Family::Runs, id.as_bytes().to_vec(), encode(entry));
-        self.meta.write(b)
+        self.meta.write(b)?;
+        self.meta.sync()
     }
 
     pub fn run(&self, id: &str) -> Result<Option<RunEntry>> {
@@ -418,7 +441,11 @@ impl Store {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let pid = std::process::id();
-        let key = format!("{pid}-{}-{}", now_secs(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let key = format!(
+            "{pid}-{}-{}",
+            now_secs(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let lease = Lease {
             pid,
             layers: layers.to_vec(),

@@ -203,7 +203,10 @@ impl BlobStore for FsBlobStore {
                 let Ok(digest) = format!("{prefix}{rest}").parse::<Digest>() else {
                     continue;
                 };
-                let len = entry.metadata().map_err(Error::io("stat", entry.path()))?.len();
+                let len = entry
+                    .metadata()
+                    .map_err(Error::io("stat", entry.path()))?
+                    .len();
                 names.push((digest, len));
             }
             names.sort();

@@ -98,8 +98,14 @@ pub enum Flow {
 pub trait MetaStore: Send + Sync {
     /// The value under `key`, or `None`.
     fn get(&self, family: Family, key: &[u8]) -> Result<Option<Vec<u8>>>;
-    /// Applies every write of `batch` atomically and durably.
+    /// Applies every write of `batch` atomically. Writes become durable in
+    /// order: after [`MetaStore::sync`] every earlier write is durable, and a
+    /// crash never keeps a write while losing an earlier one.
     fn write(&self, batch: Batch) -> Result<()>;
+    /// Makes every write so far durable.
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
     /// Calls `f` for each entry whose key starts with `prefix`, in key order.
     fn scan(
         &self,
