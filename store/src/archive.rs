@@ -234,13 +234,15 @@ impl Store {
                         .unwrap_or_default();
                     let target_path = match entry_path(&target) {
                         Ok(Some(p)) => p,
-                        _ => return Err(refuse(
-                            &raw,
-                            format!(
+                        _ => {
+                            return Err(refuse(
+                                &raw,
+                                format!(
                                 "is a hard link to `{}`, which is not a path inside the archive",
                                 String::from_utf8_lossy(&target)
                             ),
-                        )),
+                            ))
+                        }
                     };
                     match nodes.get(&target_path) {
                         Some(Node::File(f)) => Node::File(f.clone()),

@@ -108,7 +108,7 @@ impl DigestPrefix {
         if lower.len() < MIN_PREFIX_LEN || lower.len() > DIGEST_LEN * 2 {
             return Err(Error::BadDigest {
                 input: s.to_owned(),
-                reason: "expected 8 to 64 hexadecimal characters",
+                reason: "a digest prefix needs 8 to 64 hexadecimal characters",
             });
         }
         if !lower.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -307,10 +307,11 @@ impl Store {
         }
         let prefix = match DigestPrefix::parse(spec) {
             Ok(p) => p,
-            Err(_) => {
-                return Err(Error::UnknownLayer {
-                    input: spec.to_owned(),
-                })
+            Err(e) => {
+                let short_hex = !spec.is_empty()
+                    && spec.len() < crate::MIN_PREFIX_LEN
+                    && spec.bytes().all(|b| b.is_ascii_hexdigit());
+                return Err(if short_hex { e } else { Error::UnknownLayer { input: spec.to_owned() } });
             }
         };
         if let Some(full) = prefix.as_full() {
