@@ -134,6 +134,8 @@ impl Store {
         if let Some(name) = &opts.ref_name {
             check_ref_name(name)?;
         }
+        self.check_writable()?;
+        let _hold = self.hold();
         let refuse = |entry: &[u8], reason: String| Error::BadArchive {
             archive: archive.to_owned(),
             entry: String::from_utf8_lossy(entry).into_owned(),
@@ -277,9 +279,23 @@ impl Store {
             order.push(path);
         }
 
+        // Read to the end: that checks the zstd checksum, and refuses data after
+        // the end of the tar (zero padding is normal; anything else is not).
+        let mut rest = ar.into_inner();
+        let mut buf = [0u8; 8192];
+        loop {
+            let n = rest.read(&mut buf).map_err(ioerr)?;
+            if n == 0 {
+                break;
+            }
+            if buf[..n].iter().any(|b| *b != 0) {
+                return Err(refuse(b"(end of archive)", "is followed by data that is not part of the tar stream".into()));
+            }
+        }
+
         if !opts.allow_escaping_symlinks {
-            for (path, node) in &nodes {
-                if let Node::Symlink(t) = node {
+            for path in &order {
+                if let Some(Node::Symlink(t)) = nodes.get(path) {
                     if escapes(&nodes, path, t) {
                         return Err(refuse(
                             &path.to_bytes(),

@@ -110,6 +110,7 @@ impl Store {
     /// removed for `None`. Missing parent directories are created. Returns
     /// the new root, with every new tree stored.
     pub fn edit(&self, base: &Digest, edits: &[(RelPath, Option<Entry>)]) -> Result<Digest> {
+        let _hold = self.hold();
         let mut batch = Batch::new();
         let root = self.edit_tree(Some(base), edits, &mut batch)?;
         self.meta.write(batch)?;
@@ -188,6 +189,7 @@ impl Store {
         theirs: &Digest,
         policy: MergePolicy,
     ) -> Result<MergeOutcome> {
+        let _hold = self.hold();
         let mut conflicts = Vec::new();
         let mut batch = Batch::new();
         let root = self.merge_trees(

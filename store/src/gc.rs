@@ -97,6 +97,11 @@ fn digests_of(v: &[u8]) -> Option<Digest> {
 impl Store {
     /// Removes everything not reachable from the roots; see the module doc.
     pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
+        if !opts.dry_run {
+            self.check_writable()?;
+        }
+        // No publication in this process may be half-way while we mark.
+        let _exclusive = self.publishing.write();
         let mut report = GcReport::default();
         let mut batch = Batch::new();
 

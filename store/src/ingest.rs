@@ -83,6 +83,8 @@ impl Store {
         if let Some(name) = &opts.ref_name {
             check_ref_name(name)?;
         }
+        self.check_writable()?;
+        let _hold = self.hold();
         let root = std::fs::canonicalize(dir).map_err(Error::io("open", dir))?;
         let root_meta = std::fs::metadata(&root).map_err(Error::io("stat", &root))?;
         if !root_meta.is_dir() {
@@ -138,13 +140,15 @@ impl Store {
             new_blob_bytes: 0,
         };
         let mut batch = Batch::new();
+        // Identical new files hashed in parallel each saw their blob missing.
+        let mut counted = std::collections::HashSet::new();
         for ((rel, item), h) in files.iter().zip(hashed) {
             let h = h?;
             if !h.from_cache {
                 report.hashed_files += 1;
                 report.hashed_bytes += h.size;
             }
-            if h.new_blob {
+            if h.new_blob && counted.insert(h.digest) {
                 report.new_blobs += 1;
                 report.new_blob_bytes += h.size;
             }

@@ -56,7 +56,14 @@ pub struct Store {
     root: Option<PathBuf>,
     /// The write lock, held for the life of a writing handle.
     _lock: Option<Arc<open::StoreLock>>,
+    /// Shared by clones: operations that publish blobs and then record them
+    /// hold it shared; GC holds it exclusively, so it never sweeps a blob
+    /// between its publication and the record that names it.
+    publishing: Arc<parking_lot::RwLock<()>>,
 }
+
+/// Keeps GC (in this process) from sweeping until dropped; see [`Store::hold`].
+pub struct HoldGuard<'a>(#[allow(dead_code)] parking_lot::RwLockReadGuard<'a, ()>);
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -80,7 +87,25 @@ impl Store {
             meta,
             root: None,
             _lock: None,
+            publishing: Default::default(),
         }
+    }
+
+    /// Holds off GC in this process while the caller publishes blobs or trees
+    /// and then records what names them (a chain of calls that must not be
+    /// swept half-way). Re-entrant: store operations take it too.
+    pub fn hold(&self) -> HoldGuard<'_> {
+        HoldGuard(self.publishing.read_recursive())
+    }
+
+    /// Refuses writes through a read-only handle before any work is done.
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.meta.is_read_only() {
+            return Err(Error::ReadOnly {
+                path: self.root.clone().unwrap_or_default(),
+            });
+        }
+        Ok(())
     }
 
     pub fn blobs(&self) -> &dyn BlobStore {
@@ -133,6 +158,8 @@ impl Store {
 
     /// Stores bytes as a blob, durably, and returns the digest.
     pub fn put_blob(&self, bytes: &[u8]) -> Result<Digest> {
+        self.check_writable()?;
+        let _hold = self.hold();
         let d = self.blobs.put(bytes)?;
         self.blobs.sync()?;
         Ok(d)
@@ -141,6 +168,7 @@ impl Store {
     /// Stores trees (and nothing else), skipping those already present.
     /// The blobs the trees name must already be durable.
     pub fn put_trees(&self, trees: impl IntoIterator<Item = Tree>) -> Result<()> {
+        let _hold = self.hold();
         let mut batch = Batch::new();
         for tree in trees {
             self.stage_tree(&mut batch, &tree)?;

@@ -126,6 +126,7 @@ impl Store {
             meta: Arc::new(meta),
             root: Some(root.to_owned()),
             _lock: Some(Arc::new(StoreLock { _file: file })),
+            publishing: Default::default(),
         })
     }
 
@@ -136,7 +137,7 @@ impl Store {
             });
         }
         check_format(root, false)?;
-        let blobs = FsBlobStore::open_existing(root)?;
+        let blobs = FsBlobStore::open_read_only(root);
         let meta = RocksMetaStore::open_secondary(&root.join("db"))?;
         meta_refresh(&meta)?;
         Ok(Store {
@@ -144,6 +145,7 @@ impl Store {
             meta: Arc::new(meta),
             root: Some(root.to_owned()),
             _lock: None,
+            publishing: Default::default(),
         })
     }
 }

@@ -127,8 +127,8 @@ pub(crate) fn check_ref_name(name: &str) -> Result<()> {
     {
         return bad("use only letters, digits, `.`, `_`, `/` and `-`");
     }
-    if name.contains("..") || name.contains("//") {
-        return bad("`..` and `//` are not allowed");
+    if name.contains("..") || name.contains("//") || name.split('/').any(|c| c == ".") {
+        return bad("`..`, `//` and `.` components are not allowed");
     }
     if name.starts_with('-') || name.starts_with('/') || name.ends_with('/') {
         return bad("a ref name may not start with `-` or `/` or end with `/`");
@@ -311,7 +311,13 @@ impl Store {
                 let short_hex = !spec.is_empty()
                     && spec.len() < crate::MIN_PREFIX_LEN
                     && spec.bytes().all(|b| b.is_ascii_hexdigit());
-                return Err(if short_hex { e } else { Error::UnknownLayer { input: spec.to_owned() } });
+                return Err(if short_hex {
+                    e
+                } else {
+                    Error::UnknownLayer {
+                        input: spec.to_owned(),
+                    }
+                });
             }
         };
         if let Some(full) = prefix.as_full() {

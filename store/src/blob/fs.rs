@@ -13,6 +13,8 @@ use crate::{Digest, Error, Result};
 pub struct FsBlobStore {
     blobs: PathBuf,
     tmp: PathBuf,
+    /// A reader's handle: it holds no lock, so it must not write or delete.
+    read_only: bool,
 }
 
 impl FsBlobStore {
@@ -24,15 +26,29 @@ impl FsBlobStore {
         for dir in [&blobs, &tmp] {
             fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
         }
-        Ok(FsBlobStore { blobs, tmp })
+        Ok(FsBlobStore {
+            blobs,
+            tmp,
+            read_only: false,
+        })
     }
 
-    /// Uses an existing store's `blobs/` and `tmp/` without creating anything.
-    pub fn open_existing(root: &Path) -> Result<FsBlobStore> {
-        Ok(FsBlobStore {
+    /// Reads an existing store's `blobs/`; refuses every write.
+    pub fn open_read_only(root: &Path) -> FsBlobStore {
+        FsBlobStore {
             blobs: root.join("blobs"),
             tmp: root.join("tmp"),
-        })
+            read_only: true,
+        }
+    }
+
+    fn refuse_if_read_only(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                path: self.blobs.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Removes everything left in `tmp/` by an interrupted operation; returns
@@ -147,6 +163,7 @@ impl StagedBlob for FsStaged {
 
 impl BlobStore for FsBlobStore {
     fn writer(&self) -> Result<Box<dyn BlobWriter>> {
+        self.refuse_if_read_only()?;
         let file = tempfile::Builder::new()
             .prefix("blob-")
             .tempfile_in(&self.tmp)
@@ -218,6 +235,7 @@ impl BlobStore for FsBlobStore {
     }
 
     fn delete(&self, digest: &Digest) -> Result<u64> {
+        self.refuse_if_read_only()?;
         let path = self.path_of(digest);
         let len = match fs::symlink_metadata(&path) {
             Ok(m) => m.len(),
