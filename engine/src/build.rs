@@ -180,7 +180,12 @@ impl Engine {
         for label in &order {
             let task = &inner.ws.tasks[label];
             let mut n: Vec<Label> = task.inputs().into_iter().cloned().collect();
-            n.extend(graph.stage_gates(label, Some(&closure)).into_iter().cloned());
+            n.extend(
+                graph
+                    .stage_gates(label, Some(&closure))
+                    .into_iter()
+                    .cloned(),
+            );
             n.sort();
             n.dedup();
             for x in &n {
@@ -190,7 +195,8 @@ impl Engine {
         }
         let mut unmet: BTreeMap<Label, usize> =
             needs.iter().map(|(l, n)| ((*l).clone(), n.len())).collect();
-        let position: BTreeMap<&Label, usize> = order.iter().enumerate().map(|(i, l)| (l, i)).collect();
+        let position: BTreeMap<&Label, usize> =
+            order.iter().enumerate().map(|(i, l)| (l, i)).collect();
         // Ready tasks, launched in topological order.
         let mut ready: BTreeSet<(usize, Label)> = order
             .iter()
@@ -198,8 +204,10 @@ impl Engine {
             .map(|l| (position[l], l.clone()))
             .collect();
         let mut done: BTreeMap<Label, Done> = BTreeMap::new();
-        let mut state: BTreeMap<Label, TaskState> =
-            order.iter().map(|l| (l.clone(), TaskState::Pending)).collect();
+        let mut state: BTreeMap<Label, TaskState> = order
+            .iter()
+            .map(|l| (l.clone(), TaskState::Pending))
+            .collect();
         let mut running: JoinSet<(Label, TaskRecord)> = JoinSet::new();
         let mut stopping = false;
 
@@ -224,9 +232,18 @@ impl Engine {
                     rec.reused = true;
                     rec.duration_ms = 0;
                     if let Some(output) = rec.output {
-                        done.insert(label.clone(), Done { output, context: rec.context.clone() });
+                        done.insert(
+                            label.clone(),
+                            Done {
+                                output,
+                                context: rec.context.clone(),
+                            },
+                        );
                     }
-                    self.settle_state(&label, rec, &mut run, &mut state, &users, &mut unmet, &mut ready, &position);
+                    self.settle_state(
+                        &label, rec, &mut run, &mut state, &users, &mut unmet, &mut ready,
+                        &position,
+                    );
                     continue;
                 }
                 if running.len() >= jobs {
@@ -247,7 +264,9 @@ impl Engine {
                 let opts = opts.clone();
                 let run_id = run.id.clone();
                 running.spawn(async move {
-                    let rec = me.run_task(&task, inputs, &scratch, &opts, &run_id, cancel).await;
+                    let rec = me
+                        .run_task(&task, inputs, &scratch, &opts, &run_id, cancel)
+                        .await;
                     (label, rec)
                 });
             }
@@ -266,13 +285,21 @@ impl Engine {
             let (label, rec) = joined.map_err(|e| BuildError::Join(e.to_string()))?;
             if rec.state == TaskState::Succeeded {
                 if let Some(output) = rec.output {
-                    done.insert(label.clone(), Done { output, context: rec.context.clone() });
+                    done.insert(
+                        label.clone(),
+                        Done {
+                            output,
+                            context: rec.context.clone(),
+                        },
+                    );
                 }
             } else if !opts.keep_going && !stopping {
                 stopping = true;
                 run_cancel.cancel();
             }
-            self.settle_state(&label, rec, &mut run, &mut state, &users, &mut unmet, &mut ready, &position);
+            self.settle_state(
+                &label, rec, &mut run, &mut state, &users, &mut unmet, &mut ready, &position,
+            );
         }
         // Whatever never became ready waited on something that did not succeed.
         for label in &order {
@@ -280,7 +307,10 @@ impl Engine {
                 let rec = if stopping {
                     not_run(TaskState::Cancelled, "not started: the build stopped")
                 } else {
-                    not_run(TaskState::Skipped, "skipped: a task it needs did not succeed")
+                    not_run(
+                        TaskState::Skipped,
+                        "skipped: a task it needs did not succeed",
+                    )
                 };
                 self.finish_event(label, &rec);
                 run.tasks.insert(label.to_string(), rec);
@@ -341,7 +371,10 @@ impl Engine {
                         }
                     }
                 } else {
-                    let rec = not_run(TaskState::Skipped, "skipped: a task it needs did not succeed");
+                    let rec = not_run(
+                        TaskState::Skipped,
+                        "skipped: a task it needs did not succeed",
+                    );
                     state.insert(u.clone(), TaskState::Skipped);
                     self.finish_event(u, &rec);
                     run.tasks.insert(u.to_string(), rec);
@@ -415,7 +448,7 @@ impl Engine {
         let wanted = opts
             .executor
             .or(r.executor)
-            .or(if r.image.is_some() {
+            .or(if r.image.is_some() || !r.services.is_empty() {
                 Some(model::Executor::Docker)
             } else {
                 None

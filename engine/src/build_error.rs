@@ -19,6 +19,21 @@ pub enum BuildError {
     #[error("Task image `{image}` needs Docker, which is not reachable here; start it (`dockerd &` or `systemctl start docker`) or choose `--executor docker` on a machine that has it")]
     ImageNeedsDocker { image: String },
 
+    #[error("Image `{image}` is not on this machine and could not be pulled from `{registry}` (no registry is reachable, or it lacks the image); build or import it here: `docker build -t {image} DIR`, `docker load -i FILE.tar` or `docker import ROOTFS.tar {image}`")]
+    ImageUnavailable {
+        image: String,
+        registry: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+
+    #[error("Docker could not {action}")]
+    Docker {
+        action: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+
     #[error("The `{executor}` executor is not available: {reason}")]
     ExecutorUnavailable { executor: String, reason: String },
 
@@ -26,7 +41,10 @@ pub enum BuildError {
     UnknownRun { run: String },
 
     #[error("Run id `{run}` is ambiguous; it matches {}", candidates.join(", "))]
-    AmbiguousRun { run: String, candidates: Vec<String> },
+    AmbiguousRun {
+        run: String,
+        candidates: Vec<String>,
+    },
 
     #[error("The record of run `{run}` is unreadable: {reason}")]
     Record { run: String, reason: String },
@@ -47,9 +65,16 @@ pub enum BuildError {
 }
 
 impl BuildError {
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> BuildError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> BuildError {
         let path = path.into();
-        move |source| BuildError::Io { action, path, source }
+        move |source| BuildError::Io {
+            action,
+            path,
+            source,
+        }
     }
 
     /// Whether the user can fix this by changing their input (exit status 2).
@@ -62,6 +87,7 @@ impl BuildError {
                 | BuildError::AmbiguousRun { .. }
                 | BuildError::NoHistory { .. }
                 | BuildError::ImageNeedsDocker { .. }
+                | BuildError::ImageUnavailable { .. }
         )
     }
 }

@@ -33,13 +33,19 @@ pub async fn resolve(url: &str, rev: &str) -> Result<String, BuildError> {
         .await
         .map_err(|e| git_err(url, "cannot run `git ls-remote` for", &e.to_string()))?;
     if !out.status.success() {
-        return Err(git_err(url, "cannot list refs of", &String::from_utf8_lossy(&out.stderr)));
+        return Err(git_err(
+            url,
+            "cannot list refs of",
+            &String::from_utf8_lossy(&out.stderr),
+        ));
     }
     let text = String::from_utf8_lossy(&out.stdout);
     // Prefer an exact branch or tag; a peeled tag (`^{}`) names the commit.
     let mut best: Option<(u8, String)> = None;
     for line in text.lines() {
-        let Some((id, name)) = line.split_once('\t') else { continue };
+        let Some((id, name)) = line.split_once('\t') else {
+            continue;
+        };
         let rank = if name == format!("refs/tags/{rev}^{{}}") {
             0
         } else if name == format!("refs/heads/{rev}") || name == rev {
@@ -54,7 +60,11 @@ pub async fn resolve(url: &str, rev: &str) -> Result<String, BuildError> {
         }
     }
     best.map(|(_, id)| id).ok_or_else(|| {
-        git_err(url, &format!("no branch or tag `{rev}` in"), "check the `ref` of the git_source")
+        git_err(
+            url,
+            &format!("no branch or tag `{rev}` in"),
+            "check the `ref` of the git_source",
+        )
     })
 }
 
@@ -65,13 +75,23 @@ pub async fn fetch(url: &str, commit: &str, dir: &Path) -> Result<(), BuildError
     for args in [
         vec!["init", "-q"],
         vec!["fetch", "-q", "--depth", "1", "--", url, commit],
-        vec!["-c", "advice.detachedHead=false", "checkout", "-q", "FETCH_HEAD"],
+        vec![
+            "-c",
+            "advice.detachedHead=false",
+            "checkout",
+            "-q",
+            "FETCH_HEAD",
+        ],
     ] {
         let out = git(&args, Some(dir))
             .await
             .map_err(|e| git_err(url, "cannot run git for", &e.to_string()))?;
         if !out.status.success() {
-            return Err(git_err(url, &format!("`git {}` failed for", args[0]), &String::from_utf8_lossy(&out.stderr)));
+            return Err(git_err(
+                url,
+                &format!("`git {}` failed for", args[0]),
+                &String::from_utf8_lossy(&out.stderr),
+            ));
         }
     }
     Ok(())

@@ -78,7 +78,8 @@ fn short(d: &Digest) -> String {
 }
 
 fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
-    v.as_ref().map_or_else(|| "none".to_owned(), |x| format!("`{x}`"))
+    v.as_ref()
+        .map_or_else(|| "none".to_owned(), |x| format!("`{x}`"))
 }
 
 /// Compares maps, naming each key added, removed or changed.
@@ -113,19 +114,33 @@ pub fn explain(
 ) -> Vec<String> {
     let mut out = Vec::new();
     if old.version != new.version {
-        out.push(format!("key format changed `{}`→`{}`", old.version, new.version));
+        out.push(format!(
+            "key format changed `{}`→`{}`",
+            old.version, new.version
+        ));
     }
     if old.kind != new.kind {
         out.push(format!("kind changed `{}`→`{}`", old.kind, new.kind));
     }
     if old.platform != new.platform {
-        out.push(format!("platform changed `{}`→`{}`", old.platform, new.platform));
+        out.push(format!(
+            "platform changed `{}`→`{}`",
+            old.platform, new.platform
+        ));
     }
     if old.image != new.image {
-        out.push(format!("image changed {}→{}", opt(&old.image), opt(&new.image)));
+        out.push(format!(
+            "image changed {}→{}",
+            opt(&old.image),
+            opt(&new.image)
+        ));
     }
     if old.command != new.command {
-        out.push(format!("command changed `{}`→`{}`", old.command.join(" "), new.command.join(" ")));
+        out.push(format!(
+            "command changed `{}`→`{}`",
+            old.command.join(" "),
+            new.command.join(" ")
+        ));
     }
     // Values of env and context are shown: secrets never get here.
     diff_map("env", &old.env, &new.env, |v| format!("`{v}`"), &mut out);
@@ -136,7 +151,13 @@ pub fn explain(
             new.secret_names.join(", ")
         ));
     }
-    diff_map("context", &old.context, &new.context, |v| format!("`{v}`"), &mut out);
+    diff_map(
+        "context",
+        &old.context,
+        &new.context,
+        |v| format!("`{v}`"),
+        &mut out,
+    );
     let mut inputs = Vec::new();
     diff_map("input", &old.inputs, &new.inputs, short, &mut inputs);
     for line in inputs {
@@ -154,14 +175,28 @@ pub fn explain(
         ));
     }
     if old.workdir != new.workdir {
-        out.push(format!("workdir changed {}→{}", opt(&old.workdir), opt(&new.workdir)));
+        out.push(format!(
+            "workdir changed {}→{}",
+            opt(&old.workdir),
+            opt(&new.workdir)
+        ));
     }
     if old.user != new.user {
-        out.push(format!("user changed {}→{}", opt(&old.user), opt(&new.user)));
+        out.push(format!(
+            "user changed {}→{}",
+            opt(&old.user),
+            opt(&new.user)
+        ));
     }
     if old.network != new.network {
         out.push(format!("network changed {}→{}", old.network, new.network));
     }
-    diff_map("setting", &old.extra, &new.extra, |v| format!("`{v}`"), &mut out);
+    diff_map(
+        "setting",
+        &old.extra,
+        &new.extra,
+        |v| format!("`{v}`"),
+        &mut out,
+    );
     out
 }

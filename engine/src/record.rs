@@ -107,6 +107,11 @@ impl RunRecord {
         self.count(|t| t.cached)
     }
 
+    /// Tasks whose output `ci rerun` kept from the run it re-ran.
+    pub fn kept(&self) -> usize {
+        self.count(|t| t.reused)
+    }
+
     pub fn failed(&self) -> usize {
         self.count(|t| t.state == TaskState::Failed)
     }
@@ -191,7 +196,11 @@ pub(crate) fn new_run_id() -> String {
     let secs = (ms / 1000) as i64;
     let (y, mo, d, h, mi, s) = civil(secs);
     let rand = Digest::of(format!("{ms}-{}", std::process::id()).as_bytes()).to_hex();
-    format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}.{:03}-{}", ms % 1000, &rand[..4])
+    format!(
+        "{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}.{:03}-{}",
+        ms % 1000,
+        &rand[..4]
+    )
 }
 
 /// Seconds since the epoch → UTC calendar fields (Howard Hinnant's algorithm).

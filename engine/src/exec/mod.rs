@@ -5,6 +5,7 @@
 //! or failure: a failed task is data. An `Err` means the executor itself
 //! could not work (e.g. Docker is unreachable).
 
+pub mod docker;
 pub mod host;
 
 use std::collections::{BTreeMap, VecDeque};

@@ -1,0 +1,529 @@
+//! Loading a workspace: `ci.toml` settings and `BUILD.star` packages into a [`Workspace`].
+//!
+//! The workspace root is the nearest ancestor holding `ci.toml`. A package is a directory
+//! holding `BUILD.star`; its path from the root is the package name of its labels.
+//! [`Loader::load_patterns`] evaluates only the packages that the requested patterns and
+//! their dependencies need (plus the root package, where stages are declared), so asking
+//! about one task in a large workspace stays fast. Every result passes
+//! [`Workspace::validate`] before it is returned.
+
+mod builtins;
+mod settings;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use starlark::environment::{FrozenModule, Globals, GlobalsBuilder, LibraryExtension, Module};
+use starlark::eval::{Evaluator, FileLoader};
+use starlark::syntax::{AstModule, Dialect};
+use starlark::values::ProvidesStaticType;
+use starlark::ErrorKind;
+
+use crate::error::{Invalid, LoadError, ModelError};
+use crate::label::{valid_package, valid_segment, Pattern};
+use crate::model::{Location, Stage, Task, Workspace};
+
+pub use settings::read_settings;
+
+/// The file that makes a directory the workspace root.
+pub const WORKSPACE_FILE: &str = "ci.toml";
+/// The file that makes a directory a package.
+pub const BUILD_FILE: &str = "BUILD.star";
+
+/// Directory names never searched for packages (besides names starting with `.`).
+const SKIPPED_DIRS: &[&str] = &["target", "node_modules"];
+
+/// The nearest ancestor of `start` (or `start` itself) that holds `ci.toml`.
+pub fn find_root(start: &Path) -> Result<PathBuf, LoadError> {
+    let start = if start.is_absolute() {
+        start.to_owned()
+    } else {
+        std::env::current_dir()
+            .map_err(|source| LoadError::Io {
+                path: start.to_owned(),
+                source,
+            })?
+            .join(start)
+    };
+    let mut dir = Some(start.as_path());
+    while let Some(d) = dir {
+        if d.join(WORKSPACE_FILE).is_file() {
+            return Ok(d.to_owned());
+        }
+        dir = d.parent();
+    }
+    Err(LoadError::NoWorkspace { start })
+}
+
+/// Loads the workspace rooted at one directory. Cheap to keep and reuse: the Starlark
+/// globals are built once.
+pub struct Loader {
+    root: PathBuf,
+    globals: Globals,
+}
+
+impl Loader {
+    /// A loader for the workspace whose root (the directory holding `ci.toml`) is `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Loader {
+        let globals = GlobalsBuilder::extended_by(&[
+            LibraryExtension::Map,
+            LibraryExtension::Filter,
+            LibraryExtension::Partial,
+            LibraryExtension::Json,
+            LibraryExtension::Print,
+        ])
+        .with(builtins::strata_builtins)
+        .build();
+        Loader {
+            root: root.into(),
+            globals,
+        }
+    }
+
+    /// A loader for the workspace containing `start` (see [`find_root`]).
+    pub fn discover(start: &Path) -> Result<Loader, LoadError> {
+        Ok(Loader::new(find_root(start)?))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Loads every package of the workspace.
+    pub fn load(&self) -> Result<Workspace, LoadError> {
+        self.load_patterns(&[Pattern::Recursive(String::new())])
+    }
+
+    /// Loads the packages `patterns` name, the packages their tasks depend on
+    /// (transitively), and the root package. The result holds at least every task the
+    /// patterns match and everything those need; resolve the patterns themselves with
+    /// [`crate::graph::expand`].
+    pub fn load_patterns(&self, patterns: &[Pattern]) -> Result<Workspace, LoadError> {
+        let settings = read_settings(&self.root)?;
+        let session = Session {
+            loader: self,
+            libs: RefCell::new(HashMap::new()),
+            loading: RefCell::new(Vec::new()),
+        };
+        let mut queue: BTreeSet<String> = BTreeSet::new();
+        if self.root.join(BUILD_FILE).is_file() {
+            queue.insert(String::new());
+        }
+        for pattern in patterns {
+            match pattern {
+                Pattern::Target(label) => {
+                    if !self.package_exists(label.package()) {
+                        return Err(ModelError::new(
+                            None,
+                            Invalid::UnknownPackage {
+                                from: None,
+                                label: label.clone(),
+                            },
+                        )
+                        .into());
+                    }
+                    queue.insert(label.package().to_owned());
+                }
+                Pattern::Package(package) => {
+                    if !self.package_exists(package) {
+                        return Err(
+                            ModelError::new(None, Invalid::NoMatch(pattern.to_string())).into()
+                        );
+                    }
+                    queue.insert(package.clone());
+                }
+                Pattern::Recursive(prefix) => queue.extend(self.find_packages(prefix)?),
+            }
+        }
+
+        let mut ws = Workspace {
+            root: Some(self.root.clone()),
+            settings,
+            tasks: BTreeMap::new(),
+            stages: BTreeMap::new(),
+        };
+        let mut loaded: BTreeSet<String> = BTreeSet::new();
+        while let Some(package) = queue.pop_first() {
+            let (tasks, stages) = session.eval_package(&package)?;
+            loaded.insert(package);
+            ws.stages
+                .extend(stages.into_iter().map(|s| (s.name.clone(), s)));
+            for task in tasks {
+                for input in task.inputs() {
+                    let package = input.package();
+                    if loaded.contains(package) || queue.contains(package) {
+                        continue;
+                    }
+                    if !self.package_exists(package) {
+                        return Err(ModelError::new(
+                            task.location.clone(),
+                            Invalid::UnknownPackage {
+                                from: Some(task.label.clone()),
+                                label: input.clone(),
+                            },
+                        )
+                        .into());
+                    }
+                    queue.insert(package.to_owned());
+                }
+                ws.insert_task(task)?;
+            }
+        }
+        ws.validate()?;
+        Ok(ws)
+    }
+
+    fn package_exists(&self, package: &str) -> bool {
+        self.root.join(build_file(package)).is_file()
+    }
+
+    /// The packages at or below `prefix`, sorted. Skips hidden directories, `target/`,
+    /// `node_modules/`, nested workspaces (directories with their own `ci.toml`) and
+    /// symbolic links.
+    pub fn find_packages(&self, prefix: &str) -> Result<Vec<String>, LoadError> {
+        let mut found = Vec::new();
+        let mut stack: Vec<String> = vec![prefix.to_owned()];
+        while let Some(package) = stack.pop() {
+            let dir = if package.is_empty() {
+                self.root.clone()
+            } else {
+                self.root.join(&package)
+            };
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && package == prefix => continue,
+                Err(source) => return Err(LoadError::Io { path: dir, source }),
+            };
+            let mut subdirs = Vec::new();
+            let mut has_build = false;
+            for entry in entries {
+                let entry = entry.map_err(|source| LoadError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
+                let file_type = entry.file_type().map_err(|source| LoadError::Io {
+                    path: entry.path(),
+                    source,
+                })?;
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if file_type.is_file() && name == BUILD_FILE {
+                    has_build = true;
+                } else if file_type.is_dir()
+                    && !name.starts_with('.')
+                    && !SKIPPED_DIRS.contains(&name.as_ref())
+                {
+                    if entry.path().join(WORKSPACE_FILE).exists() {
+                        continue;
+                    }
+                    subdirs.push(if package.is_empty() {
+                        name.into_owned()
+                    } else {
+                        format!("{package}/{name}")
+                    });
+                }
+            }
+            if has_build {
+                if !valid_package(&package) {
+                    return Err(ModelError::new(None, Invalid::BadPackageDir(package)).into());
+                }
+                found.push(package);
+            }
+            subdirs.sort();
+            stack.extend(subdirs.into_iter().rev());
+        }
+        found.sort();
+        Ok(found)
+    }
+}
+
+/// The workspace-relative path of a package's `BUILD.star`.
+pub(crate) fn build_file(package: &str) -> String {
+    if package.is_empty() {
+        BUILD_FILE.to_owned()
+    } else {
+        format!("{package}/{BUILD_FILE}")
+    }
+}
+
+/// What the built-ins see while a file is evaluated (`Evaluator::extra`).
+#[derive(ProvidesStaticType)]
+pub(crate) struct EvalContext {
+    /// The package being declared into (for a library: the library's directory).
+    pub package: String,
+    /// The workspace-relative file being evaluated.
+    pub file: String,
+    /// False while a library is evaluated by `load()`: declaring is refused then.
+    pub is_build: bool,
+    pub root: PathBuf,
+    pub tasks: RefCell<BTreeMap<String, Task>>,
+    pub stages: RefCell<BTreeMap<String, Stage>>,
+}
+
+/// State of one load: libraries already evaluated, and the chain being loaded (for
+/// cycle detection).
+struct Session<'l> {
+    loader: &'l Loader,
+    libs: RefCell<HashMap<String, FrozenModule>>,
+    loading: RefCell<Vec<String>>,
+}
+
+type PackageDecls = (Vec<Task>, Vec<Stage>);
+
+impl Session<'_> {
+    fn dialect() -> Dialect {
+        Dialect {
+            enable_f_strings: true,
+            ..Dialect::Extended
+        }
+    }
+
+    fn read(&self, file: &str) -> Result<String, LoadError> {
+        let path = self.loader.root.join(file);
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(text),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(ModelError::new(
+                Some(Location {
+                    file: file.to_owned(),
+                    line: 1,
+                    col: 1,
+                }),
+                Invalid::NotUtf8(file.to_owned()),
+            )
+            .into()),
+            Err(source) => Err(LoadError::Io { path, source }),
+        }
+    }
+
+    fn eval_package(&self, package: &str) -> Result<PackageDecls, LoadError> {
+        let file = build_file(package);
+        let source = self.read(&file)?;
+        let ast = AstModule::parse(&file, source, &Self::dialect()).map_err(convert_error)?;
+        let ctx = EvalContext {
+            package: package.to_owned(),
+            file,
+            is_build: true,
+            root: self.loader.root.clone(),
+            tasks: RefCell::new(BTreeMap::new()),
+            stages: RefCell::new(BTreeMap::new()),
+        };
+        let libs = LibLoader {
+            session: self,
+            package: package.to_owned(),
+        };
+        Module::with_temp_heap(|module| {
+            let mut eval = Evaluator::new(&module);
+            eval.set_loader(&libs);
+            eval.extra = Some(&ctx);
+            eval.eval_module(ast, &self.loader.globals).map(|_| ())
+        })
+        .map_err(convert_error)?;
+        Ok((
+            ctx.tasks.into_inner().into_values().collect(),
+            ctx.stages.into_inner().into_values().collect(),
+        ))
+    }
+
+    /// Evaluates (once) the library `load(path)` names, relative to `package`.
+    fn load_library(&self, path: &str, package: &str) -> starlark::Result<FrozenModule> {
+        let (file, lib_package) = resolve_load(path, package).map_err(native)?;
+        if let Some(module) = self.libs.borrow().get(&file) {
+            return Ok(module.clone());
+        }
+        if let Some(from) = self.loading.borrow().iter().position(|f| *f == file) {
+            let mut cycle: Vec<String> = self.loading.borrow()[from..].to_vec();
+            cycle.push(file.clone());
+            return Err(native(Invalid::LoadCycle(cycle)));
+        }
+        let source = match fs::read_to_string(self.loader.root.join(&file)) {
+            Ok(source) => source,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Err(native(Invalid::LoadMissing {
+                    label: path.to_owned(),
+                    file,
+                }));
+            }
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Err(starlark::Error::new_native(ModelError::new(
+                    Some(Location {
+                        file: file.clone(),
+                        line: 1,
+                        col: 1,
+                    }),
+                    Invalid::NotUtf8(file),
+                )));
+            }
+            Err(source) => {
+                return Err(starlark::Error::new_native(IoFailure {
+                    path: self.loader.root.join(&file),
+                    source,
+                }));
+            }
+        };
+        let ast = AstModule::parse(&file, source, &Self::dialect())?;
+        let ctx = EvalContext {
+            package: lib_package.clone(),
+            file: file.clone(),
+            is_build: false,
+            root: self.loader.root.clone(),
+            tasks: RefCell::new(BTreeMap::new()),
+            stages: RefCell::new(BTreeMap::new()),
+        };
+        let libs = LibLoader {
+            session: self,
+            package: lib_package,
+        };
+        self.loading.borrow_mut().push(file.clone());
+        let result = Module::with_temp_heap(|module| {
+            {
+                let mut eval = Evaluator::new(&module);
+                eval.set_loader(&libs);
+                eval.extra = Some(&ctx);
+                eval.eval_module(ast, &self.loader.globals)?;
+            }
+            module.freeze().map_err(starlark::Error::new_other)
+        });
+        self.loading.borrow_mut().pop();
+        let module = result?;
+        self.libs.borrow_mut().insert(file, module.clone());
+        Ok(module)
+    }
+}
+
+struct LibLoader<'s, 'l> {
+    session: &'s Session<'l>,
+    package: String,
+}
+
+impl FileLoader for LibLoader<'_, '_> {
+    fn load(&self, path: &str) -> starlark::Result<FrozenModule> {
+        self.session.load_library(path, &self.package)
+    }
+}
+
+/// `//dir:file.star` or `:file.star` → (workspace-relative file, its package).
+fn resolve_load(path: &str, package: &str) -> Result<(String, String), Invalid> {
+    let bad = || Invalid::BadLoadPath(path.to_owned());
+    let (pkg, name) = if let Some(rest) = path.strip_prefix("//") {
+        rest.split_once(':').ok_or_else(bad)?
+    } else if let Some(name) = path.strip_prefix(':') {
+        (package, name)
+    } else {
+        return Err(bad());
+    };
+    if !valid_package(pkg) || !valid_segment(name) || !name.ends_with(".star") {
+        return Err(bad());
+    }
+    if name == BUILD_FILE {
+        return Err(Invalid::LoadBuildFile(path.to_owned()));
+    }
+    let file = if pkg.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{pkg}/{name}")
+    };
+    Ok((file, pkg.to_owned()))
+}
+
+/// An I/O failure inside Starlark evaluation, carried through `starlark::Error`.
+#[derive(Debug, thiserror::Error)]
+#[error("Cannot read `{}`", path.display())]
+struct IoFailure {
+    path: PathBuf,
+    #[source]
+    source: io::Error,
+}
+
+/// Wraps a model problem so it travels through Starlark and comes back typed.
+pub(crate) fn native(problem: Invalid) -> starlark::Error {
+    starlark::Error::new_native(ModelError::new(None, problem))
+}
+
+pub(crate) fn location_of(span: &starlark::codemap::FileSpan) -> Location {
+    let resolved = span.resolve_span();
+    Location {
+        file: span.filename().to_owned(),
+        line: resolved.begin.line as u32 + 1,
+        col: resolved.begin.column as u32 + 1,
+    }
+}
+
+/// Turns Starlark's error into ours, keeping our own typed problems typed.
+fn convert_error(err: starlark::Error) -> LoadError {
+    let location = err.span().map(location_of).or_else(|| {
+        err.call_stack()
+            .frames
+            .iter()
+            .rev()
+            .find_map(|f| f.location.as_ref().map(location_of))
+    });
+    let message = err.without_diagnostic().to_string();
+    match err.into_kind() {
+        ErrorKind::Native(e) | ErrorKind::Other(e) => {
+            let e = match e.downcast::<ModelError>() {
+                Ok(mut model) => {
+                    if model.location.is_none() {
+                        model.location = location;
+                    }
+                    return LoadError::Model(model);
+                }
+                Err(e) => e,
+            };
+            match e.downcast::<IoFailure>() {
+                Ok(io) => LoadError::Io {
+                    path: io.path,
+                    source: io.source,
+                },
+                Err(_) => LoadError::Starlark { location, message },
+            }
+        }
+        _ => LoadError::Starlark { location, message },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::label::Label;
+
+    #[test]
+    fn resolves_load_paths() {
+        assert_eq!(
+            resolve_load("//lib:defs.star", "a").unwrap(),
+            ("lib/defs.star".to_owned(), "lib".to_owned())
+        );
+        assert_eq!(
+            resolve_load(":x.star", "a/b").unwrap(),
+            ("a/b/x.star".to_owned(), "a/b".to_owned())
+        );
+        assert_eq!(resolve_load("//:x.star", "a").unwrap().0, "x.star");
+        for bad in [
+            "lib/defs.star",
+            "//../x:y.star",
+            "//lib:defs.bzl",
+            "//lib:../x.star",
+            "//lib",
+        ] {
+            assert!(resolve_load(bad, "").is_err(), "{bad}");
+        }
+        assert!(matches!(
+            resolve_load("//a:BUILD.star", ""),
+            Err(Invalid::LoadBuildFile(_))
+        ));
+    }
+
+    #[test]
+    fn labels_keep_packages() {
+        let l = Label::parse("//a/b:c", None).unwrap();
+        assert_eq!(build_file(l.package()), "a/b/BUILD.star");
+        assert_eq!(build_file(""), "BUILD.star");
+    }
+}

@@ -1,0 +1,97 @@
+//! `ci.toml`: workspace settings.
+//!
+//! ```toml
+//! [build]
+//! jobs = 4            # tasks at once (default: cores)
+//! executor = "host"   # default executor: "host" or "docker"
+//! store = ".ci/store" # store directory, relative to the workspace root
+//! ```
+
+use std::fs;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::LoadError;
+use crate::model::{Location, Settings};
+
+use super::WORKSPACE_FILE;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CiToml {
+    #[serde(default)]
+    build: Settings,
+}
+
+/// Reads and checks `root/ci.toml`. Unknown tables and keys are refused, so a typo is
+/// an error rather than a setting silently ignored.
+pub fn read_settings(root: &Path) -> Result<Settings, LoadError> {
+    let path = root.join(WORKSPACE_FILE);
+    let text = fs::read_to_string(&path).map_err(|source| LoadError::Io { path, source })?;
+    parse_settings(&text)
+}
+
+pub(crate) fn parse_settings(text: &str) -> Result<Settings, LoadError> {
+    match toml::from_str::<CiToml>(text) {
+        Ok(file) => Ok(file.build),
+        Err(e) => {
+            let (line, col) = match e.span() {
+                Some(span) => line_col(text, span.start),
+                None => (1, 1),
+            };
+            Err(LoadError::Settings {
+                location: Location {
+                    file: WORKSPACE_FILE.to_owned(),
+                    line,
+                    col,
+                },
+                message: capitalized(e.message().trim_end_matches('\n').trim_end_matches('.')),
+            })
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+pub(crate) fn line_col(text: &str, offset: usize) -> (u32, u32) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() as u32 + 1;
+    let col = before.rsplit('\n').next().unwrap_or("").chars().count() as u32 + 1;
+    (line, col)
+}
+
+fn capitalized(message: &str) -> String {
+    let mut chars = message.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Executor;
+
+    #[test]
+    fn reads_build_table() {
+        let s =
+            parse_settings("[build]\njobs = 3\nexecutor = \"docker\"\nstore = \"s\"\n").unwrap();
+        assert_eq!(s.jobs.map(|j| j.get()), Some(3));
+        assert_eq!(s.executor, Some(Executor::Docker));
+        assert_eq!(s.store.as_deref(), Some("s"));
+        assert_eq!(parse_settings("").unwrap(), Settings::default());
+    }
+
+    #[test]
+    fn locates_errors() {
+        let e = parse_settings("[build]\njobz = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("ci.toml:2:1: "), "{e}");
+        let e = parse_settings("[build]\nexecutor = \"k8s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("ci.toml:2:"), "{e}");
+    }
+}
