@@ -583,11 +583,7 @@ impl Engine {
             rec.state = TaskState::Failed;
             rec.error = Some(format!(
                 "Secret {} is not set in the environment of `ci`; export it and build again",
-                missing
-                    .iter()
-                    .map(|n| format!("`{n}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                quoted(&missing)
             ));
             return Ok(());
         }
@@ -659,16 +655,11 @@ impl Engine {
                 if let Some(expected) = cached_output {
                     if expected != output {
                         let changes = store.diff(&expected, &output)?;
-                        let paths: Vec<String> =
-                            changes.iter().map(|c| c.path.to_string()).collect();
+                        let paths: Vec<String> = changes.iter().map(|c| c.path.to_string()).collect();
                         rec.state = TaskState::Failed;
                         rec.error = Some(format!(
                             "Not deterministic: the output differs from the cached one at {}",
-                            paths
-                                .iter()
-                                .map(|p| format!("`{p}`"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            quoted(&paths)
                         ));
                         return Ok(());
                     }
@@ -784,6 +775,8 @@ impl Engine {
         let dir = dir.to_owned();
         let label = label.to_owned();
         tokio::task::spawn_blocking(move || {
+            // GC in this process must not sweep between publication and record.
+            let _hold = store.hold();
             // The log first, so the capture's one sync of new blobs covers it.
             let log_path = dir.join("log");
             let log_bytes = std::fs::read(&log_path).map_err(BuildError::io("read", &log_path))?;
@@ -1021,7 +1014,7 @@ impl Engine {
                 rec.attempts = 1;
                 rec.error = Some(format!(
                     "Merge conflict: both sides changed {} differently; reconcile them or set `on_conflict = \"ours\"` or `\"theirs\"`",
-                    conflicts.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ")
+                    quoted(&conflicts)
                 ));
                 Ok(())
             }
@@ -1149,6 +1142,11 @@ impl Engine {
             rec,
         )
     }
+}
+
+/// `a`, `b`, `c` for messages.
+fn quoted(items: &[impl std::fmt::Display]) -> String {
+    items.iter().map(|i| format!("`{i}`")).collect::<Vec<_>>().join(", ")
 }
 
 /// The record of a task that never started.

@@ -116,6 +116,27 @@ pub enum Error {
 }
 
 impl Error {
+    /// The error for a socket, FIFO or device found where only files,
+    /// directories and symlinks can be stored.
+    pub fn unsupported_file(path: &std::path::Path, ft: std::fs::FileType) -> Error {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = if ft.is_socket() {
+            "socket"
+        } else if ft.is_fifo() {
+            "FIFO"
+        } else if ft.is_char_device() {
+            "character device"
+        } else if ft.is_block_device() {
+            "block device"
+        } else {
+            "special file"
+        };
+        Error::UnsupportedFileType {
+            path: path.to_owned(),
+            kind,
+        }
+    }
+
     pub(crate) fn io(
         action: &'static str,
         path: impl Into<PathBuf>,

@@ -10,7 +10,7 @@
 use std::fs::{File, Metadata};
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -122,7 +122,7 @@ impl Store {
             } else if ft.is_file() {
                 files.push((rel, item));
             } else {
-                return Err(unsupported(&item.path, &item.meta));
+                return Err(Error::unsupported_file(&item.path, item.meta.file_type()));
             }
         }
 
@@ -264,25 +264,6 @@ fn now_ns() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i64)
-}
-
-fn unsupported(path: &Path, meta: &Metadata) -> Error {
-    let ft = meta.file_type();
-    let kind = if ft.is_socket() {
-        "socket"
-    } else if ft.is_fifo() {
-        "FIFO"
-    } else if ft.is_char_device() {
-        "character device"
-    } else if ft.is_block_device() {
-        "block device"
-    } else {
-        "special file"
-    };
-    Error::UnsupportedFileType {
-        path: path.to_owned(),
-        kind,
-    }
 }
 
 /// The stat fields that must all match for a cached digest to be trusted.
