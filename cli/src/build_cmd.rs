@@ -361,6 +361,7 @@ impl View {
                     "state": run.state,
                     "executed": run.executed(),
                     "cached": run.cached(),
+                    "kept": run.kept(),
                     "failed": run.failed(),
                     "skipped": run.skipped(),
                     "total": run.tasks.len(),
@@ -384,9 +385,13 @@ impl View {
                 }
             }
         }
+        let kept = match run.kept() {
+            0 => String::new(),
+            n => format!(", {n} kept"),
+        };
         let _ = writeln!(
             err,
-            "\n{} {}: {} tasks, {} executed, {} cached, {} failed, {} skipped in {}",
+            "\n{} {}: {} tasks, {} executed, {} cached{kept}, {} failed, {} skipped in {}",
             match run.state {
                 TaskState::Succeeded => "Succeeded",
                 TaskState::Cancelled => "Cancelled",

@@ -3,6 +3,7 @@
 
 mod build_cmd;
 mod docker;
+mod mount_cmd;
 mod output;
 mod store_cmd;
 
@@ -75,6 +76,8 @@ enum Command {
     Explain(build_cmd::ExplainArgs),
     /// Print the build graph as DOT, Mermaid or JSON
     Graph(build_cmd::GraphArgs),
+    #[command(flatten)]
+    Mount(mount_cmd::MountCommand),
 }
 
 /// Settings every command sees.
@@ -198,6 +201,7 @@ fn main() -> ExitCode {
         Command::Logs(args) => build_cmd::logs(args, &ctx),
         Command::Explain(args) => build_cmd::explain(args, &ctx),
         Command::Graph(args) => build_cmd::graph(args, &ctx),
+        Command::Mount(cmd) => mount_cmd::run(cmd, &ctx),
     };
     match result {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,

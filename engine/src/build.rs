@@ -655,7 +655,8 @@ impl Engine {
                 if let Some(expected) = cached_output {
                     if expected != output {
                         let changes = store.diff(&expected, &output)?;
-                        let paths: Vec<String> = changes.iter().map(|c| c.path.to_string()).collect();
+                        let paths: Vec<String> =
+                            changes.iter().map(|c| c.path.to_string()).collect();
                         rec.state = TaskState::Failed;
                         rec.error = Some(format!(
                             "Not deterministic: the output differs from the cached one at {}",
@@ -1146,7 +1147,11 @@ impl Engine {
 
 /// `a`, `b`, `c` for messages.
 fn quoted(items: &[impl std::fmt::Display]) -> String {
-    items.iter().map(|i| format!("`{i}`")).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|i| format!("`{i}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The record of a task that never started.

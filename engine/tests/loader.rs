@@ -342,6 +342,10 @@ task(
     };
     assert_eq!(run.executor, Some(Executor::Docker));
     assert!(run.network);
+    assert!(
+        !run.pure,
+        "`network = True` makes a task impure unless it says `pure = True`"
+    );
     assert_eq!(run.workdir.as_deref(), Some("app/tests"));
     assert_eq!(run.user.as_deref(), Some("1000:1000"));
     assert_eq!(run.timeout_secs, Some(90));

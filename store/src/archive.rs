@@ -289,7 +289,10 @@ impl Store {
                 break;
             }
             if buf[..n].iter().any(|b| *b != 0) {
-                return Err(refuse(b"(end of archive)", "is followed by data that is not part of the tar stream".into()));
+                return Err(refuse(
+                    b"(end of archive)",
+                    "is followed by data that is not part of the tar stream".into(),
+                ));
             }
         }
 

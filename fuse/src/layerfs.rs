@@ -1,0 +1,852 @@
+//! `LayerFs`: a read-only FUSE filesystem serving layers lazily from the store.
+//!
+//! Inode numbers are given out per path on first use (lookup or readdir) and
+//! kept for the life of the mount, so memory grows with the number of
+//! distinct paths visited, never beyond the size of the mounted layers.
+//! Trees are read from the index on demand and kept in a bounded cache;
+//! file contents are read by offset from the blob files, never copied.
+//!
+//! Layers never change, so every reply tells the kernel to cache entries,
+//! attributes, directory listings and pages for as long as it likes.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::num::NonZeroU32;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fuse3::raw::prelude::*;
+use fuse3::{Errno, FileType, Timestamp};
+use futures_util::stream::{self, Stream};
+use strata_store::{Blob, Digest, Entry, Name, RelPath, Store, Target, Tree, FIXED_MTIME};
+
+use crate::trace::{AccessTrace, TracedPath};
+use crate::{Error, Result};
+
+/// How long the kernel may trust what we reply: layers never change.
+const TTL: Duration = Duration::from_secs(u32::MAX as u64);
+
+/// `fuse_open_out.open_flags`: keep the page cache across opens.
+const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+/// `fuse_open_out.open_flags`: the kernel may cache readdir results.
+const FOPEN_CACHE_DIR: u32 = 1 << 3;
+
+/// Trees kept in memory at most, counted in entries (about 100 bytes each).
+const TREE_CACHE_ENTRIES: usize = 2_000_000;
+
+const ROOT_INO: u64 = 1;
+const BLKSIZE: u32 = 128 * 1024;
+
+const LOOKED_UP: u8 = 1;
+const LISTED: u8 = 2;
+const READ: u8 = 4;
+
+/// What a [`LayerFs`] serves at its root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Layers {
+    /// One layer: its root tree is the mount's root.
+    One(Digest),
+    /// A directory of layers, one sub-directory per name (e.g. every task
+    /// output of a run). A name is a relative path (`app/web:build`):
+    /// `/` makes intermediate directories. Each component follows the rules
+    /// of tree entry names; a layer cannot also be the parent of another.
+    Named(Vec<(String, Digest)>),
+}
+
+/// A read-only FUSE filesystem serving [`Layers`] from a [`Store`].
+///
+/// Every file is owned by root, files are 0644 or 0755 by their executable
+/// bit, directories 0755, every time is [`FIXED_MTIME`]. Mount it with
+/// [`crate::mount_layers`]; the type is public for callers that drive a
+/// `fuse3` session themselves.
+#[derive(Clone)]
+pub struct LayerFs {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    store: Store,
+    nodes: RwLock<Vec<Arc<Node>>>,
+    trees: Mutex<TreeCache>,
+    /// Directories made up for [`Layers::Named`], by digest; never stored.
+    synthetic: HashMap<Digest, Arc<Tree>>,
+    files: Mutex<HashMap<u64, Arc<dyn Blob>>>,
+    dirs: Mutex<HashMap<u64, Arc<Tree>>>,
+    next_fh: AtomicU64,
+    trace: Option<Mutex<HashMap<u64, u8>>>,
+    /// The last error met while serving, for diagnostics (replies say EIO).
+    last_error: Mutex<Option<String>>,
+}
+
+struct Node {
+    parent: u64,
+    name: Option<Name>,
+    kind: NodeKind,
+}
+
+enum NodeKind {
+    Dir {
+        digest: Digest,
+        /// Inode of each entry of the tree, by index; 0 until given out.
+        children: OnceLock<Box<[AtomicU64]>>,
+        nlink: OnceLock<u32>,
+    },
+    File {
+        digest: Digest,
+        size: u64,
+        executable: bool,
+    },
+    Symlink {
+        target: Target,
+    },
+}
+
+#[derive(Default)]
+struct TreeCache {
+    map: HashMap<Digest, (Arc<Tree>, u64)>,
+    entries: usize,
+    tick: u64,
+}
+
+impl TreeCache {
+    fn get(&mut self, d: &Digest) -> Option<Arc<Tree>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.map.get_mut(d).map(|(t, used)| {
+            *used = tick;
+            t.clone()
+        })
+    }
+
+    fn insert(&mut self, d: Digest, t: Arc<Tree>) {
+        self.tick += 1;
+        self.entries += t.len() + 1;
+        if let Some((old, _)) = self.map.insert(d, (t, self.tick)) {
+            self.entries -= old.len() + 1;
+        }
+        if self.entries > TREE_CACHE_ENTRIES {
+            // Drop the least recently used half; trees in use stay alive
+            // through their `Arc`s.
+            let mut ages: Vec<(u64, Digest)> =
+                self.map.iter().map(|(d, (_, u))| (*u, *d)).collect();
+            ages.sort_unstable();
+            for (_, d) in ages.iter().take(ages.len() / 2) {
+                if let Some((t, _)) = self.map.remove(d) {
+                    self.entries -= t.len() + 1;
+                }
+            }
+        }
+    }
+}
+
+fn errno(e: i32) -> Errno {
+    Errno::from(e)
+}
+
+impl LayerFs {
+    /// A filesystem serving `layers` from `store`, recording accesses when
+    /// `trace` is set. Fails when a layer's root tree is not in the store or
+    /// a name of [`Layers::Named`] is invalid or repeated.
+    pub fn new(store: Store, layers: &Layers, trace: bool) -> Result<LayerFs> {
+        let mut synthetic = HashMap::new();
+        let root = match layers {
+            Layers::One(d) => {
+                if !store.has_tree(d)? {
+                    return Err(strata_store::Error::MissingTree(*d).into());
+                }
+                NodeKind::Dir {
+                    digest: *d,
+                    children: OnceLock::new(),
+                    nlink: OnceLock::new(),
+                }
+            }
+            Layers::Named(list) => {
+                let mut paths = Vec::with_capacity(list.len());
+                for (name, d) in list {
+                    let bad = |source| Error::BadLayerName {
+                        name: name.clone(),
+                        source,
+                    };
+                    let path = RelPath::parse(name.as_bytes()).map_err(bad)?;
+                    if path.is_root() {
+                        return Err(bad(strata_store::Error::BadName {
+                            name: name.clone(),
+                            reason: "a layer name is empty",
+                        }));
+                    }
+                    if !store.has_tree(d)? {
+                        return Err(strata_store::Error::MissingTree(*d).into());
+                    }
+                    paths.push((path, *d, name));
+                }
+                let root = synthesize(&paths, 0, &mut synthetic)?;
+                NodeKind::Dir {
+                    digest: root,
+                    children: OnceLock::new(),
+                    nlink: OnceLock::new(),
+                }
+            }
+        };
+        let root = Arc::new(Node {
+            parent: ROOT_INO,
+            name: None,
+            kind: root,
+        });
+        Ok(LayerFs {
+            inner: Arc::new(Inner {
+                store,
+                nodes: RwLock::new(vec![root]),
+                trees: Mutex::new(TreeCache::default()),
+                synthetic,
+                files: Mutex::new(HashMap::new()),
+                dirs: Mutex::new(HashMap::new()),
+                next_fh: AtomicU64::new(1),
+                trace: trace.then(|| Mutex::new(HashMap::new())),
+                last_error: Mutex::new(None),
+            }),
+        })
+    }
+
+    pub(crate) fn inner(&self) -> Arc<Inner> {
+        self.inner.clone()
+    }
+}
+
+impl Inner {
+    fn node(&self, ino: u64) -> std::result::Result<Arc<Node>, Errno> {
+        let nodes = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        ino.checked_sub(1)
+            .and_then(|i| nodes.get(i as usize))
+            .cloned()
+            .ok_or_else(|| errno(libc::ENOENT))
+    }
+
+    fn fail(&self, what: &str, e: impl std::fmt::Display) -> Errno {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{what}: {e}"));
+        errno(libc::EIO)
+    }
+
+    fn tree(&self, digest: &Digest) -> std::result::Result<Arc<Tree>, Errno> {
+        if let Some(t) = self.synthetic.get(digest) {
+            return Ok(t.clone());
+        }
+        if let Some(t) = self
+            .trees
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+        {
+            return Ok(t);
+        }
+        let t = Arc::new(
+            self.store
+                .tree(digest)
+                .map_err(|e| self.fail("read a tree", e))?,
+        );
+        self.trees
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*digest, t.clone());
+        Ok(t)
+    }
+
+    fn dir_tree(&self, node: &Node) -> std::result::Result<Arc<Tree>, Errno> {
+        match &node.kind {
+            NodeKind::Dir { digest, .. } => self.tree(digest),
+            _ => Err(errno(libc::ENOTDIR)),
+        }
+    }
+
+    /// The inode of entry `idx` of the directory `dir` (inode `dir_ino`),
+    /// given out on first use.
+    fn child(&self, dir_ino: u64, dir: &Node, tree: &Tree, idx: usize) -> u64 {
+        let NodeKind::Dir { children, .. } = &dir.kind else {
+            return 0;
+        };
+        let slots = children.get_or_init(|| (0..tree.len()).map(|_| AtomicU64::new(0)).collect());
+        let Some(slot) = slots.get(idx) else {
+            return 0;
+        };
+        let ino = slot.load(Ordering::Acquire);
+        if ino != 0 {
+            return ino;
+        }
+        let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
+        // Another request may have given it out while we waited for the lock.
+        let ino = slot.load(Ordering::Acquire);
+        if ino != 0 {
+            return ino;
+        }
+        let (name, entry) = &tree.entries()[idx];
+        let kind = match entry {
+            Entry::Dir { digest } => NodeKind::Dir {
+                digest: *digest,
+                children: OnceLock::new(),
+                nlink: OnceLock::new(),
+            },
+            Entry::File {
+                digest,
+                size,
+                executable,
+            } => NodeKind::File {
+                digest: *digest,
+                size: *size,
+                executable: *executable,
+            },
+            Entry::Symlink { target } => NodeKind::Symlink {
+                target: target.clone(),
+            },
+        };
+        nodes.push(Arc::new(Node {
+            parent: dir_ino,
+            name: Some(name.clone()),
+            kind,
+        }));
+        let ino = nodes.len() as u64;
+        slot.store(ino, Ordering::Release);
+        ino
+    }
+
+    fn attr(&self, ino: u64, node: &Node) -> std::result::Result<FileAttr, Errno> {
+        let (kind, perm, size, nlink) = match &node.kind {
+            NodeKind::Dir { nlink, .. } => {
+                let n = match nlink.get() {
+                    Some(n) => *n,
+                    None => {
+                        let tree = self.dir_tree(node)?;
+                        let subdirs = tree
+                            .entries()
+                            .iter()
+                            .filter(|(_, e)| matches!(e, Entry::Dir { .. }))
+                            .count();
+                        let n = u32::try_from(subdirs + 2).unwrap_or(u32::MAX);
+                        *nlink.get_or_init(|| n)
+                    }
+                };
+                (FileType::Directory, 0o755, 4096, n)
+            }
+            NodeKind::File {
+                size, executable, ..
+            } => (
+                FileType::RegularFile,
+                if *executable { 0o755 } else { 0o644 },
+                *size,
+                1,
+            ),
+            NodeKind::Symlink { target } => {
+                (FileType::Symlink, 0o777, target.as_bytes().len() as u64, 1)
+            }
+        };
+        let t = Timestamp::new(FIXED_MTIME, 0);
+        Ok(FileAttr {
+            ino,
+            size,
+            blocks: size.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            kind,
+            perm,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: BLKSIZE,
+        })
+    }
+
+    fn note(&self, ino: u64, what: u8) {
+        if let Some(t) = &self.trace {
+            *t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(ino)
+                .or_insert(0) |= what;
+        }
+    }
+
+    /// The path of an inode inside the mount.
+    fn path_of(&self, ino: u64) -> RelPath {
+        let nodes = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        let mut names = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT_INO {
+            let Some(n) = cur.checked_sub(1).and_then(|i| nodes.get(i as usize)) else {
+                break;
+            };
+            if let Some(name) = &n.name {
+                names.push(name.clone());
+            }
+            cur = n.parent;
+        }
+        names.reverse();
+        RelPath::from_names(names)
+    }
+
+    /// A snapshot of the trace, `None` when the mount is not traced.
+    pub(crate) fn trace(&self) -> Option<AccessTrace> {
+        let t = self.trace.as_ref()?;
+        let seen: Vec<(u64, u8)> = t
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(i, f)| (*i, *f))
+            .collect();
+        Some(AccessTrace::new(
+            seen.into_iter()
+                .map(|(ino, f)| TracedPath {
+                    path: self.path_of(ino),
+                    looked_up: f & LOOKED_UP != 0,
+                    listed: f & LISTED != 0,
+                    read: f & READ != 0,
+                })
+                .collect(),
+        ))
+    }
+
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn kind_of(node: &Node) -> FileType {
+        match node.kind {
+            NodeKind::Dir { .. } => FileType::Directory,
+            NodeKind::File { .. } => FileType::RegularFile,
+            NodeKind::Symlink { .. } => FileType::Symlink,
+        }
+    }
+}
+
+/// Builds the made-up directories holding named layers at `depth` of their
+/// paths; returns the digest of the directory for this level.
+fn synthesize(
+    paths: &[(RelPath, Digest, &String)],
+    depth: usize,
+    out: &mut HashMap<Digest, Arc<Tree>>,
+) -> Result<Digest> {
+    let mut groups: std::collections::BTreeMap<&Name, Vec<(RelPath, Digest, &String)>> =
+        Default::default();
+    for (path, d, name) in paths {
+        let c = &path.components()[depth];
+        groups.entry(c).or_default().push((path.clone(), *d, *name));
+    }
+    let mut entries = Vec::with_capacity(groups.len());
+    for (c, members) in groups {
+        let leaf: Vec<_> = members
+            .iter()
+            .filter(|(p, _, _)| p.components().len() == depth + 1)
+            .collect();
+        let digest = match (leaf.as_slice(), members.len()) {
+            ([(_, d, _)], 1) => *d,
+            ([], _) => synthesize(&members, depth + 1, out)?,
+            (list, _) => {
+                let name = list
+                    .first()
+                    .map_or_else(String::new, |(_, _, n)| (*n).clone());
+                return Err(Error::BadLayerName {
+                    name: name.clone(),
+                    source: strata_store::Error::BadName {
+                        name,
+                        reason: "the name is given twice, or is also the parent of another layer",
+                    },
+                });
+            }
+        };
+        entries.push((c.clone(), Entry::Dir { digest }));
+    }
+    let tree = Tree::from_entries(entries)?;
+    let digest = tree.digest();
+    out.insert(digest, Arc::new(tree));
+    Ok(digest)
+}
+
+/// Lists one directory lazily from an offset: position 0 is `.`, 1 is `..`,
+/// then the tree's entries in order. An entry's offset is the position of
+/// the next one, so any offset the kernel hands back resumes exactly there.
+struct DirIter {
+    fs: Arc<Inner>,
+    ino: u64,
+    node: Arc<Node>,
+    tree: Arc<Tree>,
+    pos: u64,
+}
+
+struct Listed {
+    ino: u64,
+    kind: FileType,
+    name: OsString,
+    offset: i64,
+    node: Arc<Node>,
+}
+
+impl DirIter {
+    fn next_entry(&mut self) -> Option<std::result::Result<Listed, Errno>> {
+        let pos = self.pos;
+        let total = self.tree.len() as u64 + 2;
+        if pos >= total {
+            return None;
+        }
+        self.pos += 1;
+        let offset = (pos + 1) as i64;
+        let res = match pos {
+            0 => Ok(Listed {
+                ino: self.ino,
+                kind: FileType::Directory,
+                name: OsString::from("."),
+                offset,
+                node: self.node.clone(),
+            }),
+            1 => self.fs.node(self.node.parent).map(|parent| Listed {
+                ino: self.node.parent,
+                kind: FileType::Directory,
+                name: OsString::from(".."),
+                offset,
+                node: parent,
+            }),
+            _ => {
+                let idx = (pos - 2) as usize;
+                let ino = self.fs.child(self.ino, &self.node, &self.tree, idx);
+                self.fs.node(ino).map(|node| Listed {
+                    ino,
+                    kind: Inner::kind_of(&node),
+                    name: self.tree.entries()[idx].0.as_os_str().to_owned(),
+                    offset,
+                    node,
+                })
+            }
+        };
+        Some(res)
+    }
+}
+
+struct Plain(DirIter);
+
+impl Iterator for Plain {
+    type Item = fuse3::Result<DirectoryEntry>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next_entry().map(|r| {
+            r.map(|l| DirectoryEntry {
+                inode: l.ino,
+                kind: l.kind,
+                name: l.name,
+                offset: l.offset,
+            })
+        })
+    }
+}
+
+struct Plus(DirIter);
+
+impl Iterator for Plus {
+    type Item = fuse3::Result<DirectoryEntryPlus>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next_entry().map(|r| {
+            r.and_then(|l| {
+                let attr = self.0.fs.attr(l.ino, &l.node)?;
+                Ok(DirectoryEntryPlus {
+                    inode: l.ino,
+                    generation: 0,
+                    kind: l.kind,
+                    name: l.name,
+                    offset: l.offset,
+                    attr,
+                    entry_ttl: TTL,
+                    attr_ttl: TTL,
+                })
+            })
+        })
+    }
+}
+
+impl LayerFs {
+    fn dir_iter(&self, ino: u64, fh: u64, offset: u64) -> fuse3::Result<DirIter> {
+        let fs = &self.inner;
+        let node = fs.node(ino)?;
+        let held = fs
+            .dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh)
+            .cloned();
+        let tree = match held {
+            Some(t) => t,
+            None => fs.dir_tree(&node)?,
+        };
+        Ok(DirIter {
+            fs: fs.clone(),
+            ino,
+            node,
+            tree,
+            pos: offset,
+        })
+    }
+}
+
+impl Filesystem for LayerFs {
+    async fn init(&self, _req: Request) -> fuse3::Result<ReplyInit> {
+        Ok(ReplyInit::new(
+            NonZeroU32::new(1 << 20).unwrap_or(NonZeroU32::MIN),
+        ))
+    }
+
+    async fn destroy(&self, _req: Request) {}
+
+    async fn lookup(&self, _req: Request, parent: u64, name: &OsStr) -> fuse3::Result<ReplyEntry> {
+        let fs = &self.inner;
+        let pnode = fs.node(parent)?;
+        let tree = fs.dir_tree(&pnode)?;
+        match tree
+            .entries()
+            .binary_search_by(|(n, _)| n.as_bytes().cmp(name.as_bytes()))
+        {
+            Ok(idx) => {
+                let ino = fs.child(parent, &pnode, &tree, idx);
+                let node = fs.node(ino)?;
+                fs.note(ino, LOOKED_UP);
+                Ok(ReplyEntry {
+                    ttl: TTL,
+                    attr: fs.attr(ino, &node)?,
+                    generation: 0,
+                })
+            }
+            // A reply with inode 0 is a negative entry the kernel caches
+            // too: compilers probing include paths ask again and again.
+            Err(_) => {
+                let mut attr = fs.attr(parent, &pnode)?;
+                attr.ino = 0;
+                Ok(ReplyEntry {
+                    ttl: TTL,
+                    attr,
+                    generation: 0,
+                })
+            }
+        }
+    }
+
+    async fn getattr(
+        &self,
+        _req: Request,
+        inode: u64,
+        _fh: Option<u64>,
+        _flags: u32,
+    ) -> fuse3::Result<ReplyAttr> {
+        let node = self.inner.node(inode)?;
+        Ok(ReplyAttr {
+            ttl: TTL,
+            attr: self.inner.attr(inode, &node)?,
+        })
+    }
+
+    async fn setattr(
+        &self,
+        _req: Request,
+        _inode: u64,
+        _fh: Option<u64>,
+        _set_attr: SetAttr,
+    ) -> fuse3::Result<ReplyAttr> {
+        Err(errno(libc::EROFS))
+    }
+
+    async fn readlink(&self, _req: Request, inode: u64) -> fuse3::Result<ReplyData> {
+        let node = self.inner.node(inode)?;
+        match &node.kind {
+            NodeKind::Symlink { target } => {
+                self.inner.note(inode, READ);
+                Ok(ReplyData {
+                    data: Bytes::copy_from_slice(target.as_bytes()),
+                })
+            }
+            _ => Err(errno(libc::EINVAL)),
+        }
+    }
+
+    async fn open(&self, _req: Request, inode: u64, flags: u32) -> fuse3::Result<ReplyOpen> {
+        let fs = &self.inner;
+        let node = fs.node(inode)?;
+        let NodeKind::File { digest, .. } = &node.kind else {
+            return Err(errno(libc::EISDIR));
+        };
+        if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
+            return Err(errno(libc::EROFS));
+        }
+        let store = fs.store.clone();
+        let digest = *digest;
+        let blob = tokio::task::spawn_blocking(move || store.blob(&digest))
+            .await
+            .map_err(|e| fs.fail("open a blob", e))?
+            .map_err(|e| fs.fail("open a blob", e))?;
+        let fh = fs.next_fh.fetch_add(1, Ordering::Relaxed);
+        fs.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, Arc::from(blob));
+        fs.note(inode, READ);
+        Ok(ReplyOpen {
+            fh,
+            flags: FOPEN_KEEP_CACHE,
+        })
+    }
+
+    async fn read(
+        &self,
+        _req: Request,
+        _inode: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> fuse3::Result<ReplyData> {
+        let fs = &self.inner;
+        let blob = fs
+            .files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| errno(libc::EBADF))?;
+        let len = (size as u64).min(blob.size().saturating_sub(offset)) as usize;
+        if len == 0 {
+            return Ok(ReplyData { data: Bytes::new() });
+        }
+        let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let mut buf = vec![0u8; len];
+            let mut done = 0;
+            while done < len {
+                let n = blob.read_at(&mut buf[done..], offset + done as u64)?;
+                if n == 0 {
+                    break;
+                }
+                done += n;
+            }
+            buf.truncate(done);
+            Ok(buf)
+        })
+        .await
+        .map_err(|e| fs.fail("read a blob", e))?
+        .map_err(|e| fs.fail("read a blob", e))?;
+        Ok(ReplyData { data: data.into() })
+    }
+
+    async fn release(
+        &self,
+        _req: Request,
+        _inode: u64,
+        fh: u64,
+        _flags: u32,
+        _lock_owner: u64,
+        _flush: bool,
+    ) -> fuse3::Result<()> {
+        self.inner
+            .files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh);
+        Ok(())
+    }
+
+    async fn flush(
+        &self,
+        _req: Request,
+        _inode: u64,
+        _fh: u64,
+        _lock_owner: u64,
+    ) -> fuse3::Result<()> {
+        Ok(())
+    }
+
+    async fn statfs(&self, _req: Request, _inode: u64) -> fuse3::Result<ReplyStatFs> {
+        let files = self
+            .inner
+            .nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len() as u64;
+        Ok(ReplyStatFs {
+            blocks: 0,
+            bfree: 0,
+            bavail: 0,
+            files,
+            ffree: 0,
+            bsize: BLKSIZE,
+            namelen: strata_store::NAME_MAX as u32,
+            frsize: BLKSIZE,
+        })
+    }
+
+    async fn opendir(&self, _req: Request, inode: u64, _flags: u32) -> fuse3::Result<ReplyOpen> {
+        let fs = &self.inner;
+        let node = fs.node(inode)?;
+        let tree = fs.dir_tree(&node)?;
+        let fh = fs.next_fh.fetch_add(1, Ordering::Relaxed);
+        fs.dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, tree);
+        fs.note(inode, LISTED);
+        Ok(ReplyOpen {
+            fh,
+            flags: FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR,
+        })
+    }
+
+    async fn readdir<'a>(
+        &'a self,
+        _req: Request,
+        parent: u64,
+        fh: u64,
+        offset: i64,
+    ) -> fuse3::Result<ReplyDirectory<impl Stream<Item = fuse3::Result<DirectoryEntry>> + Send + 'a>>
+    {
+        let it = self.dir_iter(parent, fh, offset.max(0) as u64)?;
+        Ok(ReplyDirectory {
+            entries: stream::iter(Plain(it)),
+        })
+    }
+
+    async fn readdirplus<'a>(
+        &'a self,
+        _req: Request,
+        parent: u64,
+        fh: u64,
+        offset: u64,
+        _lock_owner: u64,
+    ) -> fuse3::Result<
+        ReplyDirectoryPlus<impl Stream<Item = fuse3::Result<DirectoryEntryPlus>> + Send + 'a>,
+    > {
+        let it = self.dir_iter(parent, fh, offset)?;
+        Ok(ReplyDirectoryPlus {
+            entries: stream::iter(Plus(it)),
+        })
+    }
+
+    async fn releasedir(
+        &self,
+        _req: Request,
+        _inode: u64,
+        fh: u64,
+        _flags: u32,
+    ) -> fuse3::Result<()> {
+        self.inner
+            .dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh);
+        Ok(())
+    }
+
+    async fn access(&self, _req: Request, inode: u64, mask: u32) -> fuse3::Result<()> {
+        self.inner.node(inode)?;
+        if mask as i32 & libc::W_OK != 0 {
+            return Err(errno(libc::EROFS));
+        }
+        Ok(())
+    }
+
+    async fn interrupt(&self, _req: Request, _unique: u64) -> fuse3::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,444 @@
+//! Mounting a [`LayerFs`] and owning the mount: [`mount_layers`] and
+//! [`MountHandle`].
+//!
+//! Every mount of the process is served by one private multi-threaded tokio
+//! runtime. Keeping it apart from the caller's runtime matters: a caller that
+//! does blocking file I/O on its own runtime's threads against its own mount
+//! could otherwise starve the very threads that answer the kernel.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
+
+use strata_store::Store;
+
+use crate::layerfs::{Inner, LayerFs, Layers};
+use crate::state::{self, RecordGuard};
+use crate::trace::AccessTrace;
+use crate::{sys, Error, Result};
+
+/// Whether other users (and root, and Docker's daemon) may access a mount.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AllowOther {
+    /// Only the mounting user.
+    No,
+    /// Everyone when permitted: always for root, for an ordinary user when
+    /// `/etc/fuse.conf` has `user_allow_other`; otherwise only the mounting user.
+    #[default]
+    IfPermitted,
+    /// Everyone, or fail with [`Error::AllowOtherDenied`].
+    Required,
+}
+
+/// How to mount.
+#[derive(Clone, Debug, Default)]
+pub struct MountOptions {
+    /// Who besides the mounting user may use the mount.
+    pub allow_other: AllowOther,
+    /// Record which paths are looked up, listed and read
+    /// ([`MountHandle::trace`]).
+    pub trace: bool,
+    /// This process unmounts and exits on SIGTERM (it calls
+    /// [`MountHandle::wait`]), so [`crate::unmount_path`] may stop it that way
+    /// rather than pulling the mount from under it.
+    pub stop_on_sigterm: bool,
+}
+
+/// Why [`MountHandle::wait`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGINT (Ctrl-C) arrived.
+    Interrupt,
+    /// SIGTERM arrived.
+    Terminate,
+    /// The mount went away from outside (`umount`, `fusermount3 -u`).
+    Unmounted,
+}
+
+/// The end of a FUSE session, observable from threads and from async code.
+#[derive(Default)]
+pub(crate) struct Ended {
+    done: Mutex<bool>,
+    cv: Condvar,
+    notify: tokio::sync::Notify,
+}
+
+impl Ended {
+    fn set(&self) {
+        *self.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_all();
+        self.notify.notify_waiters();
+    }
+
+    fn is_set(&self) -> bool {
+        *self.done.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits up to `limit`; returns whether the session ended.
+    fn wait(&self, limit: Duration) -> bool {
+        let done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        let (done, _) = self
+            .cv
+            .wait_timeout_while(done, limit, |d| !*d)
+            .unwrap_or_else(|p| p.into_inner());
+        *done
+    }
+
+    async fn wait_async(&self) {
+        loop {
+            let n = self.notify.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.is_set() {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// Read-ahead of a LayerFs mount, where this process may set it.
+const READ_AHEAD_KIB: u32 = 1024;
+
+static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+
+/// The runtime serving every mount of this process.
+pub(crate) fn runtime() -> Result<&'static tokio::runtime::Runtime> {
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt);
+    }
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("strata-fuse")
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Runtime { source })?;
+    // Losing a race only drops the spare runtime, which never ran anything.
+    let _ = RUNTIME.set(rt);
+    RUNTIME.get().ok_or(Error::Runtime {
+        source: std::io::Error::other("the runtime vanished"),
+    })
+}
+
+/// A mounted [`LayerFs`]. Unmounts when dropped; call [`MountHandle::unmount`]
+/// to see errors.
+pub struct MountHandle {
+    mountpoint: PathBuf,
+    fs: Arc<Inner>,
+    ended: Arc<Ended>,
+    privileged: bool,
+    allow_other: bool,
+    /// The FUSE connection's id in fusectl, to abort a busy mount.
+    conn: Option<u32>,
+    /// Ends the session without the kernel's help (after a lazy detach).
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    record: Option<RecordGuard>,
+    done: bool,
+}
+
+impl std::fmt::Debug for MountHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountHandle")
+            .field("mountpoint", &self.mountpoint)
+            .field("privileged", &self.privileged)
+            .field("allow_other", &self.allow_other)
+            .finish()
+    }
+}
+
+/// Mounts `layers` read-only at `mountpoint`, an existing empty directory,
+/// and returns once the mount is ready.
+///
+/// As root the mount is made directly; an ordinary user goes through
+/// `fusermount3`. The mount is recorded in the state directory so that, if
+/// this process dies, the next [`crate::cleanup_stale`] unmounts it.
+///
+/// Errors: [`Error::StaleMount`] when `mountpoint` is a dead mount (the
+/// message names the command that clears it), [`Error::BadMountpoint`] when
+/// it is missing, not a directory, not empty or already mounted,
+/// [`Error::FuseUnavailable`], [`Error::AllowOtherDenied`], [`Error::Mount`].
+///
+/// Blocks the calling thread; from async code call it in `spawn_blocking`.
+pub fn mount_layers(
+    store: &Store,
+    layers: &Layers,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<MountHandle> {
+    let what = match layers {
+        Layers::One(d) => format!("layer {}", d.short()),
+        Layers::Named(v) => format!("{} layers", v.len()),
+    };
+    mount_inner(store, layers, mountpoint, opts, Some(&what))
+}
+
+pub(crate) fn mount_inner(
+    store: &Store,
+    layers: &Layers,
+    mountpoint: &Path,
+    opts: &MountOptions,
+    record: Option<&str>,
+) -> Result<MountHandle> {
+    let mountpoint = check_mountpoint(mountpoint)?;
+    if let Some(reason) = sys::fuse_problem() {
+        return Err(Error::FuseUnavailable { reason });
+    }
+    let fs = LayerFs::new(store.clone(), layers, opts.trace)?;
+    let inner = fs.inner();
+    let privileged = sys::is_root();
+    let allow_other = match opts.allow_other {
+        AllowOther::No => false,
+        AllowOther::IfPermitted => privileged || sys::user_allow_other(),
+        AllowOther::Required if privileged || sys::user_allow_other() => true,
+        AllowOther::Required => return Err(Error::AllowOtherDenied),
+    };
+    let guard = match record {
+        Some(what) => Some(state::record(
+            what,
+            std::slice::from_ref(&mountpoint),
+            None,
+            opts.stop_on_sigterm,
+        )?),
+        None => None,
+    };
+
+    let mut mo = fuse3::MountOptions::default();
+    mo.fs_name("strata")
+        .read_only(true)
+        .default_permissions(true)
+        .allow_other(allow_other)
+        .custom_options("subtype=strata");
+    let rt = runtime()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ended = Arc::new(Ended::default());
+    let ended2 = ended.clone();
+    let path = mountpoint.clone();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    rt.spawn(async move {
+        let session = fuse3::raw::Session::new(mo);
+        let mounted = if privileged {
+            session.mount(fs, &path).await
+        } else {
+            session.mount_with_unprivileged(fs, &path).await
+        };
+        match mounted {
+            Ok(mut handle) => {
+                let _ = tx.send(Ok(()));
+                tokio::select! {
+                    // The kernel ended the session: unmounted, by us or
+                    // from outside.
+                    _ = &mut handle => {}
+                    // We detached a busy mount: end the session ourselves.
+                    // (fuse3 then tries its own unmount of the path, which
+                    // fails harmlessly: it is already detached.)
+                    Ok(()) = stop_rx => {
+                        let _ = handle.unmount().await;
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+        ended2.set();
+    });
+    let mounted = rx
+        .recv()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the FUSE runtime stopped")));
+    if let Err(source) = mounted {
+        return Err(Error::Mount {
+            path: mountpoint,
+            source,
+        });
+    }
+    let entry = sys::mount_at(&mountpoint).ok().flatten();
+    if let Some(m) = &entry {
+        // FUSE starts at the kernel's default 128 KiB read-ahead, which
+        // halves sequential throughput; requests can be 1 MiB (max_pages).
+        sys::set_read_ahead_kib(&m.dev, READ_AHEAD_KIB);
+    }
+    let conn = entry.map(|m| m.minor);
+    Ok(MountHandle {
+        mountpoint,
+        fs: inner,
+        ended,
+        privileged,
+        allow_other,
+        conn,
+        stop: Some(stop_tx),
+        record: guard,
+        done: false,
+    })
+}
+
+/// Checks a mountpoint and returns its absolute path.
+fn check_mountpoint(path: &Path) -> Result<PathBuf> {
+    let bad = |reason: &str| Error::BadMountpoint {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if sys::is_disconnected(path) {
+        return Err(Error::StaleMount {
+            path: path.to_owned(),
+            command: format!("ci umount {}", path.display()),
+        });
+    }
+    let abs = std::fs::canonicalize(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => bad("it does not exist; create the directory first"),
+        _ => Error::io("resolve", path)(e),
+    })?;
+    if !abs.is_dir() {
+        return Err(bad("it is not a directory"));
+    }
+    if let Some(m) = sys::mount_at(&abs).map_err(Error::io("read", "/proc/self/mountinfo"))? {
+        return Err(bad(&format!(
+            "a `{}` filesystem is already mounted there; `ci umount {}` unmounts it",
+            m.fstype,
+            path.display()
+        )));
+    }
+    let mut entries = std::fs::read_dir(&abs).map_err(Error::io("list", &abs))?;
+    if entries.next().is_some() {
+        return Err(bad(
+            "the directory is not empty; mount on an empty directory",
+        ));
+    }
+    Ok(abs)
+}
+
+impl MountHandle {
+    /// Where the layers are mounted (absolute).
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Whether other users may access the mount.
+    pub fn allow_other(&self) -> bool {
+        self.allow_other
+    }
+
+    /// Whether the mount was made directly (root) rather than through `fusermount3`.
+    pub fn privileged(&self) -> bool {
+        self.privileged
+    }
+
+    /// The paths used so far, `None` when the mount is not traced. Still
+    /// complete after [`MountHandle::unmount`] for a handle kept by reference.
+    pub fn trace(&self) -> Option<AccessTrace> {
+        self.fs.trace()
+    }
+
+    /// The last error met while serving (replied to the kernel as `EIO`).
+    pub fn last_error(&self) -> Option<String> {
+        self.fs.last_error()
+    }
+
+    /// Whether the FUSE session is still serving.
+    pub fn is_mounted(&self) -> bool {
+        !self.ended.is_set()
+    }
+
+    /// Blocks until SIGINT or SIGTERM arrives or the mount is unmounted from
+    /// outside. From then on those signals no longer end the process: the
+    /// caller unmounts and exits.
+    pub fn wait(&self) -> Result<Stop> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let rt = runtime()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ended = self.ended.clone();
+        // Handlers are installed on the runtime before we wait, so a signal
+        // right after this returns is not lost.
+        let (itx, irx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            let int = signal(SignalKind::interrupt());
+            let term = signal(SignalKind::terminate());
+            let (mut int, mut term) = match (int, term) {
+                (Ok(i), Ok(t)) => (i, t),
+                (Err(e), _) | (_, Err(e)) => {
+                    let _ = itx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = itx.send(Ok(()));
+            let stop = tokio::select! {
+                _ = int.recv() => Stop::Interrupt,
+                _ = term.recv() => Stop::Terminate,
+                _ = ended.wait_async() => Stop::Unmounted,
+            };
+            let _ = tx.send(stop);
+        });
+        irx.recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the FUSE runtime stopped")))
+            .map_err(|source| Error::Runtime { source })?;
+        Ok(rx.recv().unwrap_or(Stop::Unmounted))
+    }
+
+    /// Unmounts and waits for the session to end. A mount still in use
+    /// (an open file, a process inside it) is detached lazily and its
+    /// connection aborted, so the users get errors rather than a hang.
+    /// Unmounting something already unmounted from outside is not an error.
+    pub fn unmount(mut self) -> Result<()> {
+        self.unmount_now()
+    }
+
+    fn unmount_now(&mut self) -> Result<()> {
+        if self.done {
+            return Ok(());
+        }
+        self.done = true;
+        let path = self.mountpoint.clone();
+        if !self.ended.is_set() {
+            match sys::unmount_any(&path, false) {
+                Ok(()) => {
+                    // Normally the kernel ends the session right away. But
+                    // something else may still pin the filesystem (a lazily
+                    // detached overlay on top of it, with a file open): then
+                    // the connection lives on and we end it ourselves.
+                    let wait = match self.conn.map(sys::fuse_connection_alive) {
+                        Some(Some(true)) => Duration::ZERO,
+                        Some(Some(false)) => Duration::from_secs(30),
+                        _ => Duration::from_secs(2),
+                    };
+                    if !self.ended.wait(wait) {
+                        self.force_stop();
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.ended.wait(Duration::from_secs(30));
+                }
+                Err(e) => {
+                    // Busy: detach now, so the path is free at once.
+                    match sys::unmount_any(&path, true) {
+                        Ok(()) => {}
+                        Err(e2) if e2.raw_os_error() == Some(libc::EINVAL) => {}
+                        Err(_) => return Err(Error::Unmount { path, source: e }),
+                    }
+                    self.force_stop();
+                }
+            }
+        }
+        self.record.take();
+        Ok(())
+    }
+
+    /// Stops serving, then cuts the connection so that whoever still uses
+    /// the (detached) filesystem gets errors instead of waiting forever. In
+    /// this order: fuse3 spins on reads of an aborted connection while it
+    /// still serves.
+    fn force_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.ended.wait(Duration::from_secs(30));
+        if let Some(conn) = self.conn {
+            sys::abort_fuse_connection(conn);
+        }
+    }
+}
+
+impl Drop for MountHandle {
+    fn drop(&mut self) {
+        let _ = self.unmount_now();
+    }
+}
