@@ -7,6 +7,7 @@
 //! Blobs are made durable with one `sync` before the single batch that
 //! records the trees, the layer and the stat-cache entries.
 
+use std::collections::HashMap;
 use std::fs::{File, Metadata};
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -126,9 +127,20 @@ impl Store {
             }
         }
 
+        // The stat-cache entries under this root, read in one ordered scan
+        // (like git reading its index) rather than one lookup per file.
+        let mut cache: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+        if !opts.no_stat_cache {
+            let mut prefix = root.as_os_str().as_bytes().to_vec();
+            prefix.push(b'/');
+            self.meta.scan(Family::StatCache, &prefix, &mut |k, v| {
+                cache.insert(k.to_vec(), v.to_vec());
+                Ok(crate::Flow::Continue)
+            })?;
+        }
         let hashed: Vec<Result<Hashed>> = files
             .par_iter()
-            .map(|(_, item)| self.hash_file(item, opts, scan_start_ns))
+            .map(|(_, item)| self.hash_file(item, &cache, opts, scan_start_ns))
             .collect();
 
         let mut report = IngestReport {
@@ -194,12 +206,18 @@ impl Store {
         Ok(report)
     }
 
-    fn hash_file(&self, item: &Item, opts: &IngestOptions, scan_start_ns: i64) -> Result<Hashed> {
+    fn hash_file(
+        &self,
+        item: &Item,
+        cache: &HashMap<Vec<u8>, Vec<u8>>,
+        opts: &IngestOptions,
+        scan_start_ns: i64,
+    ) -> Result<Hashed> {
         let key = item.path.as_os_str().as_bytes();
         let stat = StatKey::of(&item.meta);
         if !opts.no_stat_cache {
-            if let Some(v) = self.meta.get(Family::StatCache, key)? {
-                if let Some(digest) = stat.matches(&v) {
+            if let Some(v) = cache.get(key) {
+                if let Some(digest) = stat.matches(v) {
                     return Ok(Hashed {
                         digest,
                         size: stat.size,
