@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use crate::builder::TreeBuilder;
 use crate::records::check_ref_name;
 use crate::{
-    Batch, Digest, Entry, Error, Family, LayerStats, Lineage, RelPath, Result, Store, Target,
+    Batch, Digest, Entry, Error, Family, LayerStats, Lineage, Name, Result, Store, Target,
 };
 
 /// Files up to this size are read whole; larger ones are streamed.
@@ -97,19 +97,29 @@ impl Store {
         let items = walk(&root, opts)?;
 
         let mut builder = TreeBuilder::new();
-        let mut files: Vec<(RelPath, &Item)> = Vec::new();
+        let root_len = root.as_os_str().as_bytes().len();
+        let mut files: Vec<(&[u8], Name, &Item)> = Vec::new();
         for item in &items {
-            let rel = item
-                .path
-                .strip_prefix(&root)
-                .map_err(|_| Error::NotADirectory {
-                    path: item.path.clone(),
-                })?;
-            let rel = RelPath::from_path(rel)?;
+            // `root/a/b/c` → `a/b/c`: the walk only yields paths below the root.
+            let full = item.path.as_os_str().as_bytes();
+            let rel = full.get(root_len + 1..).unwrap_or_default();
+            let (parent, name) = match rel.iter().rposition(|b| *b == b'/') {
+                Some(i) => (&rel[..i], &rel[i + 1..]),
+                None => (&b""[..], rel),
+            };
             let ft = item.meta.file_type();
             if ft.is_dir() {
-                builder.add_dir(&rel);
-            } else if ft.is_symlink() {
+                builder.add_dir_bytes(rel);
+                continue;
+            }
+            let name = Name::new(name).map_err(|e| match e {
+                Error::BadName { reason, .. } => Error::BadName {
+                    name: item.path.display().to_string(),
+                    reason,
+                },
+                other => other,
+            })?;
+            if ft.is_symlink() {
                 let target = std::fs::read_link(&item.path)
                     .map_err(Error::io("read the symlink", &item.path))?;
                 let target = Target::new(target.as_os_str().as_bytes()).map_err(|e| match e {
@@ -119,11 +129,11 @@ impl Store {
                     },
                     other => other,
                 })?;
-                builder.add(&rel, Entry::Symlink { target })?;
+                builder.add_at(parent, name, Entry::Symlink { target });
             } else if ft.is_file() {
-                files.push((rel, item));
+                files.push((parent, name, item));
             } else {
-                return Err(Error::unsupported_file(&item.path, item.meta.file_type()));
+                return Err(Error::unsupported_file(&item.path, ft));
             }
         }
 
@@ -140,7 +150,7 @@ impl Store {
         }
         let hashed: Vec<Result<Hashed>> = files
             .par_iter()
-            .map(|(_, item)| self.hash_file(item, &cache, opts, scan_start_ns))
+            .map(|(_, _, item)| self.hash_file(item, &cache, opts, scan_start_ns))
             .collect();
 
         let mut report = IngestReport {
@@ -154,7 +164,7 @@ impl Store {
         let mut batch = Batch::new();
         // Identical new files hashed in parallel each saw their blob missing.
         let mut counted = std::collections::HashSet::new();
-        for ((rel, item), h) in files.iter().zip(hashed) {
+        for ((parent, name, item), h) in files.into_iter().zip(hashed) {
             let h = h?;
             if !h.from_cache {
                 report.hashed_files += 1;
@@ -172,14 +182,15 @@ impl Store {
                 );
             }
             let executable = item.meta.mode() & 0o100 != 0;
-            builder.add(
-                rel,
+            builder.add_at(
+                parent,
+                name,
                 Entry::File {
                     digest: h.digest,
                     size: h.size,
                     executable,
                 },
-            )?;
+            );
         }
         if report.new_blobs > 0 {
             // Blobs first, durably; only then the records that name them.
