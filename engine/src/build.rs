@@ -126,6 +126,12 @@ impl Engine {
         &self.inner.store
     }
 
+    /// Where relative paths of the workspace start (the current directory
+    /// for a model that did not come from disk).
+    fn workspace_root(&self) -> PathBuf {
+        self.inner.ws.root.clone().unwrap_or_else(|| PathBuf::from("."))
+    }
+
     /// Builds `targets` and everything they need. Returns the run record (also
     /// saved in the store) whatever the tasks did; `Err` only when the build
     /// itself could not be carried out. Cancelling `cancel` stops running
@@ -1030,13 +1036,7 @@ impl Engine {
         rec: &mut TaskRecord,
     ) -> Result<(), BuildError> {
         let label = task.label.to_string();
-        let root = self
-            .inner
-            .ws
-            .root
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("."));
-        let dir = root.join(&s.path);
+        let dir = self.workspace_root().join(&s.path);
         let mut exclude = s.exclude.clone();
         // Never ingest the store itself when it lives in the workspace.
         if let Some(store_root) = self.inner.store.root() {
@@ -1093,12 +1093,7 @@ impl Engine {
         rec: &mut TaskRecord,
     ) -> Result<(), BuildError> {
         let label = task.label.to_string();
-        let root = self
-            .inner
-            .ws
-            .root
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("."));
+        let root = self.workspace_root();
         let url = if g.url.contains("://") || g.url.contains('@') || Path::new(&g.url).is_absolute()
         {
             g.url.clone()
@@ -1170,7 +1165,7 @@ struct Prepared {
 }
 
 /// A file-name-safe form of a label.
-fn slug(label: &str) -> String {
+pub(crate) fn slug(label: &str) -> String {
     label
         .trim_start_matches("//")
         .chars()

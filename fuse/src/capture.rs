@@ -84,24 +84,6 @@ fn name_of(path: &Path, raw: &std::ffi::OsStr) -> Result<Name> {
     })
 }
 
-fn unsupported(path: &Path, ft: std::fs::FileType) -> Error {
-    let kind = if ft.is_socket() {
-        "socket"
-    } else if ft.is_fifo() {
-        "FIFO"
-    } else if ft.is_char_device() {
-        "character device"
-    } else if ft.is_block_device() {
-        "block device"
-    } else {
-        "special file"
-    };
-    Error::UnsupportedFileType {
-        path: path.to_owned(),
-        kind,
-    }
-}
-
 fn is_whiteout_dev(meta: &std::fs::Metadata) -> bool {
     meta.file_type().is_char_device() && meta.rdev() == 0
 }
@@ -186,7 +168,10 @@ fn scan_full(dir: &Path, mode: Mode, files: &mut Files) -> Result<Vec<(Name, Ite
                 executable: meta.mode() & 0o100 != 0,
             }
         } else {
-            return Err(unsupported(&path, ft));
+            return Err(Error::UnsupportedFileType {
+                path,
+                kind: strata_store::special_file_kind(ft),
+            });
         };
         out.push((name, item));
     }
@@ -281,7 +266,10 @@ fn scan_upper(
                 }),
             ));
         } else {
-            return Err(unsupported(&path, ft));
+            return Err(Error::UnsupportedFileType {
+                path,
+                kind: strata_store::special_file_kind(ft),
+            });
         }
     }
     Ok(())

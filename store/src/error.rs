@@ -119,21 +119,9 @@ impl Error {
     /// The error for a socket, FIFO or device found where only files,
     /// directories and symlinks can be stored.
     pub fn unsupported_file(path: &std::path::Path, ft: std::fs::FileType) -> Error {
-        use std::os::unix::fs::FileTypeExt;
-        let kind = if ft.is_socket() {
-            "socket"
-        } else if ft.is_fifo() {
-            "FIFO"
-        } else if ft.is_char_device() {
-            "character device"
-        } else if ft.is_block_device() {
-            "block device"
-        } else {
-            "special file"
-        };
         Error::UnsupportedFileType {
             path: path.to_owned(),
-            kind,
+            kind: special_file_kind(ft),
         }
     }
 
@@ -147,6 +135,22 @@ impl Error {
             path,
             source,
         }
+    }
+}
+
+/// What to call a file that is not a file, directory or symlink, in messages.
+pub fn special_file_kind(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_socket() {
+        "socket"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_block_device() {
+        "block device"
+    } else {
+        "special file"
     }
 }
 

@@ -27,7 +27,7 @@ pub use blob::{Blob, BlobStore};
 pub use checkout::CheckoutReport;
 pub use diff::{Change, ChangeKind, MergeOutcome, MergePolicy};
 pub use digest::{Digest, DigestPrefix, DIGEST_LEN, MIN_PREFIX_LEN};
-pub use error::{Error, Result};
+pub use error::{special_file_kind, Error, Result};
 pub use gc::{GcOptions, GcReport, Problem, Usage, VerifyReport};
 pub use ingest::{IngestOptions, IngestReport};
 pub use meta::{Batch, Family, Flow, MetaStore};

@@ -210,17 +210,7 @@ impl DockerExecutor {
     /// A container or network name unique to this process: `strata-<pid>-<n>-<what>`.
     fn name(&self, what: &str) -> String {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let mut slug: String = what
-            .trim_start_matches("//")
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let mut slug = crate::build::slug(what);
         slug.truncate(48);
         format!("strata-{}-{n}-{slug}", self.session.pid)
     }
