@@ -129,7 +129,11 @@ impl Engine {
     /// Where relative paths of the workspace start (the current directory
     /// for a model that did not come from disk).
     fn workspace_root(&self) -> PathBuf {
-        self.inner.ws.root.clone().unwrap_or_else(|| PathBuf::from("."))
+        self.inner
+            .ws
+            .root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("."))
     }
 
     /// Builds `targets` and everything they need. Returns the run record (also

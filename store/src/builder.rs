@@ -84,7 +84,13 @@ impl TreeBuilder {
     pub(crate) fn finish(mut self, store: &Store, batch: &mut Batch) -> Result<Digest> {
         let mut paths: Vec<Vec<u8>> = self.dirs.keys().cloned().collect();
         // Deepest first, so every child is finished before its parent.
-        let depth = |p: &[u8]| if p.is_empty() { 0 } else { 1 + p.iter().filter(|b| **b == b'/').count() };
+        let depth = |p: &[u8]| {
+            if p.is_empty() {
+                0
+            } else {
+                1 + p.iter().filter(|b| **b == b'/').count()
+            }
+        };
         paths.sort_by_key(|p| std::cmp::Reverse(depth(p)));
         let shown = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
         let mut root = None;
@@ -103,9 +109,16 @@ impl TreeBuilder {
                 continue;
             }
             let parent = parent_of(&path);
-            let start = if parent.is_empty() { 0 } else { parent.len() + 1 };
+            let start = if parent.is_empty() {
+                0
+            } else {
+                parent.len() + 1
+            };
             let name = Name::new(&path[start..]).map_err(|e| match e {
-                Error::BadName { reason, .. } => Error::BadName { name: shown(&path), reason },
+                Error::BadName { reason, .. } => Error::BadName {
+                    name: shown(&path),
+                    reason,
+                },
                 other => other,
             })?;
             if let Some(v) = self.dirs.get_mut(parent) {

@@ -486,6 +486,35 @@ task(name = "after", deps = [":gate"], script = 'cp "$CI_IN/gate/passed" .')
     }
 }
 
+/// `ci rerun` keeps every task that succeeded, sources included: it re-runs
+/// the same inputs (like re-running a CI job on the same commit), so an edit
+/// of the workspace is seen by `ci build`, not by `ci rerun`.
+#[test]
+fn rerun_keeps_the_source_snapshot_of_the_run_it_reruns() {
+    let env = workspace(&[
+        ("src/README", "no marker yet\n"),
+        (
+            "BUILD.star",
+            r#"
+local_source(name = "src", path = "src")
+task(name = "gate", deps = [":src"], script = 'test -f "$CI_IN/src/marker"; echo passed > passed')
+"#,
+        ),
+    ]);
+    let failed_run = build_failing(&env, &[]).run_id();
+    write(env.work(), "src/marker", "");
+
+    let again = json_run(&env, &["rerun", &failed_run], &[]);
+    again.expect(again.out.code() == Some(1), || {
+        "expected the rerun to fail again".into()
+    });
+    again.expect_executed(&["//:gate"]);
+    again.expect_cached(&["//:src"]);
+
+    let fixed = build_ok(&env, &[]);
+    fixed.expect_executed(&["//:src", "//:gate"]);
+}
+
 #[test]
 fn check_flags_a_task_whose_output_differs() {
     let env = workspace(&[(
