@@ -788,6 +788,14 @@ impl Engine {
         tokio::task::spawn_blocking(move || {
             // GC in this process must not sweep between publication and record.
             let _hold = store.hold();
+            // The inputs and the previous output are done with: delete them
+            // before the capture syncs the filesystem, so their pages are
+            // dropped rather than written out only to be deleted.
+            for done_with in ["in", "prev"] {
+                let p = dir.join(done_with);
+                make_writable(&p);
+                let _ = std::fs::remove_dir_all(&p);
+            }
             // The log first, so the capture's one sync of new blobs covers it.
             let log_path = dir.join("log");
             let log_bytes = std::fs::read(&log_path).map_err(BuildError::io("read", &log_path))?;
