@@ -165,7 +165,7 @@ impl Store {
         Ok(d)
     }
 
-    /// Stores trees (and nothing else), skipping those already present.
+    /// Stores trees (and nothing else), except those already present.
     /// The blobs the trees name must already be durable.
     pub fn put_trees(&self, trees: impl IntoIterator<Item = Tree>) -> Result<()> {
         let _hold = self.hold();

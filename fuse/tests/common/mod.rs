@@ -19,16 +19,13 @@ pub fn in_ci() -> bool {
     )
 }
 
-/// `true` when FUSE works here. Without it: a failure under `CI=true`, else
-/// `false` and a line on stderr (the caller returns early).
+/// `true` when FUSE works here; otherwise the test fails, saying why (in CI
+/// and out of it: a test that needs FUSE never passes without it).
 pub fn require_fuse(test: &str) -> bool {
     match strata_fuse::fuse_problem() {
         None => true,
         Some(p) if in_ci() => panic!("{test}: CI=true and FUSE is unavailable: {p}"),
-        Some(p) => {
-            eprintln!("{test}: FUSE is unavailable ({p}); set CI=true to make this a failure");
-            false
-        }
+        Some(p) => panic!("{test}: FUSE is unavailable: {p}; `./scripts/test` sets it up"),
     }
 }
 
