@@ -558,15 +558,12 @@ impl Engine {
                         rec.log = p.log;
                         rec.context = p.context.clone();
                         rec.exit_code = Some(0);
-                        self.record_label(
-                            &label,
-                            p.output,
-                            &pre,
-                            &input_labels,
-                            &p.context,
-                            p.log,
-                            run_id,
-                        )?;
+                        let done = Outcome {
+                            output: p.output,
+                            context: &p.context,
+                            log: p.log,
+                        };
+                        self.record_success(&label, &pre, &input_labels, done, run_id, false)?;
                         return Ok(());
                     }
                     cached_output = Some(p.output);
@@ -677,10 +674,12 @@ impl Engine {
                 }
                 rec.state = TaskState::Succeeded;
                 rec.error = None;
-                if cacheable {
-                    self.put_action(key, output, &ctx, log_blob, &pre, &input_labels, run_id)?;
-                }
-                self.record_label(&label, output, &pre, &input_labels, &ctx, log_blob, run_id)?;
+                let done = Outcome {
+                    output,
+                    context: &ctx,
+                    log: log_blob,
+                };
+                self.record_success(&label, &pre, &input_labels, done, run_id, cacheable)?;
                 return Ok(());
             }
             rec.state = if outcome.cancelled {
@@ -836,72 +835,53 @@ impl Engine {
         .map_err(|e| BuildError::Join(e.to_string()))?
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn put_action(
+    /// Records a successful action: in the action cache when `cacheable`,
+    /// and as the label's latest output (left as it is when neither the key
+    /// nor the output changed, so a fully cached build writes nothing per task).
+    fn record_success(
         &self,
-        key: Digest,
-        output: Digest,
-        context: &BTreeMap<String, String>,
-        log: Option<Digest>,
+        label: &str,
         pre: &ActionPreimage,
         input_labels: &BTreeMap<String, String>,
+        done: Outcome<'_>,
         run_id: &str,
+        cacheable: bool,
     ) -> Result<(), BuildError> {
-        let payload = ActionPayload {
-            output,
-            context: context.clone(),
-            log,
+        let store = &self.inner.store;
+        let key = pre.key();
+        let mut payload = ActionPayload {
+            output: done.output,
+            context: done.context.clone(),
+            log: done.log,
             key,
             preimage: pre.clone(),
             input_labels: input_labels.clone(),
             run: run_id.to_owned(),
             previous: None,
         };
-        self.inner.store.put_action(
-            &key,
-            &ActionEntry {
-                layers: vec![output],
-                blobs: log.into_iter().collect(),
-                payload: serde_json::to_value(&payload).unwrap_or_default(),
-                created: now_ms() / 1000,
-            },
-        )?;
-        Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn record_label(
-        &self,
-        label: &str,
-        output: Digest,
-        pre: &ActionPreimage,
-        input_labels: &BTreeMap<String, String>,
-        context: &BTreeMap<String, String>,
-        log: Option<Digest>,
-        run_id: &str,
-    ) -> Result<(), BuildError> {
-        let key = pre.key();
+        if cacheable {
+            store.put_action(
+                &key,
+                &ActionEntry {
+                    layers: vec![done.output],
+                    blobs: done.log.into_iter().collect(),
+                    payload: serde_json::to_value(&payload).unwrap_or_default(),
+                    created: now_ms() / 1000,
+                },
+            )?;
+        }
         let key_name = label_key(&self.inner.ws, label);
-        let before = previous_payload(&self.inner.store, &key_name)?;
-        let previous = match before {
+        let before = previous_payload(store, &key_name)?;
+        payload.previous = match before {
+            Some(b) if b.key == key && b.output == done.output => return Ok(()),
             Some(b) if b.key != key => Some(Box::new(b.preimage)),
             Some(b) => b.previous,
             None => None,
         };
-        let payload = ActionPayload {
-            output,
-            context: context.clone(),
-            log,
-            key,
-            preimage: pre.clone(),
-            input_labels: input_labels.clone(),
-            run: run_id.to_owned(),
-            previous,
-        };
-        self.inner.store.put_label(
+        store.put_label(
             &key_name,
             &LabelEntry {
-                layer: output,
+                layer: done.output,
                 payload: serde_json::to_value(&payload).unwrap_or_default(),
                 updated: now_ms() / 1000,
             },
@@ -926,7 +906,12 @@ impl Engine {
                 rec.cached = true;
                 rec.output = Some(p.output);
                 rec.context = p.context.clone();
-                self.record_label(label, p.output, pre, input_labels, &p.context, None, run_id)?;
+                let done = Outcome {
+                    output: p.output,
+                    context: &p.context,
+                    log: None,
+                };
+                self.record_success(label, pre, input_labels, done, run_id, false)?;
                 return Ok(true);
             }
         }
@@ -945,9 +930,12 @@ impl Engine {
         run_id: &str,
         rec: &mut TaskRecord,
     ) -> Result<(), BuildError> {
-        let key = pre.key();
-        self.put_action(key, output, &context, None, pre, input_labels, run_id)?;
-        self.record_label(label, output, pre, input_labels, &context, None, run_id)?;
+        let done = Outcome {
+            output,
+            context: &context,
+            log: None,
+        };
+        self.record_success(label, pre, input_labels, done, run_id, true)?;
         rec.state = TaskState::Succeeded;
         rec.output = Some(output);
         rec.context = context;
@@ -1150,6 +1138,13 @@ impl Engine {
             rec,
         )
     }
+}
+
+/// What a successful action produced.
+struct Outcome<'a> {
+    output: Digest,
+    context: &'a BTreeMap<String, String>,
+    log: Option<Digest>,
 }
 
 /// `a`, `b`, `c` for messages.
