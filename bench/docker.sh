@@ -39,8 +39,8 @@ while (($#)); do
 done
 ((TASKS >= 1 && ROUNDS >= 1)) || { usage >&2; exit 2; }
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=scripts/common.sh
+. "$ROOT/scripts/common.sh"
 
 IMAGE=${STRATA_TEST_IMAGE:-strata-test/busybox:latest}
 timeout 10 docker version >/dev/null 2>&1 || die "Docker does not answer: start it (scripts/test does)"
@@ -48,14 +48,7 @@ docker image inspect "$IMAGE" >/dev/null 2>&1 || die "image $IMAGE is missing: r
 
 # --- ci ------------------------------------------------------------------------------
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/strata-target}"
-if [[ -n ${STRATA_CI_BIN:-} ]]; then
-    CI_BIN=$STRATA_CI_BIN
-else
-    log "cargo build --release --workspace"
-    (cd "$ROOT" && cargo build --release --workspace --bin ci >&2)
-    CI_BIN=$CARGO_TARGET_DIR/release/ci
-fi
-[[ -x $CI_BIN ]] || die "$CI_BIN is not an executable"
+release_ci_bin
 
 BENCH_DIR=${BENCH_DIR:-/var/tmp/strata-bench}
 mkdir -p "$BENCH_DIR"

@@ -47,27 +47,15 @@ while (($#)); do
     esac
 done
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=scripts/common.sh
+. "$ROOT/scripts/common.sh"
 
 [[ $(id -u) -eq 0 ]] || die "run as root: kernel overlay mounts and dropping caches need it"
 command -v fuse-overlayfs >/dev/null 2>&1 || die "fuse-overlayfs is missing (apt-get install fuse-overlayfs)"
 command -v python3 >/dev/null 2>&1 || die "python3 is missing"
 
 # --- the ci binary --------------------------------------------------------------------
-if [[ -n ${STRATA_CI_BIN:-} ]]; then
-    CI_BIN=$STRATA_CI_BIN
-else
-    if ! command -v cargo >/dev/null 2>&1 && [[ -f "$HOME/.cargo/env" ]]; then
-        # shellcheck disable=SC1091
-        . "$HOME/.cargo/env"
-    fi
-    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/strata-target}"
-    log "cargo build --release --workspace --bin ci"
-    (cd "$ROOT" && cargo build --release --workspace --bin ci)
-    CI_BIN=$CARGO_TARGET_DIR/release/ci
-fi
-[[ -x $CI_BIN ]] || die "no ci binary at $CI_BIN"
+release_ci_bin
 
 # --- work dir ---------------------------------------------------------------------------
 BASE=${BENCH_DIR:-/var/tmp/strata-bench}

@@ -42,8 +42,8 @@ while (($#)); do
     esac
 done
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=scripts/common.sh
+. "$ROOT/scripts/common.sh"
 
 # --- tools ------------------------------------------------------------------------
 missing=()
@@ -51,28 +51,10 @@ command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v b3sum >/dev/null 2>&1 || missing+=(b3sum)
 command -v git >/dev/null 2>&1 || missing+=(git)
 [[ -x /usr/bin/time ]] || missing+=(time)
-if ((${#missing[@]})); then
-    [[ $(id -u) -eq 0 ]] || die "missing packages: ${missing[*]} (apt-get install ${missing[*]})"
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq || log "warning: apt-get update reported errors; trying the install anyway"
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+((${#missing[@]} == 0)) || ensure_packages "${missing[@]}"
 
 # --- the ci binary --------------------------------------------------------------------
-if [[ -n ${STRATA_CI_BIN:-} ]]; then
-    CI_BIN=$STRATA_CI_BIN
-else
-    if ! command -v cargo >/dev/null 2>&1 && [[ -f "$HOME/.cargo/env" ]]; then
-        # shellcheck disable=SC1091
-        . "$HOME/.cargo/env"
-    fi
-    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/strata-target}"
-    log "cargo build --release --workspace --bin ci"
-    (cd "$ROOT" && cargo build --release --workspace --bin ci)
-    CI_BIN=$CARGO_TARGET_DIR/release/ci
-fi
-[[ -x $CI_BIN ]] || die "no ci binary at $CI_BIN"
+release_ci_bin
 
 # --- work dir ---------------------------------------------------------------------------
 BASE=${BENCH_DIR:-/var/tmp/strata-bench}

@@ -43,3 +43,17 @@ ensure_cargo() {
         export CARGO_TERM_COLOR=never
     fi
 }
+
+# release_ci_bin: sets CI_BIN to $STRATA_CI_BIN, or builds the release `ci`
+# (benchmarks measure release builds only).
+release_ci_bin() {
+    if [[ -n ${STRATA_CI_BIN:-} ]]; then
+        CI_BIN=$STRATA_CI_BIN
+    else
+        ensure_cargo
+        log "cargo build --release --workspace --bin ci"
+        (cd "$ROOT" && cargo build --release --workspace --bin ci >&2)
+        CI_BIN=$CARGO_TARGET_DIR/release/ci
+    fi
+    [[ -x $CI_BIN ]] || die "no ci binary at $CI_BIN"
+}
