@@ -801,9 +801,8 @@ impl Engine {
             let (log, log_is_new) = if log_bytes.is_empty() {
                 (None, false)
             } else {
-                let d = strata_store::Digest::of(&log_bytes);
-                let new = !store.blobs().contains(&d)?;
-                (Some(store.blobs().put(&log_bytes)?), new)
+                let (d, new) = store.blobs().put(&log_bytes)?;
+                (Some(d), new)
             };
             let output = prepared.work.capture(&store);
             let closed = prepared.work.close();

@@ -249,14 +249,9 @@ impl Store {
             let mut buf = Vec::with_capacity(stat.size as usize);
             file.read_to_end(&mut buf)
                 .map_err(Error::io("read", path))?;
+            // Hashed once: the store is told the digest rather than re-hashing.
             let digest = Digest::of(&buf);
-            let new_blob = !self.blobs.contains(&digest)?;
-            if new_blob {
-                let mut w = self.blobs.writer()?;
-                w.write_all(&buf)
-                    .map_err(Error::io("write the blob of", path))?;
-                w.finish()?.publish()?;
-            }
+            let new_blob = self.blobs.put_hashed(&digest, &buf)?;
             (digest, buf.len() as u64, new_blob)
         } else {
             let mut w = self.blobs.writer()?;

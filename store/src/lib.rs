@@ -160,7 +160,7 @@ impl Store {
     pub fn put_blob(&self, bytes: &[u8]) -> Result<Digest> {
         self.check_writable()?;
         let _hold = self.hold();
-        let d = self.blobs.put(bytes)?;
+        let (d, _) = self.blobs.put(bytes)?;
         self.blobs.sync()?;
         Ok(d)
     }

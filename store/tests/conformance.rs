@@ -98,7 +98,8 @@ fn read_at_full(blob: &dyn Blob, buf: &mut [u8], mut offset: u64) -> usize {
 fn blobs_put_open_read_at_contains_delete(new: Backend) {
     let t = new();
     let bytes = pseudo_random(100_000, 1);
-    let d = t.blobs().put(&bytes).unwrap();
+    let (d, new) = t.blobs().put(&bytes).unwrap();
+    assert!(new, "the first put stores a new blob");
     assert_eq!(
         d,
         Digest::of(&bytes),
@@ -107,7 +108,7 @@ fn blobs_put_open_read_at_contains_delete(new: Backend) {
     assert!(t.blobs().contains(&d).unwrap());
     assert_eq!(
         t.blobs().put(&bytes).unwrap(),
-        d,
+        (d, false),
         "putting twice is a no-op"
     );
 

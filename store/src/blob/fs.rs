@@ -219,19 +219,42 @@ fn syncfs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-impl BlobStore for FsBlobStore {
-    fn writer(&self) -> Result<Box<dyn BlobWriter>> {
+impl FsBlobStore {
+    fn staging_file(&self) -> Result<tempfile::NamedTempFile> {
         self.refuse_if_read_only()?;
-        let file = tempfile::Builder::new()
+        tempfile::Builder::new()
             .prefix("blob-")
             .tempfile_in(&self.tmp)
-            .map_err(Error::io("create a staging file in", &self.tmp))?;
+            .map_err(Error::io("create a staging file in", &self.tmp))
+    }
+}
+
+impl BlobStore for FsBlobStore {
+    fn writer(&self) -> Result<Box<dyn BlobWriter>> {
         Ok(Box::new(FsWriter {
-            file,
+            file: self.staging_file()?,
             hasher: Hasher::new(),
             dest_dir: self.blobs.clone(),
             pending: self.pending.clone(),
         }))
+    }
+
+    fn put_hashed(&self, digest: &Digest, bytes: &[u8]) -> Result<bool> {
+        if self.contains(digest)? {
+            return Ok(false);
+        }
+        let mut file = self.staging_file()?;
+        file.write_all(bytes)
+            .map_err(Error::io("write", file.path().to_owned()))?;
+        Box::new(FsStaged {
+            path: file.into_temp_path(),
+            digest: *digest,
+            size: bytes.len() as u64,
+            dest: self.path_of(digest),
+            pending: self.pending.clone(),
+        })
+        .publish()?;
+        Ok(true)
     }
 
     fn contains(&self, digest: &Digest) -> Result<bool> {

@@ -97,6 +97,15 @@ impl BlobStore for MemoryBlobStore {
             hasher: Hasher::new(),
         }))
     }
+    fn put_hashed(&self, digest: &Digest, bytes: &[u8]) -> Result<bool> {
+        let mut map = lock(&self.blobs);
+        if map.contains_key(digest) {
+            return Ok(false);
+        }
+        map.insert(*digest, bytes.into());
+        Ok(true)
+    }
+
     fn contains(&self, digest: &Digest) -> Result<bool> {
         Ok(lock(&self.blobs).contains_key(digest))
     }

@@ -8,6 +8,7 @@ pub mod fs;
 pub mod memory;
 
 use std::io::{self, Read, Write};
+
 use std::path::PathBuf;
 
 use crate::{Digest, Result};
@@ -56,16 +57,15 @@ pub trait BlobStore: Send + Sync {
     /// the records that refer to the new blobs are written.
     fn sync(&self) -> Result<()>;
 
-    /// Stores `bytes` as a blob and returns its digest.
-    fn put(&self, bytes: &[u8]) -> Result<Digest> {
+    /// Stores `bytes`, whose digest the caller has just computed as `digest`,
+    /// without hashing them again. Returns whether the blob was new.
+    fn put_hashed(&self, digest: &Digest, bytes: &[u8]) -> Result<bool>;
+
+    /// Stores `bytes` as a blob; returns its digest and whether it was new.
+    fn put(&self, bytes: &[u8]) -> Result<(Digest, bool)> {
         let digest = Digest::of(bytes);
-        if !self.contains(&digest)? {
-            let mut w = self.writer()?;
-            w.write_all(bytes)
-                .map_err(crate::Error::io("write a blob", "<staging>"))?;
-            w.finish()?.publish()?;
-        }
-        Ok(digest)
+        let new = self.put_hashed(&digest, bytes)?;
+        Ok((digest, new))
     }
 }
 
