@@ -132,12 +132,7 @@ fn load(args: &WsArgs, patterns: &[String]) -> anyhow::Result<(Loaded, Vec<Label
 
 /// The store: `--store`, `CI_STORE`, `store` in ci.toml, then the default.
 fn store_url(ctx: &Ctx, ws: Option<&Workspace>) -> anyhow::Result<StoreUrl> {
-    if ctx.store.is_none() {
-        if let Some(p) = ws.and_then(|w| w.store_path()) {
-            return Ok(StoreUrl::Local(p));
-        }
-    }
-    ctx.url()
+    ctx.url_with(ws.and_then(|w| w.store_path()))
 }
 
 fn open_write(ctx: &Ctx, ws: Option<&Workspace>) -> anyhow::Result<Store> {

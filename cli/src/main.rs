@@ -97,13 +97,19 @@ impl Ctx {
     /// The store: `--store`, `CI_STORE`, `store` in the workspace's ci.toml,
     /// then the default under the user's cache directory.
     fn url(&self) -> anyhow::Result<StoreUrl> {
+        let from_workspace = self.workspace_root().and_then(|root| {
+            let settings = strata_engine::loader::read_settings(&root).ok()?;
+            Some(root.join(settings.store?))
+        });
+        self.url_with(from_workspace)
+    }
+
+    /// The store: `--store` or `CI_STORE`, else `ws_store` (the workspace's
+    /// `store` setting), else the default.
+    pub fn url_with(&self, ws_store: Option<std::path::PathBuf>) -> anyhow::Result<StoreUrl> {
         if self.store.is_none() {
-            if let Some(root) = self.workspace_root() {
-                if let Ok(settings) = strata_engine::loader::read_settings(&root) {
-                    if let Some(s) = settings.store {
-                        return Ok(StoreUrl::Local(root.join(s)));
-                    }
-                }
+            if let Some(p) = ws_store {
+                return Ok(StoreUrl::Local(p));
             }
         }
         match &self.store {
