@@ -165,28 +165,28 @@ fn json_run(env: &Env, args: &[&str], vars: &[(&str, &str)]) -> Events {
     Events::parse(env.ci_env(all, vars))
 }
 
-/// `ci --json build ARGS…` that must succeed.
+/// `ci --json build ARGS…` that must exit with `code`.
 #[track_caller]
-fn build_ok(env: &Env, args: &[&str]) -> Events {
+fn build_exiting(env: &Env, args: &[&str], code: i32, what: &str) -> Events {
     let mut all = vec!["build"];
     all.extend_from_slice(args);
     let ev = json_run(env, &all, &[]);
-    if ev.out.code() != Some(0) {
-        ev.fail("expected the build to succeed");
+    if ev.out.code() != Some(code) {
+        ev.fail(what);
     }
     ev
+}
+
+/// `ci --json build ARGS…` that must succeed.
+#[track_caller]
+fn build_ok(env: &Env, args: &[&str]) -> Events {
+    build_exiting(env, args, 0, "expected the build to succeed")
 }
 
 /// `ci --json build ARGS…` that must fail with exit code 1 (a task failed).
 #[track_caller]
 fn build_failing(env: &Env, args: &[&str]) -> Events {
-    let mut all = vec!["build"];
-    all.extend_from_slice(args);
-    let ev = json_run(env, &all, &[]);
-    if ev.out.code() != Some(1) {
-        ev.fail("expected the build to fail with exit code 1");
-    }
-    ev
+    build_exiting(env, args, 1, "expected the build to fail with exit code 1")
 }
 
 /// `ci store cat LAYER PATH` as a string.
