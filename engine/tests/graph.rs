@@ -9,7 +9,7 @@ use strata_engine::{
 };
 
 fn fixture(name: &str) -> Workspace {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+    let root = Path::new(&manifest_dir())
         .join("../fixtures")
         .join(name);
     Loader::new(root).load().unwrap()
@@ -257,4 +257,12 @@ fn topo_order_of_subset() {
             "//release:publish"
         ]
     );
+}
+
+/// The package directory. Read at run time (cargo sets it for tests): the
+/// compile-time value names whichever checkout built a binary that a shared
+/// target directory reuses.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
 }

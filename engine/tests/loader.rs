@@ -12,7 +12,7 @@ use strata_engine::{
 };
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+    Path::new(&manifest_dir()).join("../fixtures")
 }
 
 fn label(s: &str) -> Label {
@@ -470,4 +470,12 @@ fn model_errors_are_typed() {
         ),
         other => panic!("{other:?}"),
     }
+}
+
+/// The package directory. Read at run time (cargo sets it for tests): the
+/// compile-time value names whichever checkout built a binary that a shared
+/// target directory reuses.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
 }

@@ -10,7 +10,7 @@ use strata_engine::{
 
 fn fixture(name: &str) -> Workspace {
     Loader::new(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
+        Path::new(&manifest_dir())
             .join("../fixtures")
             .join(name),
     )
@@ -242,4 +242,12 @@ fn run_defaults_in_json() {
         r#"{"cmd":{"argv":["true"]},"pure":true}"#
     );
     let _: BTreeMap<String, String> = run.env;
+}
+
+/// The package directory. Read at run time (cargo sets it for tests): the
+/// compile-time value names whichever checkout built a binary that a shared
+/// target directory reuses.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
 }
