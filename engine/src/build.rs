@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use strata_fuse::{WorkDir, WorkDirOptions};
+use strata_fuse::{Layers, WorkDir, WorkDirOptions};
 use strata_store::{ActionEntry, Digest, IngestOptions, LabelEntry, Lineage, MergePolicy, Store};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +18,7 @@ use crate::exec::{ExecRequest, Executor, LogSink, TaskDirs};
 use crate::key::ActionPreimage;
 use crate::model::{self, Command, OnConflict, Task, TaskKind, Workspace};
 use crate::record::{new_run_id, now_ms, RunRecord, TaskRecord, TaskState};
+use crate::scratch::Scratch;
 use crate::{BuildError, Graph, Label};
 
 /// How to build.
@@ -177,7 +178,12 @@ impl Engine {
         }
         let scratch_root = inner.store.scratch_dir();
         clean_scratch(&scratch_root, &inner.events);
-        let scratch = scratch_root.join(&run.id);
+        let scratch = Arc::new(Scratch::new(
+            inner.store.clone(),
+            scratch_root.join(&run.id),
+            inner.ws.settings.inputs,
+            inner.events.clone(),
+        ));
 
         let run_cancel = cancel.child_token();
         let jobs = opts.jobs.max(1);
@@ -327,7 +333,8 @@ impl Engine {
             }
         }
 
-        let _ = std::fs::remove_dir_all(&scratch);
+        // Every task is done with it: unmounts the inputs, removes the directory.
+        drop(scratch);
         run.duration_ms = started.elapsed().as_millis() as u64;
         run.state = if run.tasks.values().all(|t| t.state == TaskState::Succeeded) {
             TaskState::Succeeded
@@ -411,7 +418,7 @@ impl Engine {
         &self,
         task: &Task,
         inputs: Vec<(Label, Done)>,
-        scratch: &Path,
+        scratch: &Arc<Scratch>,
         opts: &BuildOptions,
         run_id: &str,
         cancel: CancellationToken,
@@ -427,7 +434,7 @@ impl Engine {
             TaskKind::Merge(m) => self.run_merge(task, m, &inputs, run_id, &mut rec).await,
             TaskKind::LocalSource(s) => self.run_local_source(task, s, run_id, &mut rec).await,
             TaskKind::GitSource(g) => {
-                self.run_git_source(task, g, scratch, run_id, &mut rec)
+                self.run_git_source(task, g, scratch.root(), run_id, &mut rec)
                     .await
             }
         };
@@ -491,7 +498,7 @@ impl Engine {
         task: &Task,
         r: &model::Run,
         inputs: &[(Label, Done)],
-        scratch: &Path,
+        scratch: &Arc<Scratch>,
         opts: &BuildOptions,
         run_id: &str,
         cancel: CancellationToken,
@@ -605,8 +612,11 @@ impl Engine {
                 attempt,
                 executor: executor.name().into(),
             });
-            let dir = scratch.join(format!("{}-{attempt}", slug(&label)));
-            let prepared = self.prepare(&dir, task, inputs, base, prev).await?;
+            let mut slot = scratch.slot()?;
+            let view = scratch.view_name(&slug(&label));
+            let prepared = self
+                .prepare(scratch, slot.dir(), view, task, inputs, base, prev)
+                .await?;
             let first = inner
                 .announced
                 .lock()
@@ -617,8 +627,10 @@ impl Engine {
                     message: format!("work directories: {}", prepared.note),
                 });
             }
-            let log_file = std::fs::File::create(dir.join("log"))
-                .map_err(BuildError::io("create", dir.join("log")))?;
+            // Truncated, not made anew: the slot's file is reused.
+            let log_path = slot.dir().join("log");
+            let log_file =
+                std::fs::File::create(&log_path).map_err(BuildError::io("create", &log_path))?;
             let log = LogSink::new(
                 &label,
                 inner.events.clone(),
@@ -642,9 +654,12 @@ impl Engine {
             };
             let outcome = executor.run(req).await;
             // Capture even a failed attempt: its partial output is kept.
-            let finished = self.finish_attempt(prepared, &dir, &label, base).await;
+            let finished = self
+                .finish_attempt(scratch, prepared, slot.dir(), &label, base)
+                .await;
             let outcome = outcome?;
             let (output, log_blob, written) = finished?;
+            slot.reusable();
             rec.output = Some(output);
             rec.log = log_blob;
             rec.exit_code = outcome.exit_code;
@@ -701,19 +716,23 @@ impl Engine {
         Ok(())
     }
 
-    /// Lays out one attempt's directories: inputs checked out read-only under
-    /// `in/`, the work directory over the base, the previous output, the
-    /// context file.
+    /// Lays out one attempt's directories in its slot: the inputs (a view of
+    /// the inputs mount, or read-only copies), the previous output likewise,
+    /// the work directory over the base, the context file.
+    #[allow(clippy::too_many_arguments)]
     async fn prepare(
         &self,
-        dir: &Path,
+        scratch: &Arc<Scratch>,
+        slot: &Path,
+        view: String,
         task: &Task,
         inputs: &[(Label, Done)],
         base: Option<Digest>,
         prev: Option<Digest>,
     ) -> Result<Prepared, BuildError> {
         let store = self.inner.store.clone();
-        let dir = dir.to_owned();
+        let scratch = scratch.clone();
+        let slot = slot.to_owned();
         let mounts: Vec<(String, Digest)> = task
             .deps
             .iter()
@@ -725,25 +744,51 @@ impl Engine {
             })
             .collect();
         tokio::task::spawn_blocking(move || -> Result<Prepared, BuildError> {
-            let _ = std::fs::remove_dir_all(&dir);
-            let in_dir = dir.join("in");
-            std::fs::create_dir_all(&in_dir).map_err(BuildError::io("create", &in_dir))?;
-            for (mount, layer) in &mounts {
-                store.checkout(layer, &in_dir.join(mount))?;
-                make_read_only(&in_dir.join(mount));
-            }
-            let prev_dir = match prev {
-                Some(p) => {
-                    let pd = dir.join("prev");
-                    store.checkout(&p, &pd)?;
-                    make_read_only(&pd);
-                    Some(pd)
+            let mut views = Vec::new();
+            let mut copies = Vec::new();
+            let (in_dir, prev_dir) = match scratch.inputs()? {
+                Some(m) => {
+                    let in_dir = m.add_view(&view, &Layers::Named(mounts))?;
+                    views.push(view.clone());
+                    let prev_dir = match prev {
+                        Some(p) => {
+                            let name = format!("{view}.prev");
+                            let d = m.add_view(&name, &Layers::One(p))?;
+                            views.push(name);
+                            Some(d)
+                        }
+                        None => None,
+                    };
+                    (in_dir, prev_dir)
                 }
-                None => None,
+                None => {
+                    let in_dir = slot.join("in");
+                    std::fs::create_dir_all(&in_dir).map_err(BuildError::io("create", &in_dir))?;
+                    for (mount, layer) in &mounts {
+                        let p = in_dir.join(mount);
+                        copies.push(p.clone());
+                        store.checkout(layer, &p)?;
+                        make_read_only(&p);
+                    }
+                    let prev_dir = match prev {
+                        Some(p) => {
+                            let pd = slot.join("prev");
+                            copies.push(pd.clone());
+                            store.checkout(&p, &pd)?;
+                            make_read_only(&pd);
+                            Some(pd)
+                        }
+                        None => None,
+                    };
+                    (in_dir, prev_dir)
+                }
             };
-            let context = dir.join("context");
+            let context = slot.join("context");
             std::fs::write(&context, b"").map_err(BuildError::io("create", &context))?;
-            let work = WorkDir::create(&store, base, &dir.join("wd"), &WorkDirOptions::default())?;
+            let work = match base {
+                None => WorkDir::empty_in(&store, &slot.join("wd"))?,
+                Some(_) => WorkDir::create(&store, base, &slot, &WorkDirOptions::default())?,
+            };
             let strategy = work.strategy().to_string();
             let note = match work.note() {
                 Some(n) => format!("{strategy} ({n})"),
@@ -759,6 +804,8 @@ impl Engine {
                 work,
                 strategy,
                 note,
+                views,
+                copies,
             })
         })
         .await
@@ -766,11 +813,13 @@ impl Engine {
     }
 
     /// Captures the work directory, stores the log, reads the context file,
-    /// and removes the attempt's directories.
+    /// and leaves the slot as it was found (work directory empty, views
+    /// removed, copies deleted).
     async fn finish_attempt(
         &self,
+        scratch: &Arc<Scratch>,
         prepared: Prepared,
-        dir: &Path,
+        slot: &Path,
         label: &str,
         base: Option<Digest>,
     ) -> Result<
@@ -782,21 +831,26 @@ impl Engine {
         BuildError,
     > {
         let store = self.inner.store.clone();
-        let dir = dir.to_owned();
+        let scratch = scratch.clone();
+        let slot = slot.to_owned();
         let label = label.to_owned();
         tokio::task::spawn_blocking(move || {
             // GC in this process must not sweep between publication and record.
             let _hold = store.hold();
-            // The inputs and the previous output are done with: delete them
-            // before the capture syncs the filesystem, so their pages are
-            // dropped rather than written out only to be deleted.
-            for done_with in ["in", "prev"] {
-                let p = dir.join(done_with);
-                make_writable(&p);
-                let _ = std::fs::remove_dir_all(&p);
+            if let Some(m) = scratch.inputs()? {
+                for v in &prepared.views {
+                    m.remove_view(v);
+                }
+            }
+            // Copied inputs and the previous output are done with: delete
+            // them before the capture syncs, so their pages are dropped
+            // rather than written out only to be deleted.
+            for p in &prepared.copies {
+                make_writable(p);
+                let _ = std::fs::remove_dir_all(p);
             }
             // The log first, so the capture's one sync of new blobs covers it.
-            let log_path = dir.join("log");
+            let log_path = slot.join("log");
             let log_bytes = std::fs::read(&log_path).map_err(BuildError::io("read", &log_path))?;
             let (log, log_is_new) = if log_bytes.is_empty() {
                 (None, false)
@@ -826,8 +880,6 @@ impl Engine {
                 Ok(bytes) => parse_context(&bytes),
                 Err(e) => Err(format!("Cannot read the context file: {e}")),
             };
-            make_writable(&dir);
-            let _ = std::fs::remove_dir_all(&dir);
             Ok((output, log, written))
         })
         .await
@@ -1168,6 +1220,10 @@ struct Prepared {
     work: WorkDir,
     strategy: String,
     note: String,
+    /// Views of the inputs mount made for the attempt.
+    views: Vec<String>,
+    /// Copies made for the attempt (inputs, previous output).
+    copies: Vec<PathBuf>,
 }
 
 /// A file-name-safe form of a label.
@@ -1224,7 +1280,7 @@ fn make_read_only(path: &Path) {
     set_write_bits(path, false);
 }
 
-fn make_writable(path: &Path) {
+pub(crate) fn make_writable(path: &Path) {
     set_write_bits(path, true);
 }
 
@@ -1273,7 +1329,7 @@ fn clean_scratch(root: &Path, events: &EventSink) {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {

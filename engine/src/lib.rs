@@ -24,6 +24,7 @@ pub mod label;
 pub mod loader;
 pub mod model;
 pub mod record;
+mod scratch;
 mod validate;
 
 pub use build::{
@@ -37,7 +38,7 @@ pub use graph::{expand, render_graph, Graph, GraphFormat, GraphJson};
 pub use label::{Label, LabelError, Pattern};
 pub use loader::{find_root, Loader};
 pub use model::{
-    Command, Dep, Executor, GitSource, LocalSource, Location, Merge, OnConflict, Run, Service,
-    Settings, Stage, Task, TaskKind, Workspace,
+    Command, Dep, Executor, GitSource, InputMode, LocalSource, Location, Merge, OnConflict, Run,
+    Service, Settings, Stage, Task, TaskKind, Workspace,
 };
 pub use record::{RunRecord, TaskRecord, TaskState};

@@ -77,6 +77,19 @@ pub struct Settings {
     /// The executor of tasks that name neither an executor nor an image (default: `host`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub executor: Option<Executor>,
+    /// How tasks see their inputs (default: mounted where FUSE works, else copied).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<InputMode>,
+}
+
+/// How a task's inputs (and previous output) are laid out for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputMode {
+    /// Read-only views of one FUSE mount per build: nothing is copied.
+    Mount,
+    /// Read-only copies checked out for each task.
+    Copy,
 }
 
 /// A way to run actions. New kinds are added here (remote ones later); names stay fixed.

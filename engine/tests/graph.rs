@@ -9,9 +9,7 @@ use strata_engine::{
 };
 
 fn fixture(name: &str) -> Workspace {
-    let root = Path::new(&manifest_dir())
-        .join("../fixtures")
-        .join(name);
+    let root = Path::new(&manifest_dir()).join("../fixtures").join(name);
     Loader::new(root).load().unwrap()
 }
 

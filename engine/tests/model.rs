@@ -9,13 +9,9 @@ use strata_engine::{
 };
 
 fn fixture(name: &str) -> Workspace {
-    Loader::new(
-        Path::new(&manifest_dir())
-            .join("../fixtures")
-            .join(name),
-    )
-    .load()
-    .unwrap()
+    Loader::new(Path::new(&manifest_dir()).join("../fixtures").join(name))
+        .load()
+        .unwrap()
 }
 
 fn label(s: &str) -> Label {

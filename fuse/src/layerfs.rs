@@ -54,6 +54,13 @@ pub enum Layers {
     /// `/` makes intermediate directories. Each component follows the rules
     /// of tree entry names; a layer cannot also be the parent of another.
     Named(Vec<(String, Digest)>),
+    /// Nothing at first: top-level directories ("views") are added and
+    /// removed while mounted ([`crate::MountHandle::add_view`]), each serving
+    /// one [`Layers::One`] or [`Layers::Named`]. The engine mounts one per
+    /// build and gives every task a view of its inputs, so inputs are never
+    /// copied. A view's name is never reused within a mount: the kernel may
+    /// keep resolving it to what it first served.
+    Views,
 }
 
 /// A read-only FUSE filesystem serving [`Layers`] from a [`Store`].
@@ -72,13 +79,30 @@ pub(crate) struct Inner {
     nodes: RwLock<Vec<Arc<Node>>>,
     trees: Mutex<TreeCache>,
     /// Directories made up for [`Layers::Named`], by digest; never stored.
-    synthetic: HashMap<Digest, Arc<Tree>>,
+    synthetic: RwLock<HashMap<Digest, Arc<Tree>>>,
+    /// The views of a [`Layers::Views`] root, by name (removed ones too: a
+    /// name is never reused).
+    views: Mutex<std::collections::BTreeMap<Name, View>>,
     files: Mutex<HashMap<u64, Arc<dyn Blob>>>,
-    dirs: Mutex<HashMap<u64, Arc<Tree>>>,
+    dirs: Mutex<HashMap<u64, Listing>>,
     next_fh: AtomicU64,
     trace: Option<Mutex<HashMap<u64, u8>>>,
     /// The last error met while serving, for diagnostics (replies say EIO).
     last_error: Mutex<Option<String>>,
+}
+
+struct View {
+    ino: u64,
+    digest: Digest,
+    live: bool,
+}
+
+/// What an open directory lists: a tree, and for the views root the inode
+/// of each entry (views have theirs already).
+#[derive(Clone)]
+struct Listing {
+    tree: Arc<Tree>,
+    inos: Option<Arc<[u64]>>,
 }
 
 struct Node {
@@ -102,6 +126,8 @@ enum NodeKind {
     Symlink {
         target: Target,
     },
+    /// The root of a [`Layers::Views`] mount.
+    Views,
 }
 
 #[derive(Default)]
@@ -152,44 +178,7 @@ impl LayerFs {
     /// a name of [`Layers::Named`] is invalid or repeated.
     pub fn new(store: Store, layers: &Layers, trace: bool) -> Result<LayerFs> {
         let mut synthetic = HashMap::new();
-        let root = match layers {
-            Layers::One(d) => {
-                if !store.has_tree(d)? {
-                    return Err(strata_store::Error::MissingTree(*d).into());
-                }
-                NodeKind::Dir {
-                    digest: *d,
-                    children: OnceLock::new(),
-                    nlink: OnceLock::new(),
-                }
-            }
-            Layers::Named(list) => {
-                let mut paths = Vec::with_capacity(list.len());
-                for (name, d) in list {
-                    let bad = |source| Error::BadLayerName {
-                        name: name.clone(),
-                        source,
-                    };
-                    let path = RelPath::parse(name.as_bytes()).map_err(bad)?;
-                    if path.is_root() {
-                        return Err(bad(strata_store::Error::BadName {
-                            name: name.clone(),
-                            reason: "a layer name is empty",
-                        }));
-                    }
-                    if !store.has_tree(d)? {
-                        return Err(strata_store::Error::MissingTree(*d).into());
-                    }
-                    paths.push((path, *d, name));
-                }
-                let root = synthesize(&paths, 0, &mut synthetic)?;
-                NodeKind::Dir {
-                    digest: root,
-                    children: OnceLock::new(),
-                    nlink: OnceLock::new(),
-                }
-            }
-        };
+        let root = root_kind(&store, layers, &mut synthetic)?;
         let root = Arc::new(Node {
             parent: ROOT_INO,
             name: None,
@@ -200,7 +189,8 @@ impl LayerFs {
                 store,
                 nodes: RwLock::new(vec![root]),
                 trees: Mutex::new(TreeCache::default()),
-                synthetic,
+                synthetic: RwLock::new(synthetic),
+                views: Mutex::new(Default::default()),
                 files: Mutex::new(HashMap::new()),
                 dirs: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
@@ -215,7 +205,141 @@ impl LayerFs {
     }
 }
 
+/// The root directory serving `layers`; made-up directories go to `synthetic`.
+fn root_kind(
+    store: &Store,
+    layers: &Layers,
+    synthetic: &mut HashMap<Digest, Arc<Tree>>,
+) -> Result<NodeKind> {
+    let digest = match layers {
+        Layers::Views => return Ok(NodeKind::Views),
+        Layers::One(d) => {
+            if !store.has_tree(d)? {
+                return Err(strata_store::Error::MissingTree(*d).into());
+            }
+            *d
+        }
+        Layers::Named(list) => {
+            let mut paths = Vec::with_capacity(list.len());
+            for (name, d) in list {
+                let bad = |source| Error::BadLayerName {
+                    name: name.clone(),
+                    source,
+                };
+                let path = RelPath::parse(name.as_bytes()).map_err(bad)?;
+                if path.is_root() {
+                    return Err(bad(strata_store::Error::BadName {
+                        name: name.clone(),
+                        reason: "a layer name is empty",
+                    }));
+                }
+                if !store.has_tree(d)? {
+                    return Err(strata_store::Error::MissingTree(*d).into());
+                }
+                paths.push((path, *d, name));
+            }
+            if paths.is_empty() {
+                let empty = Tree::empty();
+                let d = empty.digest();
+                synthetic.insert(d, Arc::new(empty));
+                d
+            } else {
+                synthesize(&paths, 0, synthetic)?
+            }
+        }
+    };
+    Ok(NodeKind::Dir {
+        digest,
+        children: OnceLock::new(),
+        nlink: OnceLock::new(),
+    })
+}
+
 impl Inner {
+    /// Adds the view `name` at the root of a [`Layers::Views`] mount.
+    pub(crate) fn add_view(&self, name: &str, layers: &Layers) -> Result<()> {
+        let bad = |reason: &'static str| Error::BadLayerName {
+            name: name.to_owned(),
+            source: strata_store::Error::BadName {
+                name: name.to_owned(),
+                reason,
+            },
+        };
+        let root_is_views = matches!(
+            self.node(ROOT_INO)
+                .map(|n| matches!(n.kind, NodeKind::Views)),
+            Ok(true)
+        );
+        if !root_is_views {
+            return Err(bad("this mount does not serve views"));
+        }
+        if matches!(layers, Layers::Views) {
+            return Err(bad("a view cannot hold views"));
+        }
+        let key = Name::new(name.as_bytes().to_vec()).map_err(|source| Error::BadLayerName {
+            name: name.to_owned(),
+            source,
+        })?;
+        let mut made = HashMap::new();
+        let kind = root_kind(&self.store, layers, &mut made)?;
+        let NodeKind::Dir { digest, .. } = &kind else {
+            return Err(bad("a view must be a directory"));
+        };
+        let digest = *digest;
+        self.synthetic
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(made);
+        let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        if views.contains_key(&key) {
+            return Err(bad("a view of this name was already served by this mount"));
+        }
+        let ino = {
+            let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
+            nodes.push(Arc::new(Node {
+                parent: ROOT_INO,
+                name: Some(key.clone()),
+                kind,
+            }));
+            nodes.len() as u64
+        };
+        views.insert(
+            key,
+            View {
+                ino,
+                digest,
+                live: true,
+            },
+        );
+        Ok(())
+    }
+
+    /// Takes the view `name` away (what is open in it stays readable).
+    pub(crate) fn remove_view(&self, name: &str) {
+        let Ok(key) = Name::new(name.as_bytes().to_vec()) else {
+            return;
+        };
+        let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = views.get_mut(&key) {
+            v.live = false;
+        }
+    }
+
+    /// The live views, as a listing of the root.
+    fn views_listing(&self) -> Result<Listing> {
+        let views = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        let live: Vec<(&Name, &View)> = views.iter().filter(|(_, v)| v.live).collect();
+        let tree = Tree::from_entries(
+            live.iter()
+                .map(|(n, v)| ((*n).clone(), Entry::Dir { digest: v.digest }))
+                .collect(),
+        )?;
+        Ok(Listing {
+            tree: Arc::new(tree),
+            inos: Some(live.iter().map(|(_, v)| v.ino).collect()),
+        })
+    }
+
     fn node(&self, ino: u64) -> std::result::Result<Arc<Node>, Errno> {
         let nodes = self.nodes.read().unwrap_or_else(|p| p.into_inner());
         ino.checked_sub(1)
@@ -230,7 +354,12 @@ impl Inner {
     }
 
     fn tree(&self, digest: &Digest) -> std::result::Result<Arc<Tree>, Errno> {
-        if let Some(t) = self.synthetic.get(digest) {
+        if let Some(t) = self
+            .synthetic
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+        {
             return Ok(t.clone());
         }
         if let Some(t) = self
@@ -251,6 +380,19 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .insert(*digest, t.clone());
         Ok(t)
+    }
+
+    /// What the directory `node` lists.
+    fn listing(&self, node: &Node) -> std::result::Result<Listing, Errno> {
+        match node.kind {
+            NodeKind::Views => self
+                .views_listing()
+                .map_err(|e| self.fail("list the views", e)),
+            _ => Ok(Listing {
+                tree: self.dir_tree(node)?,
+                inos: None,
+            }),
+        }
     }
 
     fn dir_tree(&self, node: &Node) -> std::result::Result<Arc<Tree>, Errno> {
@@ -339,6 +481,7 @@ impl Inner {
             NodeKind::Symlink { target } => {
                 (FileType::Symlink, 0o777, target.as_bytes().len() as u64, 1)
             }
+            NodeKind::Views => (FileType::Directory, 0o755, 4096, 2),
         };
         let t = Timestamp::new(FIXED_MTIME, 0);
         Ok(FileAttr {
@@ -415,7 +558,7 @@ impl Inner {
 
     fn kind_of(node: &Node) -> FileType {
         match node.kind {
-            NodeKind::Dir { .. } => FileType::Directory,
+            NodeKind::Dir { .. } | NodeKind::Views => FileType::Directory,
             NodeKind::File { .. } => FileType::RegularFile,
             NodeKind::Symlink { .. } => FileType::Symlink,
         }
@@ -473,6 +616,8 @@ struct DirIter {
     ino: u64,
     node: Arc<Node>,
     tree: Arc<Tree>,
+    /// The inode of each entry, when they are not given out by `child`.
+    inos: Option<Arc<[u64]>>,
     pos: u64,
 }
 
@@ -510,7 +655,10 @@ impl DirIter {
             }),
             _ => {
                 let idx = (pos - 2) as usize;
-                let ino = self.fs.child(self.ino, &self.node, &self.tree, idx);
+                let ino = match &self.inos {
+                    Some(inos) => inos.get(idx).copied().unwrap_or(0),
+                    None => self.fs.child(self.ino, &self.node, &self.tree, idx),
+                };
                 self.fs.node(ino).map(|node| Listed {
                     ino,
                     kind: Inner::kind_of(&node),
@@ -573,15 +721,16 @@ impl LayerFs {
             .unwrap_or_else(|p| p.into_inner())
             .get(&fh)
             .cloned();
-        let tree = match held {
-            Some(t) => t,
-            None => fs.dir_tree(&node)?,
+        let listing = match held {
+            Some(l) => l,
+            None => fs.listing(&node)?,
         };
         Ok(DirIter {
             fs: fs.clone(),
             ino,
             node,
-            tree,
+            tree: listing.tree,
+            inos: listing.inos,
             pos: offset,
         })
     }
@@ -599,6 +748,24 @@ impl Filesystem for LayerFs {
     async fn lookup(&self, _req: Request, parent: u64, name: &OsStr) -> fuse3::Result<ReplyEntry> {
         let fs = &self.inner;
         let pnode = fs.node(parent)?;
+        if let NodeKind::Views = pnode.kind {
+            // Views come and go: a miss is an error reply, which the kernel
+            // does not cache, and a hit names a view that never changes.
+            let ino = Name::new(name.as_bytes().to_vec())
+                .ok()
+                .and_then(|key| {
+                    let views = fs.views.lock().unwrap_or_else(|p| p.into_inner());
+                    views.get(&key).filter(|v| v.live).map(|v| v.ino)
+                })
+                .ok_or_else(|| errno(libc::ENOENT))?;
+            let node = fs.node(ino)?;
+            fs.note(ino, LOOKED_UP);
+            return Ok(ReplyEntry {
+                ttl: TTL,
+                attr: fs.attr(ino, &node)?,
+                generation: 0,
+            });
+        }
         let tree = fs.dir_tree(&pnode)?;
         match tree
             .entries()
@@ -780,17 +947,19 @@ impl Filesystem for LayerFs {
     async fn opendir(&self, _req: Request, inode: u64, _flags: u32) -> fuse3::Result<ReplyOpen> {
         let fs = &self.inner;
         let node = fs.node(inode)?;
-        let tree = fs.dir_tree(&node)?;
+        let listing = fs.listing(&node)?;
+        // The views root changes: its listing must not be cached.
+        let flags = match node.kind {
+            NodeKind::Views => 0,
+            _ => FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR,
+        };
         let fh = fs.next_fh.fetch_add(1, Ordering::Relaxed);
         fs.dirs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(fh, tree);
+            .insert(fh, listing);
         fs.note(inode, LISTED);
-        Ok(ReplyOpen {
-            fh,
-            flags: FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR,
-        })
+        Ok(ReplyOpen { fh, flags })
     }
 
     async fn readdir<'a>(

@@ -169,6 +169,7 @@ pub fn mount_layers(
     let what = match layers {
         Layers::One(d) => format!("layer {}", d.short()),
         Layers::Named(v) => format!("{} layers", v.len()),
+        Layers::Views => "views of layers".to_owned(),
     };
     mount_inner(store, layers, mountpoint, opts, Some(&what))
 }
@@ -327,6 +328,22 @@ impl MountHandle {
     /// complete after [`MountHandle::unmount`] for a handle kept by reference.
     pub fn trace(&self) -> Option<AccessTrace> {
         self.fs.trace()
+    }
+
+    /// Serves `layers` ([`Layers::One`] or [`Layers::Named`]) as the directory
+    /// `name` at the root of a [`Layers::Views`] mount, and returns its path.
+    /// A name is served once per mount: [`Error::BadLayerName`] when it was
+    /// already used (or is not a valid entry name), when a layer is missing,
+    /// or when this mount does not serve views.
+    pub fn add_view(&self, name: &str, layers: &Layers) -> Result<PathBuf> {
+        self.fs.add_view(name, layers)?;
+        Ok(self.mountpoint.join(name))
+    }
+
+    /// Takes the view `name` away from the root listing and from new
+    /// lookups; files already open in it stay readable.
+    pub fn remove_view(&self, name: &str) {
+        self.fs.remove_view(name)
     }
 
     /// The last error met while serving (replied to the kernel as `EIO`).

@@ -95,6 +95,9 @@ pub struct WorkDir {
     overlay_mounted: bool,
     record: Option<RecordGuard>,
     closed: bool,
+    /// `scratch` belongs to the caller ([`WorkDir::empty_in`]): closing
+    /// empties it and leaves it in place.
+    borrowed: bool,
 }
 
 impl std::fmt::Debug for WorkDir {
@@ -170,10 +173,48 @@ impl WorkDir {
             )?),
             scratch,
             closed: false,
+            borrowed: false,
         };
         // On error `wd` drops here, which unmounts and removes what was made.
         wd.setup(store, opts)?;
         Ok(wd)
+    }
+
+    /// An empty work directory at `dir`, an existing empty directory the
+    /// caller owns and keeps: nothing is mounted, copied or recorded, and
+    /// closing empties `dir` rather than removing it, so the next work
+    /// directory can use it again. Creating and deleting directories is what
+    /// costs most for a short task (ext4 without a journal scans past every
+    /// inode deleted in the last minutes to allocate one); a build reuses one
+    /// such directory per job slot. Strategy [`Strategy::Copy`].
+    ///
+    /// Fails with an I/O error naming `dir` when it is missing or not empty.
+    /// The store must be writable (the empty tree is stored).
+    pub fn empty_in(store: &Store, dir: &Path) -> Result<WorkDir> {
+        let empty = Tree::empty();
+        let base = empty.digest();
+        if !store.has_tree(&base)? {
+            store.put_trees([empty])?;
+        }
+        let mut entries = std::fs::read_dir(dir).map_err(Error::io("list", dir))?;
+        if entries.next().is_some() {
+            return Err(Error::io("use", dir)(std::io::Error::other(
+                "the directory is not empty",
+            )));
+        }
+        Ok(WorkDir {
+            strategy: Strategy::Copy,
+            note: Some("no base layer: a plain directory".into()),
+            base,
+            scratch: dir.to_owned(),
+            path: dir.to_owned(),
+            upper: None,
+            lower: None,
+            overlay_mounted: false,
+            record: None,
+            closed: false,
+            borrowed: true,
+        })
     }
 
     fn setup(&mut self, store: &Store, opts: &WorkDirOptions) -> Result<()> {
@@ -429,7 +470,12 @@ impl WorkDir {
         if let Some(lower) = self.lower.take() {
             lower.unmount()?;
         }
-        remove_tree(&self.scratch).map_err(Error::io("remove", &self.scratch))?;
+        if self.borrowed {
+            make_dir_writable(&self.scratch);
+            clear_dir(&self.scratch)?;
+        } else {
+            remove_tree(&self.scratch).map_err(Error::io("remove", &self.scratch))?;
+        }
         self.record.take();
         Ok(())
     }
@@ -483,6 +529,17 @@ fn make_unique_dir(root: &Path) -> Result<PathBuf> {
 }
 
 /// Empties a directory without removing it.
+/// A task may leave its work directory read-only; emptying it needs write
+/// permission (root has it anyway).
+fn make_dir_writable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::symlink_metadata(dir) {
+        if meta.is_dir() && meta.permissions().mode() & 0o700 != 0o700 {
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+        }
+    }
+}
+
 fn clear_dir(dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir).map_err(Error::io("list", dir))? {
         let p = entry.map_err(Error::io("list", dir))?.path();

@@ -106,6 +106,70 @@ fn named_layers_mount_as_one_directory_each() {
     }
 }
 
+#[test]
+fn views_come_and_go_while_mounted() {
+    if !require_fuse("views_come_and_go_while_mounted") {
+        return;
+    }
+    let t = TestStore::new();
+    let fixtures = fixture_trees(&t.mkdir("fixtures"));
+    let layers: Vec<Digest> = fixtures.iter().map(|(_, d)| t.ingest(d)).collect();
+    let mnt = t.mkdir("mnt");
+    let m = mount_layers(&t.store, &Layers::Views, &mnt, &opts()).expect("mount views");
+    assert_eq!(fs::read_dir(&mnt).expect("list").count(), 0, "starts empty");
+    // A name that is not served yet: the miss must not be cached.
+    assert!(!mnt.join("v1").exists());
+
+    let v1 = m
+        .add_view(
+            "v1",
+            &Layers::Named(vec![("src".into(), layers[0]), ("lib".into(), layers[1])]),
+        )
+        .expect("add a named view");
+    assert_eq!(v1, mnt.join("v1"));
+    assert_same_dirs(&fixtures[0].1, &v1.join("src"), true);
+    assert_same_dirs(&fixtures[1].1, &v1.join("lib"), true);
+    let v2 = m
+        .add_view("v2", &Layers::One(layers[2]))
+        .expect("add a one-layer view");
+    assert_same_dirs(&fixtures[2].1, &v2, true);
+    let empty = m
+        .add_view("v3", &Layers::Named(Vec::new()))
+        .expect("an empty view");
+    assert_eq!(fs::read_dir(&empty).expect("list").count(), 0);
+    let mut listed: Vec<String> = fs::read_dir(&mnt)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["v1", "v2", "v3"]);
+    let err = fs::write(v1.join("src/new"), b"x").expect_err("views are read-only");
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+
+    m.remove_view("v1");
+    let listed: Vec<String> = fs::read_dir(&mnt)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!listed.contains(&"v1".to_owned()), "{listed:?}");
+    // A name is served once per mount; bad names and missing layers are refused.
+    for (name, layers) in [
+        ("v1", Layers::One(layers[0])),
+        ("a/b", Layers::One(layers[0])),
+        ("", Layers::One(layers[0])),
+        ("v9", Layers::Views),
+        ("v9", Layers::One(Digest::of(b"not a tree"))),
+    ] {
+        assert!(m.add_view(name, &layers).is_err(), "{name:?} was accepted");
+    }
+    m.unmount().expect("unmount");
+
+    // A mount that does not serve views refuses them.
+    let m = mount_layers(&t.store, &Layers::One(layers[0]), &mnt, &opts()).expect("mount");
+    assert!(m.add_view("v1", &Layers::One(layers[1])).is_err());
+    m.unmount().expect("unmount");
+}
+
 /// xorshift64*: deterministic offsets without a dependency.
 struct Rng(u64);
 impl Rng {

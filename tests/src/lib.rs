@@ -659,3 +659,34 @@ pub fn assert_mtimes(root: &Path, secs: i64) {
         assert_eq!(meta.mtime(), secs, "mtime of {rel}");
     });
 }
+
+/// Whether FUSE works here; under `CI=true` its absence fails the test
+/// (`test` names it), otherwise the test says why it stops and passes.
+pub fn fuse_or_fail(test: &str) -> bool {
+    let ci = matches!(
+        std::env::var("CI").as_deref(),
+        Ok("true" | "TRUE" | "True" | "1" | "yes")
+    );
+    let problem = if !Path::new("/dev/fuse").exists() {
+        Some("/dev/fuse does not exist")
+    // SAFETY: geteuid cannot fail.
+    } else if unsafe { libc::geteuid() } == 0
+        && std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .is_err()
+    {
+        Some("/dev/fuse cannot be opened")
+    } else {
+        None
+    };
+    match problem {
+        None => true,
+        Some(p) if ci => panic!("{test}: CI=true and FUSE is unavailable: {p}"),
+        Some(p) => {
+            eprintln!("{test}: FUSE is unavailable ({p}); set CI=true to make this a failure");
+            false
+        }
+    }
+}

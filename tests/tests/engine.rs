@@ -710,6 +710,89 @@ task(
     assert_eq!(cat(&env, "//:counter", "n"), "2\n");
 }
 
+// ---- inputs ----
+
+const READS_INPUTS: &str = r#"
+task(name = "a", script = 'mkdir -p d; echo A > d/a; ln -s d/a link')
+task(name = "b", script = 'echo B > b')
+task(
+    name = "reader",
+    deps = {"first": ":a", "second": ":b"},
+    script = 'ls "$CI_IN" > mounts; cat "$CI_IN/first/d/a" "$CI_IN/first/link" "$CI_IN/second/b" > all',
+)
+task(
+    name = "writer",
+    deps = [":a"],
+    script = 'if echo x > "$CI_IN/a/d/new" 2>/dev/null || rm -f "$CI_IN/a/d/a" 2>/dev/null; then echo wrote > verdict; else echo refused > verdict; fi; test -f "$CI_IN/a/d/a"',
+)
+task(
+    name = "counter",
+    deps = [":b"],
+    pure = False,
+    script = 'n=0; if [ -f "$CI_PREV/n" ]; then n=$(cat "$CI_PREV/n"); fi; echo $((n + 1)) > n; if [ -n "${CI_PREV:-}" ]; then echo x > "$CI_PREV/n" 2>/dev/null || true; fi',
+)
+"#;
+
+/// Inputs are FUSE views by default and copies with `inputs = "copy"`: the
+/// same outputs either way, and a task cannot change its inputs (even as
+/// root, where FUSE is the only thing that says no).
+#[test]
+fn inputs_read_the_same_mounted_or_copied_and_stay_read_only() {
+    if !fuse_or_fail("inputs_read_the_same_mounted_or_copied_and_stay_read_only") {
+        return;
+    }
+    let mut outputs = Vec::new();
+    for mode in ["mount", "copy"] {
+        let env = workspace(&[("BUILD.star", READS_INPUTS)]);
+        write(
+            env.work(),
+            "ci.toml",
+            &format!("[build]\nexecutor = \"host\"\ninputs = \"{mode}\"\n"),
+        );
+        let ev = build_ok(&env, &[]);
+        let note = ev
+            .of_kind("note")
+            .map(|(_, e)| e["message"].as_str().unwrap_or_default().to_owned())
+            .find(|m| m.starts_with("inputs: "))
+            .unwrap_or_else(|| ev.fail("expected a note saying how inputs are laid out"));
+        let want = if mode == "mount" {
+            "FUSE views"
+        } else {
+            "copies"
+        };
+        ev.expect(note.contains(want), || format!("{mode}: {note}"));
+        assert_eq!(
+            cat(&env, "//:reader", "mounts"),
+            "first\nsecond\n",
+            "{mode}"
+        );
+        assert_eq!(cat(&env, "//:reader", "all"), "A\nA\nB\n", "{mode}");
+        if mode == "mount" {
+            assert_eq!(cat(&env, "//:writer", "verdict"), "refused\n");
+        }
+        // The previous output is read-only too, and the counter counts.
+        build_ok(&env, &[]).expect_executed(&["//:counter"]);
+        assert_eq!(cat(&env, "//:counter", "n"), "2\n", "{mode}");
+        // Nothing is left mounted or on disk once the build is over.
+        let work = env.store().join("work");
+        let left: Vec<_> = std::fs::read_dir(&work)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{mode}: left behind: {left:?}");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        assert!(
+            !mounts.contains(&env.store().display().to_string()),
+            "{mode}: a mount is left in the store:\n{mounts}"
+        );
+        outputs.push(
+            env.ci(["--json", "run", "show", "latest"]).success().json()["tasks"]["//:reader"]
+                ["output"]
+                .clone(),
+        );
+    }
+    assert_eq!(outputs[0], outputs[1], "the same layer either way");
+}
+
 // ---- Ctrl-C ----
 
 #[test]

@@ -9,35 +9,6 @@ use std::process::Command;
 
 use strata_tests::*;
 
-fn fuse_or_fail(test: &str) -> bool {
-    let ci = matches!(
-        std::env::var("CI").as_deref(),
-        Ok("true" | "TRUE" | "True" | "1" | "yes")
-    );
-    let problem = if !Path::new("/dev/fuse").exists() {
-        Some("/dev/fuse does not exist")
-    // SAFETY: geteuid cannot fail.
-    } else if unsafe { libc::geteuid() } == 0
-        && std::fs::File::options()
-            .read(true)
-            .write(true)
-            .open("/dev/fuse")
-            .is_err()
-    {
-        Some("/dev/fuse cannot be opened")
-    } else {
-        None
-    };
-    match problem {
-        None => true,
-        Some(p) if ci => panic!("{test}: CI=true and FUSE is unavailable: {p}"),
-        Some(p) => {
-            eprintln!("{test}: FUSE is unavailable ({p}); set CI=true to make this a failure");
-            false
-        }
-    }
-}
-
 /// A `ci` command whose mount records live inside the test's directory.
 fn ci(env: &Env, args: &[&str]) -> Command {
     let mut cmd = env.command(args);

@@ -5,6 +5,8 @@
 //! jobs = 4            # tasks at once (default: cores)
 //! executor = "host"   # default executor: "host" or "docker"
 //! store = ".ci/store" # store directory, relative to the workspace root
+//! inputs = "mount"    # inputs as FUSE views ("mount", the default where FUSE
+//!                     # works) or copies checked out per task ("copy")
 //! ```
 
 use std::fs;
