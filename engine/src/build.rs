@@ -858,10 +858,7 @@ impl Engine {
                 let (d, new) = store.blobs().put(&log_bytes)?;
                 (Some(d), new)
             };
-            let output = prepared.work.capture(&store);
-            let closed = prepared.work.close();
-            let output = output?;
-            closed?;
+            let output = prepared.work.capture_and_close(&store)?;
             if log_is_new {
                 // No record may name a blob that is not durable yet.
                 store.blobs().sync()?;

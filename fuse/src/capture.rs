@@ -12,13 +12,13 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
-use strata_store::{Digest, Entry, Name, RelPath, Store, Target, Tree};
+use strata_store::{Adopted, Digest, Entry, Name, RelPath, Store, Target, Tree};
 
 use crate::{sys, Error, Result};
 
@@ -275,24 +275,43 @@ fn scan_upper(
     Ok(())
 }
 
-/// Writes a file's bytes as a blob (published, not yet synced).
-fn store_file(store: &Store, path: &Path) -> Result<(Digest, u64)> {
+/// Writes a file's bytes as a blob (published, not yet synced). With
+/// `adopt` (the file is in a work directory about to be emptied) a file
+/// nothing else has open or links to is moved into the store rather than
+/// copied: a write lease, held from before hashing until the move, proves
+/// that no one can change the bytes in between.
+fn store_file(store: &Store, path: &Path, adopt: bool) -> Result<(Digest, u64)> {
     let mut f = File::options()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
         .open(path)
         .map_err(Error::io("open", path))?;
-    let len = f.metadata().map_err(Error::io("stat", path))?.len();
+    let meta = f.metadata().map_err(Error::io("stat", path))?;
+    let len = meta.len();
+    if adopt && meta.is_file() && meta.nlink() == 1 && sys::take_write_lease(&f) {
+        let hashed = if len <= SMALL_FILE {
+            let mut buf = Vec::with_capacity(len as usize);
+            f.read_to_end(&mut buf)
+                .map(|n| (Digest::of(&buf), n as u64))
+                .map_err(Error::io("read", path))
+        } else {
+            strata_store::hash_reader(&mut f, CHUNK).map_err(Error::io("read", path))
+        };
+        let adopted = hashed
+            .and_then(|(digest, size)| Ok((store.blobs().adopt(&digest, path)?, digest, size)));
+        sys::release_lease(&f);
+        let (adopted, digest, size) = adopted?;
+        if adopted != Adopted::Unsupported {
+            return Ok((digest, size));
+        }
+        f.seek(std::io::SeekFrom::Start(0))
+            .map_err(Error::io("read", path))?;
+    }
     if len <= SMALL_FILE {
         let mut buf = Vec::with_capacity(len as usize);
         f.read_to_end(&mut buf).map_err(Error::io("read", path))?;
         let digest = Digest::of(&buf);
-        if !store.blobs().contains(&digest)? {
-            let mut w = store.blobs().writer()?;
-            w.write_all(&buf)
-                .map_err(Error::io("write the blob of", path))?;
-            w.finish()?.publish()?;
-        }
+        store.blobs().put_hashed(&digest, &buf)?;
         return Ok((digest, buf.len() as u64));
     }
     let mut w = store.blobs().writer()?;
@@ -312,11 +331,11 @@ fn store_file(store: &Store, path: &Path) -> Result<(Digest, u64)> {
 }
 
 /// Hashes every file in parallel and makes the blobs durable.
-fn store_files(store: &Store, files: &Files) -> Result<Vec<(Digest, u64)>> {
+fn store_files(store: &Store, files: &Files, adopt: bool) -> Result<Vec<(Digest, u64)>> {
     let done: Vec<(Digest, u64)> = files
         .paths
         .par_iter()
-        .map(|p| store_file(store, p))
+        .map(|p| store_file(store, p, adopt))
         .collect::<Result<_>>()?;
     // Always, even with nothing new: callers rely on the capture's sync to
     // cover blobs they published just before (a task's log).
@@ -359,10 +378,12 @@ fn to_tree(
 }
 
 /// The layer of a plain directory, stored (trees and blobs, no layer record).
-pub(crate) fn capture_dir(store: &Store, dir: &Path) -> Result<Digest> {
+/// With `adopt`, files may be moved into the store (the directory is about
+/// to be emptied).
+pub(crate) fn capture_dir(store: &Store, dir: &Path, adopt: bool) -> Result<Digest> {
     let mut files = Files::default();
     let items = scan_full(dir, Mode::Plain, &mut files)?;
-    let hashed = store_files(store, &files)?;
+    let hashed = store_files(store, &files, adopt)?;
     let mut trees = Vec::new();
     let root = to_tree(items, &hashed, &mut trees)?;
     store.put_trees(trees)?;
@@ -391,7 +412,8 @@ pub(crate) fn capture_upper(
         &mut files,
         &mut changes,
     )?;
-    let hashed = store_files(store, &files)?;
+    // Never moved out of an upper directory: the overlay is still mounted on it.
+    let hashed = store_files(store, &files, false)?;
     let mut trees = Vec::new();
     let mut edits = Vec::with_capacity(changes.len());
     for (path, change) in changes {

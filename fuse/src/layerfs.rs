@@ -38,6 +38,10 @@ const FOPEN_CACHE_DIR: u32 = 1 << 3;
 const TREE_CACHE_ENTRIES: usize = 2_000_000;
 
 const ROOT_INO: u64 = 1;
+
+/// Reads up to this size are served on the FUSE thread (a `pread`, usually
+/// from the page cache); larger ones go to a blocking thread.
+const INLINE_READ: usize = 128 * 1024;
 const BLKSIZE: u32 = 128 * 1024;
 
 const LOOKED_UP: u8 = 1;
@@ -83,6 +87,10 @@ pub(crate) struct Inner {
     /// The views of a [`Layers::Views`] root, by name (removed ones too: a
     /// name is never reused).
     views: Mutex<std::collections::BTreeMap<Name, View>>,
+    /// For a [`Layers::Views`] mount: one inode per file content (digest and
+    /// executable bit) however many views show it, so the kernel's page
+    /// cache of a file is shared by every task reading it.
+    shared_files: Option<Mutex<HashMap<(Digest, bool), u64>>>,
     files: Mutex<HashMap<u64, Arc<dyn Blob>>>,
     dirs: Mutex<HashMap<u64, Listing>>,
     next_fh: AtomicU64,
@@ -179,6 +187,7 @@ impl LayerFs {
     pub fn new(store: Store, layers: &Layers, trace: bool) -> Result<LayerFs> {
         let mut synthetic = HashMap::new();
         let root = root_kind(&store, layers, &mut synthetic)?;
+        let shared_files = matches!(root, NodeKind::Views).then(|| Mutex::new(HashMap::new()));
         let root = Arc::new(Node {
             parent: ROOT_INO,
             name: None,
@@ -191,6 +200,7 @@ impl LayerFs {
                 trees: Mutex::new(TreeCache::default()),
                 synthetic: RwLock::new(synthetic),
                 views: Mutex::new(Default::default()),
+                shared_files,
                 files: Mutex::new(HashMap::new()),
                 dirs: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
@@ -423,6 +433,22 @@ impl Inner {
             return ino;
         }
         let (name, entry) = &tree.entries()[idx];
+        let shared_key = match (entry, &self.shared_files) {
+            (
+                Entry::File {
+                    digest, executable, ..
+                },
+                Some(shared),
+            ) => {
+                let key = (*digest, *executable);
+                if let Some(ino) = shared.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+                    slot.store(*ino, Ordering::Release);
+                    return *ino;
+                }
+                Some(key)
+            }
+            _ => None,
+        };
         let kind = match entry {
             Entry::Dir { digest } => NodeKind::Dir {
                 digest: *digest,
@@ -449,6 +475,12 @@ impl Inner {
         }));
         let ino = nodes.len() as u64;
         slot.store(ino, Ordering::Release);
+        if let (Some(key), Some(shared)) = (shared_key, &self.shared_files) {
+            shared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, ino);
+        }
         ino
     }
 
@@ -841,11 +873,12 @@ impl Filesystem for LayerFs {
         if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
             return Err(errno(libc::EROFS));
         }
-        let store = fs.store.clone();
-        let digest = *digest;
-        let blob = tokio::task::spawn_blocking(move || store.blob(&digest))
-            .await
-            .map_err(|e| fs.fail("open a blob", e))?
+        // Opening a blob file is one open and one fstat: done here rather
+        // than handed to a blocking thread, which would cost two thread
+        // switches per open (most opens are of small files a task reads).
+        let blob = fs
+            .store
+            .blob(digest)
             .map_err(|e| fs.fail("open a blob", e))?;
         let fh = fs.next_fh.fetch_add(1, Ordering::Relaxed);
         fs.files
@@ -878,6 +911,21 @@ impl Filesystem for LayerFs {
         let len = (size as u64).min(blob.size().saturating_sub(offset)) as usize;
         if len == 0 {
             return Ok(ReplyData { data: Bytes::new() });
+        }
+        if len <= INLINE_READ {
+            let mut buf = vec![0u8; len];
+            let mut done = 0;
+            while done < len {
+                let n = blob
+                    .read_at(&mut buf[done..], offset + done as u64)
+                    .map_err(|e| fs.fail("read a blob", e))?;
+                if n == 0 {
+                    break;
+                }
+                done += n;
+            }
+            buf.truncate(done);
+            return Ok(ReplyData { data: buf.into() });
         }
         let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
             let mut buf = vec![0u8; len];
@@ -922,7 +970,9 @@ impl Filesystem for LayerFs {
         _fh: u64,
         _lock_owner: u64,
     ) -> fuse3::Result<()> {
-        Ok(())
+        // Nothing to flush on a read-only filesystem; ENOSYS tells the kernel
+        // to stop sending flush on every close.
+        Err(errno(libc::ENOSYS))
     }
 
     async fn statfs(&self, _req: Request, _inode: u64) -> fuse3::Result<ReplyStatFs> {

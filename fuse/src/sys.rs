@@ -342,3 +342,53 @@ pub(crate) fn fuse_problem() -> Option<String> {
         None
     }
 }
+
+/// Takes a write lease on the file open as `f`. The kernel grants it only
+/// when no other open file (in any process, mappings included) refers to
+/// the file, and while it is held an `open` or `truncate` by anyone else
+/// waits: the bytes cannot change under the holder. Refused (false) when
+/// the file is in use, owned by another user without CAP_LEASE, or on a
+/// filesystem without leases.
+pub(crate) fn take_write_lease(f: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    quiet_lease_breaks();
+    // SAFETY: fcntl on a descriptor `f` keeps open for the call.
+    unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) == 0 }
+}
+
+/// Gives a lease back (closing the file does too).
+pub(crate) fn release_lease(f: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: as above.
+    unsafe {
+        libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK);
+    }
+}
+
+/// Someone opening a leased file makes the kernel send the holder SIGIO,
+/// whose default action ends the process. A lease is held for the moment
+/// of hashing and moving one file; the opener just waits until it is given
+/// back. So SIGIO gets a handler that does nothing, unless the program set
+/// one of its own. (A handler, not SIG_IGN: an ignored signal would stay
+/// ignored in every program the engine starts.)
+fn quiet_lease_breaks() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    extern "C" fn nothing(_: libc::c_int) {}
+    ONCE.call_once(|| {
+        // SAFETY: sigaction with zeroed, then filled, plain-data structs;
+        // the handler is async-signal-safe (it does nothing).
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGIO, std::ptr::null(), &mut old) != 0
+                || old.sa_sigaction != libc::SIG_DFL
+            {
+                return;
+            }
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
+            act.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaction(libc::SIGIO, &act, std::ptr::null_mut());
+        }
+    });
+}

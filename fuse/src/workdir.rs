@@ -425,6 +425,23 @@ impl WorkDir {
     /// A socket, FIFO or device left in the directory fails with
     /// [`Error::UnsupportedFileType`] naming it.
     pub fn capture(&self, store: &Store) -> Result<Digest> {
+        self.capture_inner(store, false)
+    }
+
+    /// [`WorkDir::capture`], then [`WorkDir::close`]. A plain directory's
+    /// files are moved into the store rather than copied when nothing else
+    /// has them open or links to them (checked with a write lease), so a
+    /// task's output costs no copy and no file is made or deleted for it.
+    /// The capture's error comes first when both fail.
+    pub fn capture_and_close(self, store: &Store) -> Result<Digest> {
+        let captured = self.capture_inner(store, true);
+        let closed = self.close();
+        let digest = captured?;
+        closed?;
+        Ok(digest)
+    }
+
+    fn capture_inner(&self, store: &Store, adopt: bool) -> Result<Digest> {
         if self.closed {
             return Err(Error::Closed);
         }
@@ -435,7 +452,7 @@ impl WorkDir {
             (Strategy::FuseOverlayfs, Some(upper)) => {
                 capture::capture_upper(store, &self.base, upper, &self.path, Upper::FuseOverlayfs)
             }
-            _ => capture::capture_dir(store, &self.path),
+            _ => capture::capture_dir(store, &self.path, adopt),
         }
     }
 

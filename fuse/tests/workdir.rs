@@ -435,3 +435,63 @@ fn a_crashed_process_leaves_nothing_after_the_next_cleanup() {
         "scratch not cleaned"
     );
 }
+
+/// `capture_and_close` moves a file into the store when nothing else holds
+/// it, and copies it otherwise: a file still open for writing (its writer
+/// could change it later), a file with another link. The layer is the same
+/// either way and the store stays sound whatever the holders do afterwards.
+#[test]
+fn capture_and_close_moves_only_files_nothing_else_holds() {
+    use std::io::Write as _;
+    use std::os::unix::fs::MetadataExt;
+    let t = TestStore::new();
+    let dir = t.mkdir("wd");
+    let wd = WorkDir::empty_in(&t.store, &dir).expect("an empty work directory");
+    write(&dir.join("moved"), b"moved bytes\n");
+    write(&dir.join("sub/moved-too"), b"deeper\n");
+    write(&dir.join("held"), b"held open\n");
+    write(&dir.join("linked"), b"linked twice\n");
+    fs::hard_link(dir.join("linked"), t.path("other-name")).expect("link");
+    let (dup, _) = t.store.blobs().put(b"already stored\n").expect("put");
+    write(&dir.join("dup"), b"already stored\n");
+    let moved_ino = fs::metadata(dir.join("moved")).expect("stat").ino();
+    let mut writer = fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("held"))
+        .expect("open for writing");
+
+    // What an ingest gives, in another store (here it would store the blobs first).
+    let other = TestStore::new();
+    let copy = other.path("copy");
+    copy_tree(&dir, &copy);
+    let want = other.ingest(&copy);
+    let got = wd.capture_and_close(&t.store).expect("capture and close");
+    assert_eq!(got, want, "the same layer as an ingest");
+    assert!(dir.is_dir(), "the caller's directory stays");
+    assert_eq!(fs::read_dir(&dir).expect("list").count(), 0, "and is empty");
+
+    let blob = |bytes: &[u8]| {
+        t.store
+            .blobs()
+            .file_path(&Digest::of(bytes))
+            .expect("blobs are files")
+    };
+    let moved = fs::metadata(blob(b"moved bytes\n")).expect("the blob");
+    assert_eq!(moved.ino(), moved_ino, "the file itself became the blob");
+    assert_eq!(moved.mode() & 0o777, 0o444);
+    assert_ne!(
+        fs::metadata(blob(b"linked twice\n")).expect("blob").ino(),
+        fs::metadata(t.path("other-name")).expect("stat").ino(),
+        "a file with another link is copied"
+    );
+    // The holder writes on: the stored copy does not change.
+    writer.write_all(b"more\n").expect("write");
+    drop(writer);
+    assert_eq!(
+        fs::read(blob(b"held open\n")).expect("read"),
+        b"held open\n"
+    );
+    assert!(t.store.blobs().contains(&dup).expect("contains"));
+    let report = t.store.verify().expect("verify");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}

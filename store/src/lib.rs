@@ -23,7 +23,7 @@ mod records;
 mod tree;
 
 pub use archive::{ExportReport, ImportOptions, ImportReport};
-pub use blob::{Blob, BlobStore};
+pub use blob::{hash_reader, Adopted, Blob, BlobStore};
 pub use checkout::CheckoutReport;
 pub use diff::{Change, ChangeKind, MergeOutcome, MergePolicy};
 pub use digest::{Digest, DigestPrefix, DIGEST_LEN, MIN_PREFIX_LEN};

@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::{Blob, BlobStore, BlobWriter, Hasher, StagedBlob};
+use super::{Adopted, Blob, BlobStore, BlobWriter, Hasher, StagedBlob};
 use crate::{Digest, Error, Result};
 
 /// Blob storage in a directory of files.
@@ -255,6 +255,34 @@ impl BlobStore for FsBlobStore {
         })
         .publish()?;
         Ok(true)
+    }
+
+    fn adopt(&self, digest: &Digest, path: &Path) -> Result<Adopted> {
+        self.refuse_if_read_only()?;
+        if self.contains(digest)? {
+            return Ok(Adopted::Exists);
+        }
+        fs::set_permissions(path, fs::Permissions::from_mode(0o444))
+            .map_err(Error::io("set permissions on", path))?;
+        let dest = self.path_of(digest);
+        let moved = match fs::rename(path, &dest) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && path.exists() => {
+                // The shard directory does not exist yet.
+                if let Some(parent) = dest.parent() {
+                    fs::create_dir_all(parent).map_err(Error::io("create", parent))?;
+                }
+                fs::rename(path, &dest)
+            }
+            other => other,
+        };
+        match moved {
+            Ok(()) => {
+                self.pending.push(dest);
+                Ok(Adopted::Moved)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Ok(Adopted::Unsupported),
+            Err(e) => Err(Error::io("move a blob to", &dest)(e)),
+        }
     }
 
     fn contains(&self, digest: &Digest) -> Result<bool> {

@@ -61,12 +61,36 @@ pub trait BlobStore: Send + Sync {
     /// without hashing them again. Returns whether the blob was new.
     fn put_hashed(&self, digest: &Digest, bytes: &[u8]) -> Result<bool>;
 
+    /// Takes the file at `path` as the blob `digest` by moving it into the
+    /// store: no copy, no new file. The caller vouches that `path` is a
+    /// regular file holding exactly the bytes of `digest`, with no other link
+    /// and nothing else holding it open (a work directory's capture checks
+    /// this with a write lease while it hashes). The file's mode becomes
+    /// read-only. Durability as for [`BlobStore::put_hashed`]: after the next
+    /// [`BlobStore::sync`].
+    fn adopt(&self, digest: &Digest, path: &std::path::Path) -> Result<Adopted> {
+        let _ = (digest, path);
+        Ok(Adopted::Unsupported)
+    }
+
     /// Stores `bytes` as a blob; returns its digest and whether it was new.
     fn put(&self, bytes: &[u8]) -> Result<(Digest, bool)> {
         let digest = Digest::of(bytes);
         let new = self.put_hashed(&digest, bytes)?;
         Ok((digest, new))
     }
+}
+
+/// What [`BlobStore::adopt`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Adopted {
+    /// The file is now the blob.
+    Moved,
+    /// The blob was stored already; the file is left where it was.
+    Exists,
+    /// This backend or filesystem cannot take files (another filesystem,
+    /// blobs kept in memory); the file is left where it was: copy it.
+    Unsupported,
 }
 
 /// Reads a whole blob into memory.
@@ -93,6 +117,20 @@ impl Read for BlobReader<'_> {
         let n = self.blob.read_at(buf, self.pos)?;
         self.pos += n as u64;
         Ok(n)
+    }
+}
+
+/// The digest and length of everything `r` yields, read in chunks of
+/// `chunk` bytes (large chunks are hashed on every core).
+pub fn hash_reader(r: &mut dyn Read, chunk: usize) -> io::Result<(Digest, u64)> {
+    let mut h = Hasher::new();
+    let mut buf = vec![0u8; chunk.max(1)];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h.finish());
+        }
+        h.update(&buf[..n]);
     }
 }
 
