@@ -1,14 +1,16 @@
 //! The scheduler: runs every ready task of the requested targets, in
 //! parallel up to `jobs`, at most once per action key.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use strata_fuse::{Layers, WorkDir, WorkDirOptions};
-use strata_store::{ActionEntry, Digest, IngestOptions, LabelEntry, Lineage, MergePolicy, Store};
+use strata_store::{
+    ActionEntry, Digest, IngestOptions, LabelEntry, Lineage, MergePolicy, Payload, Store,
+};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -67,6 +69,23 @@ pub struct ActionPayload {
     pub previous: Option<Box<ActionPreimage>>,
 }
 
+/// The fields of an [`ActionPayload`] a cache hit needs.
+#[derive(Deserialize)]
+struct Hit {
+    output: Digest,
+    #[serde(default)]
+    context: BTreeMap<String, String>,
+    #[serde(default)]
+    log: Option<Digest>,
+}
+
+/// The fields of a label's [`ActionPayload`] that say whether it changed.
+#[derive(Deserialize)]
+struct LabelHead {
+    key: Digest,
+    output: Digest,
+}
+
 /// Builds targets of one workspace against one store.
 #[derive(Clone)]
 pub struct Engine {
@@ -79,8 +98,20 @@ struct Inner {
     host: Arc<dyn Executor>,
     docker: Option<Arc<dyn Executor>>,
     events: EventSink,
+    /// What label keys start with ([`label_key`]), resolved once.
+    label_prefix: String,
     /// Work-directory strategies already announced (each is printed once).
     announced: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// The scheduler's bookkeeping, by task number (position in topological order).
+struct Sched<'a> {
+    order: &'a [Label],
+    run: &'a mut RunRecord,
+    state: &'a mut [TaskState],
+    users: &'a [Vec<usize>],
+    unmet: &'a mut [usize],
+    ready: &'a mut BTreeSet<usize>,
 }
 
 /// The result of an input: what a dependant needs.
@@ -95,6 +126,7 @@ impl Engine {
         Engine {
             inner: Arc::new(Inner {
                 store,
+                label_prefix: workspace_label_key(ws.root.as_deref(), ""),
                 ws,
                 host: Arc::new(HostExecutor),
                 docker: None,
@@ -112,6 +144,7 @@ impl Engine {
             host: self.inner.host.clone(),
             docker: Some(docker),
             events: self.inner.events.clone(),
+            label_prefix: self.inner.label_prefix.clone(),
             announced: Default::default(),
         };
         Engine {
@@ -188,54 +221,63 @@ impl Engine {
         let run_cancel = cancel.child_token();
         let jobs = opts.jobs.max(1);
 
-        // What each task waits for (its inputs and its stage gates), who waits
-        // for it, and how many of its needs are still unmet: computed once, so
-        // each completion costs only its own dependants.
-        let mut needs: BTreeMap<&Label, Vec<Label>> = BTreeMap::new();
-        let mut users: BTreeMap<Label, Vec<Label>> = BTreeMap::new();
-        for label in &order {
-            let task = &inner.ws.tasks[label];
-            let mut n: Vec<Label> = task.inputs().into_iter().cloned().collect();
-            n.extend(
-                graph
-                    .stage_gates(label, Some(&closure))
-                    .into_iter()
-                    .cloned(),
-            );
-            n.sort();
-            n.dedup();
-            for x in &n {
-                users.entry(x.clone()).or_default().push(label.clone());
+        // Tasks are numbered in topological order; what each waits for (its
+        // inputs and its stage gates), who waits for it and how many of its
+        // needs are unmet are computed once, so each completion costs only
+        // its own dependants.
+        let index: HashMap<&Label, usize> = order.iter().enumerate().map(|(i, l)| (l, i)).collect();
+        let mut by_stage: HashMap<&String, Vec<usize>> = HashMap::new();
+        for (i, label) in order.iter().enumerate() {
+            if let Some(stage) = &inner.ws.tasks[label].stage {
+                by_stage.entry(stage).or_default().push(i);
             }
-            needs.insert(label, n);
         }
-        let mut unmet: BTreeMap<Label, usize> =
-            needs.iter().map(|(l, n)| ((*l).clone(), n.len())).collect();
-        let position: BTreeMap<&Label, usize> =
-            order.iter().enumerate().map(|(i, l)| (l, i)).collect();
+        let mut users: Vec<Vec<usize>> = vec![Vec::new(); order.len()];
+        let mut unmet: Vec<usize> = vec![0; order.len()];
+        for (i, label) in order.iter().enumerate() {
+            let task = &inner.ws.tasks[label];
+            let mut n: Vec<usize> = task.inputs().into_iter().map(|l| index[l]).collect();
+            let after = task
+                .stage
+                .as_ref()
+                .and_then(|s| inner.ws.stages.get(s))
+                .map(|s| s.after.as_slice())
+                .unwrap_or_default();
+            for earlier in after {
+                n.extend(by_stage.get(earlier).into_iter().flatten());
+            }
+            n.sort_unstable();
+            n.dedup();
+            for &x in &n {
+                users[x].push(i);
+            }
+            unmet[i] = n.len();
+        }
         // Ready tasks, launched in topological order.
-        let mut ready: BTreeSet<(usize, Label)> = order
-            .iter()
-            .filter(|l| unmet[*l] == 0)
-            .map(|l| (position[l], l.clone()))
-            .collect();
-        let mut done: BTreeMap<Label, Done> = BTreeMap::new();
-        let mut state: BTreeMap<Label, TaskState> = order
-            .iter()
-            .map(|l| (l.clone(), TaskState::Pending))
-            .collect();
-        let mut running: JoinSet<(Label, TaskRecord)> = JoinSet::new();
+        let mut ready: BTreeSet<usize> = (0..order.len()).filter(|&i| unmet[i] == 0).collect();
+        let mut done: Vec<Option<Done>> = vec![None; order.len()];
+        let mut state: Vec<TaskState> = vec![TaskState::Pending; order.len()];
+        let mut running: JoinSet<(usize, TaskRecord)> = JoinSet::new();
         let mut stopping = false;
+        let mut sched = Sched {
+            order: &order,
+            run: &mut run,
+            state: &mut state,
+            users: &users,
+            unmet: &mut unmet,
+            ready: &mut ready,
+        };
 
         loop {
             // Launch what is ready (or settle it at once: reused from a re-run,
             // or cancelled because the run is stopping).
-            while let Some((_, label)) = ready.pop_first() {
+            while let Some(i) = sched.ready.pop_first() {
+                let label = &order[i];
                 if stopping {
                     let rec = not_run(TaskState::Cancelled, "cancelled before it started");
-                    state.insert(label.clone(), TaskState::Cancelled);
-                    self.finish_event(&label, &rec);
-                    run.tasks.insert(label.to_string(), rec);
+                    sched.state[i] = TaskState::Cancelled;
+                    self.finish_event(label, &rec);
+                    sched.run.tasks.insert(label.to_string(), rec);
                     continue;
                 }
                 if let Some(prev) = opts
@@ -248,42 +290,36 @@ impl Engine {
                     rec.reused = true;
                     rec.duration_ms = 0;
                     if let Some(output) = rec.output {
-                        done.insert(
-                            label.clone(),
-                            Done {
-                                output,
-                                context: rec.context.clone(),
-                            },
-                        );
+                        done[i] = Some(Done {
+                            output,
+                            context: rec.context.clone(),
+                        });
                     }
-                    self.settle_state(
-                        &label, rec, &mut run, &mut state, &users, &mut unmet, &mut ready,
-                        &position,
-                    );
+                    self.settle_state(i, rec, &mut sched);
                     continue;
                 }
                 if running.len() >= jobs {
-                    ready.insert((position[&label], label));
+                    sched.ready.insert(i);
                     break;
                 }
-                let task = &inner.ws.tasks[&label];
+                let task = &inner.ws.tasks[label];
                 let inputs: Vec<(Label, Done)> = task
                     .inputs()
                     .into_iter()
-                    .map(|l| (l.clone(), done[l].clone()))
+                    .filter_map(|l| done[index[l]].clone().map(|d| (l.clone(), d)))
                     .collect();
-                state.insert(label.clone(), TaskState::Running);
+                sched.state[i] = TaskState::Running;
                 let me = self.clone();
                 let task = task.clone();
                 let cancel = run_cancel.clone();
                 let scratch = scratch.clone();
                 let opts = opts.clone();
-                let run_id = run.id.clone();
+                let run_id = sched.run.id.clone();
                 running.spawn(async move {
                     let rec = me
                         .run_task(&task, inputs, &scratch, &opts, &run_id, cancel)
                         .await;
-                    (label, rec)
+                    (i, rec)
                 });
             }
             if running.is_empty() {
@@ -298,28 +334,23 @@ impl Engine {
                 }
             };
             let Some(joined) = joined else { break };
-            let (label, rec) = joined.map_err(|e| BuildError::Join(e.to_string()))?;
+            let (i, rec) = joined.map_err(|e| BuildError::Join(e.to_string()))?;
             if rec.state == TaskState::Succeeded {
                 if let Some(output) = rec.output {
-                    done.insert(
-                        label.clone(),
-                        Done {
-                            output,
-                            context: rec.context.clone(),
-                        },
-                    );
+                    done[i] = Some(Done {
+                        output,
+                        context: rec.context.clone(),
+                    });
                 }
             } else if !opts.keep_going && !stopping {
                 stopping = true;
                 run_cancel.cancel();
             }
-            self.settle_state(
-                &label, rec, &mut run, &mut state, &users, &mut unmet, &mut ready, &position,
-            );
+            self.settle_state(i, rec, &mut sched);
         }
         // Whatever never became ready waited on something that did not succeed.
-        for label in &order {
-            if state[label] == TaskState::Pending {
+        for (i, label) in order.iter().enumerate() {
+            if state[i] == TaskState::Pending {
                 let rec = if stopping {
                     not_run(TaskState::Cancelled, "not started: the build stopped")
                 } else {
@@ -358,44 +389,31 @@ impl Engine {
 
     /// Records a task's end and makes its dependants ready (on success) or
     /// skipped (otherwise, transitively).
-    #[allow(clippy::too_many_arguments)]
-    fn settle_state(
-        &self,
-        label: &Label,
-        rec: TaskRecord,
-        run: &mut RunRecord,
-        state: &mut BTreeMap<Label, TaskState>,
-        users: &BTreeMap<Label, Vec<Label>>,
-        unmet: &mut BTreeMap<Label, usize>,
-        ready: &mut BTreeSet<(usize, Label)>,
-        position: &BTreeMap<&Label, usize>,
-    ) {
+    fn settle_state(&self, i: usize, rec: TaskRecord, s: &mut Sched<'_>) {
         let ok = rec.state == TaskState::Succeeded;
-        state.insert(label.clone(), rec.state);
-        self.finish_event(label, &rec);
-        run.tasks.insert(label.to_string(), rec);
-        let mut stack = vec![(label.clone(), ok)];
-        while let Some((l, ok)) = stack.pop() {
-            for u in users.get(&l).into_iter().flatten() {
-                if state[u] != TaskState::Pending {
+        s.state[i] = rec.state;
+        self.finish_event(&s.order[i], &rec);
+        s.run.tasks.insert(s.order[i].to_string(), rec);
+        let mut stack = vec![(i, ok)];
+        while let Some((t, ok)) = stack.pop() {
+            for &u in &s.users[t] {
+                if s.state[u] != TaskState::Pending {
                     continue;
                 }
                 if ok {
-                    if let Some(n) = unmet.get_mut(u) {
-                        *n -= 1;
-                        if *n == 0 {
-                            ready.insert((position[u], u.clone()));
-                        }
+                    s.unmet[u] -= 1;
+                    if s.unmet[u] == 0 {
+                        s.ready.insert(u);
                     }
                 } else {
                     let rec = not_run(
                         TaskState::Skipped,
                         "skipped: a task it needs did not succeed",
                     );
-                    state.insert(u.clone(), TaskState::Skipped);
-                    self.finish_event(u, &rec);
-                    run.tasks.insert(u.to_string(), rec);
-                    stack.push((u.clone(), false));
+                    s.state[u] = TaskState::Skipped;
+                    self.finish_event(&s.order[u], &rec);
+                    s.run.tasks.insert(s.order[u].to_string(), rec);
+                    stack.push((u, false));
                 }
             }
         }
@@ -557,7 +575,7 @@ impl Engine {
         let mut cached_output = None;
         if cacheable {
             if let Some(hit) = store.action(&key)? {
-                if let Ok(p) = serde_json::from_value::<ActionPayload>(hit.payload) {
+                if let Ok(p) = hit.payload.decode::<Hit>() {
                     if !opts.check {
                         rec.state = TaskState::Succeeded;
                         rec.cached = true;
@@ -570,7 +588,7 @@ impl Engine {
                             context: &p.context,
                             log: p.log,
                         };
-                        self.record_success(&label, &pre, &input_labels, done, run_id, false)?;
+                        self.record_success(&label, &pre, key, &input_labels, done, run_id, false)?;
                         return Ok(());
                     }
                     cached_output = Some(p.output);
@@ -581,7 +599,9 @@ impl Engine {
         let prev = if r.pure {
             None
         } else {
-            store.label(&label_key(&inner.ws, &label))?.map(|e| e.layer)
+            store
+                .label(&format!("{}{label}", inner.label_prefix))?
+                .map(|e| e.layer)
         };
         let secrets: BTreeMap<String, String> = r
             .secret_env
@@ -694,7 +714,7 @@ impl Engine {
                     context: &ctx,
                     log: log_blob,
                 };
-                self.record_success(&label, &pre, &input_labels, done, run_id, cacheable)?;
+                self.record_success(&label, &pre, key, &input_labels, done, run_id, cacheable)?;
                 return Ok(());
             }
             rec.state = if outcome.cancelled {
@@ -886,17 +906,18 @@ impl Engine {
     /// Records a successful action: in the action cache when `cacheable`,
     /// and as the label's latest output (left as it is when neither the key
     /// nor the output changed, so a fully cached build writes nothing per task).
+    #[allow(clippy::too_many_arguments)]
     fn record_success(
         &self,
         label: &str,
         pre: &ActionPreimage,
+        key: Digest,
         input_labels: &BTreeMap<String, String>,
         done: Outcome<'_>,
         run_id: &str,
         cacheable: bool,
     ) -> Result<(), BuildError> {
         let store = &self.inner.store;
-        let key = pre.key();
         let mut payload = ActionPayload {
             output: done.output,
             context: done.context.clone(),
@@ -913,24 +934,36 @@ impl Engine {
                 &ActionEntry {
                     layers: vec![done.output],
                     blobs: done.log.into_iter().collect(),
-                    payload: serde_json::to_value(&payload).unwrap_or_default(),
+                    payload: Payload::new(&payload).map_err(BuildError::encode("an action"))?,
                     created: now_ms() / 1000,
                 },
             )?;
         }
-        let key_name = label_key(&self.inner.ws, label);
-        let before = previous_payload(store, &key_name)?;
-        payload.previous = match before {
-            Some(b) if b.key == key && b.output == done.output => return Ok(()),
-            Some(b) if b.key != key => Some(Box::new(b.preimage)),
-            Some(b) => b.previous,
+        let key_name = format!("{}{label}", self.inner.label_prefix);
+        let before = store.label(&key_name)?;
+        // Most often (a cached build) the label already names this action
+        // and output: the two fields are all that is decoded.
+        let head = before
+            .as_ref()
+            .and_then(|b| b.payload.decode::<LabelHead>().ok());
+        payload.previous = match head {
+            Some(h) if h.key == key && h.output == done.output => return Ok(()),
+            Some(_) => before
+                .and_then(|b| b.payload.decode::<ActionPayload>().ok())
+                .and_then(|b| {
+                    if b.key != key {
+                        Some(Box::new(b.preimage))
+                    } else {
+                        b.previous
+                    }
+                }),
             None => None,
         };
         store.put_label(
             &key_name,
             &LabelEntry {
                 layer: done.output,
-                payload: serde_json::to_value(&payload).unwrap_or_default(),
+                payload: Payload::new(&payload).map_err(BuildError::encode("a label record"))?,
                 updated: now_ms() / 1000,
             },
         )?;
@@ -949,7 +982,7 @@ impl Engine {
         let key = pre.key();
         rec.key = Some(key);
         if let Some(hit) = self.inner.store.action(&key)? {
-            if let Ok(p) = serde_json::from_value::<ActionPayload>(hit.payload) {
+            if let Ok(p) = hit.payload.decode::<Hit>() {
                 rec.state = TaskState::Succeeded;
                 rec.cached = true;
                 rec.output = Some(p.output);
@@ -959,7 +992,7 @@ impl Engine {
                     context: &p.context,
                     log: None,
                 };
-                self.record_success(label, pre, input_labels, done, run_id, false)?;
+                self.record_success(label, pre, key, input_labels, done, run_id, false)?;
                 return Ok(true);
             }
         }
@@ -983,7 +1016,7 @@ impl Engine {
             context: &context,
             log: None,
         };
-        self.record_success(label, pre, input_labels, done, run_id, true)?;
+        self.record_success(label, pre, pre.key(), input_labels, done, run_id, true)?;
         rec.state = TaskState::Succeeded;
         rec.output = Some(output);
         rec.context = context;
@@ -1362,7 +1395,7 @@ pub fn workspace_label_key(root: Option<&Path>, label: &str) -> String {
 pub fn previous_payload(store: &Store, label: &str) -> Result<Option<ActionPayload>, BuildError> {
     Ok(store
         .label(label)?
-        .and_then(|e| serde_json::from_value::<ActionPayload>(e.payload).ok()))
+        .and_then(|e| e.payload.decode::<ActionPayload>().ok()))
 }
 
 /// Why the latest action under a label key ([`label_key`]) had a different key from the one before

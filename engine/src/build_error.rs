@@ -62,9 +62,20 @@ pub enum BuildError {
 
     #[error("The engine's worker failed: {0}")]
     Join(String),
+
+    #[error("Cannot encode {what}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 impl BuildError {
+    pub(crate) fn encode(what: &'static str) -> impl FnOnce(serde_json::Error) -> BuildError {
+        move |source| BuildError::Encode { what, source }
+    }
+
     pub(crate) fn io(
         action: &'static str,
         path: impl Into<PathBuf>,

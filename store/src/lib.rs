@@ -34,7 +34,7 @@ pub use meta::{Batch, Family, Flow, MetaStore};
 pub use open::{OpenMode, StoreUrl};
 pub use path::RelPath;
 pub use records::{
-    ActionEntry, LabelEntry, LayerRecord, LayerStats, Lease, LeaseGuard, Lineage, RunEntry,
+    ActionEntry, LabelEntry, LayerRecord, LayerStats, Lease, LeaseGuard, Lineage, Payload, RunEntry,
 };
 pub use tree::{Entry, Kind, Name, Target, Tree, NAME_MAX, TARGET_MAX, TREE_MAGIC};
 

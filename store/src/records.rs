@@ -44,13 +44,44 @@ pub struct Lineage {
     pub created: u64,
 }
 
+/// The engine's own JSON inside a record, kept as text: the store never
+/// looks inside, and a reader decodes only the fields it needs (a cache hit
+/// wants the output, not the whole preimage).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Payload(Box<serde_json::value::RawValue>);
+
+impl Payload {
+    /// Encodes `v`. Fails only for data JSON cannot hold (a map with
+    /// non-string keys), which the engine's plain records never have.
+    pub fn new<T: Serialize + ?Sized>(v: &T) -> serde_json::Result<Payload> {
+        serde_json::value::to_raw_value(v).map(Payload)
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Decodes the payload, or the fields of it that `T` names.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> serde_json::Result<T> {
+        serde_json::from_str(self.0.get())
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Payload) -> bool {
+        self.get() == other.get()
+    }
+}
+
 /// A cached action result, as the store sees it: the layers and blobs it
 /// refers to (so GC can keep or drop it) and the engine's own payload.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ActionEntry {
     pub layers: Vec<Digest>,
     pub blobs: Vec<Digest>,
-    pub payload: serde_json::Value,
+    pub payload: Payload,
     pub created: u64,
 }
 
@@ -69,7 +100,7 @@ pub struct RunEntry {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LabelEntry {
     pub layer: Digest,
-    pub payload: serde_json::Value,
+    pub payload: Payload,
     pub updated: u64,
 }
 

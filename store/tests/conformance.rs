@@ -15,8 +15,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use common::*;
 use strata_store::{
     ActionEntry, Blob, ChangeKind, Digest, Entry, Error, Family, GcOptions, ImportOptions,
-    IngestOptions, Lineage, MergePolicy, Name, OpenMode, RelPath, RunEntry, Store, StoreUrl,
-    Target, Tree, FIXED_MTIME,
+    IngestOptions, Lineage, MergePolicy, Name, OpenMode, Payload, RelPath, RunEntry, Store,
+    StoreUrl, Target, Tree, FIXED_MTIME,
 };
 
 /// Runs each listed test once per backend: `memory::name`, `rocksdb::name`.
@@ -1487,7 +1487,7 @@ fn gc_world(t: &TestStore) -> GcWorld {
         &ActionEntry {
             layers: vec![unref],
             blobs: vec![log_gone],
-            payload: serde_json::json!({"exit": 0}),
+            payload: Payload::new(&serde_json::json!({"exit": 0})).unwrap(),
             created: 0,
         },
     )
@@ -1497,7 +1497,7 @@ fn gc_world(t: &TestStore) -> GcWorld {
         &ActionEntry {
             layers: vec![reffed],
             blobs: vec![log_kept],
-            payload: serde_json::json!({"exit": 0}),
+            payload: Payload::new(&serde_json::json!({"exit": 0})).unwrap(),
             created: 0,
         },
     )
@@ -1823,7 +1823,7 @@ fn actions_and_runs_round_trip(new: Backend) {
     let entry = ActionEntry {
         layers: vec![layer],
         blobs: vec![],
-        payload: serde_json::json!({"exit_code": 0, "stdout": "ok"}),
+        payload: Payload::new(&serde_json::json!({"exit_code": 0, "stdout": "ok"})).unwrap(),
         created: 42,
     };
     t.put_action(&key, &entry).unwrap();

@@ -30,7 +30,11 @@ fn options() -> Options {
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_keep_log_file_num(4);
-    opts.set_max_open_files(-1);
+    // Tables are opened when first read, not all at open: a short command
+    // (a no-op build, `ci store ls`) pays only for the tables it reads, and
+    // the open time does not grow with the number of recorded runs.
+    opts.set_max_open_files(512);
+    opts.set_skip_stats_update_on_db_open(true);
     // Point lookups (trees by digest, layer records) dominate: bloom filters
     // spare a read of every level's blocks for a key that is not there.
     let mut table = rocksdb::BlockBasedOptions::default();
