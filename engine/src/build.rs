@@ -192,10 +192,10 @@ impl Engine {
             started_ms: now_ms(),
             duration_ms: 0,
             rerun_of: opts.rerun_of.as_ref().map(|r| r.id.clone()),
-            tasks: order
-                .iter()
-                .map(|l| (l.to_string(), TaskRecord::pending()))
-                .collect(),
+            // Filled in as tasks end; saved whole when the run ends. The
+            // record saved now says that the run started (and, if this
+            // process dies, that it never finished).
+            tasks: BTreeMap::new(),
         };
         run.save(&inner.store)?;
         inner.events.send(Event::RunStarted {

@@ -81,7 +81,8 @@ impl Store {
 
     fn open_write(root: &Path, on_wait: &mut dyn FnMut(&str)) -> Result<Store> {
         fs::create_dir_all(root).map_err(Error::io("create the store directory", root))?;
-        check_format(root, true)?;
+        // Refuse a directory that is not a store before writing anything in it.
+        check_format(root, false)?;
         let lock_path = root.join("lock");
         let mut file = OpenOptions::new()
             .read(true)
@@ -118,6 +119,9 @@ impl Store {
         let _ = file.rewind();
         let _ = file.write_all(me.as_bytes());
 
+        // Under the lock: two writers creating one store at once must not
+        // both decide it is new (or read the other's half-written FORMAT).
+        check_format(root, true)?;
         let blobs = FsBlobStore::open(root)?;
         blobs.sweep_staging()?;
         let meta = RocksMetaStore::open(&root.join("db"))?;
@@ -155,7 +159,8 @@ fn meta_refresh(meta: &RocksMetaStore) -> Result<()> {
     meta.refresh()
 }
 
-/// Checks (or, for a writer of a new store, writes) the `FORMAT` file.
+/// Checks the `FORMAT` file: a directory without one must be empty (but
+/// for the lock), and then a writer holding the lock (`create`) writes it.
 fn check_format(root: &Path, create: bool) -> Result<()> {
     let path = root.join("FORMAT");
     match fs::read_to_string(&path) {
@@ -167,17 +172,26 @@ fn check_format(root: &Path, create: bool) -> Result<()> {
                 s.lines().next().unwrap_or("")
             ),
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let nonempty = fs::read_dir(root)
                 .map_err(Error::io("list", root))?
-                .any(|e| e.map(|e| e.file_name() != "lock").unwrap_or(true));
+                .any(|e| {
+                    e.map(|e| !matches!(e.file_name().to_str(), Some("lock" | "FORMAT.tmp")))
+                        .unwrap_or(true)
+                });
             if nonempty {
                 return Err(Error::NotAStore {
                     path: root.to_owned(),
                     reason: "the directory is not empty and is not a Strata store; choose an empty or new directory".to_owned(),
                 });
             }
-            fs::write(&path, format!("{FORMAT_LINE}\n")).map_err(Error::io("write", &path))
+            if !create {
+                return Ok(());
+            }
+            // Whole or absent, for readers that do not take the lock.
+            let tmp = root.join("FORMAT.tmp");
+            fs::write(&tmp, format!("{FORMAT_LINE}\n")).map_err(Error::io("write", &tmp))?;
+            fs::rename(&tmp, &path).map_err(Error::io("write", &path))
         }
         Err(e) => Err(Error::io("read", path)(e)),
     }

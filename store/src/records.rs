@@ -127,6 +127,13 @@ impl Drop for LeaseGuard {
     }
 }
 
+/// zstd level of stored run records: fast, and most of the gain.
+const RUN_ZSTD_LEVEL: i32 = 1;
+/// The first bytes of a zstd frame (JSON starts with `{`).
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+/// A run record decompresses to at most this much (a million tasks).
+const RUN_JSON_MAX: u64 = 1 << 30;
+
 fn decode<T: for<'de> Deserialize<'de>>(what: &'static str, key: &[u8], v: &[u8]) -> Result<T> {
     serde_json::from_slice(v).map_err(|_| Error::CorruptRecord {
         what,
@@ -447,18 +454,36 @@ impl Store {
 
     /// Records a run under `id`, durably (with every record written before
     /// it). Ids sort in the order runs started.
+    /// A run's JSON (a few hundred bytes per task, mostly digests and
+    /// repeated field names) is stored as one zstd frame, a fifth of its
+    /// size: less to write, to sync, and to replay from the log when the
+    /// next command opens the store.
     pub fn put_run(&self, id: &str, entry: &RunEntry) -> Result<()> {
+        let json = encode(entry);
+        let value = zstd::bulk::compress(&json, RUN_ZSTD_LEVEL).unwrap_or(json);
         let mut b = Batch::new();
-        b.put(Family::Runs, id.as_bytes().to_vec(), encode(entry));
+        b.put(Family::Runs, id.as_bytes().to_vec(), value);
         self.meta.write(b)?;
         self.meta.sync()
     }
 
     pub fn run(&self, id: &str) -> Result<Option<RunEntry>> {
-        self.meta
-            .get(Family::Runs, id.as_bytes())?
-            .map(|v| decode("run", id.as_bytes(), &v))
-            .transpose()
+        let Some(v) = self.meta.get(Family::Runs, id.as_bytes())? else {
+            return Ok(None);
+        };
+        if !v.starts_with(&ZSTD_MAGIC) {
+            // Written uncompressed (by an earlier version): plain JSON.
+            return decode("run", id.as_bytes(), &v).map(Some);
+        }
+        let corrupt = || Error::CorruptRecord {
+            what: "run",
+            key: id.to_owned(),
+        };
+        let mut json = Vec::new();
+        let mut dec = zstd::stream::read::Decoder::new(&v[..]).map_err(|_| corrupt())?;
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut dec, RUN_JSON_MAX), &mut json)
+            .map_err(|_| corrupt())?;
+        decode("run", id.as_bytes(), &json).map(Some)
     }
 
     /// Run ids, oldest first.

@@ -109,11 +109,17 @@ struct PendingBlobs {
     paths: Vec<PathBuf>,
     /// More than [`FSYNC_EACH_MAX`] were published: the next sync is a syncfs.
     many: bool,
+    /// A shard directory was made: `blobs/` itself changed.
+    new_shard: bool,
 }
 
 impl Pending {
     fn lock(&self) -> std::sync::MutexGuard<'_, PendingBlobs> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn shard_created(&self) {
+        self.lock().new_shard = true;
     }
 
     fn push(&self, path: PathBuf) {
@@ -193,6 +199,7 @@ impl StagedBlob for FsStaged {
                 // The shard directory does not exist yet.
                 if let Some(parent) = dest.parent() {
                     fs::create_dir_all(parent).map_err(Error::io("create", parent))?;
+                    self.pending.shard_created();
                 }
                 e.path
                     .persist(&dest)
@@ -270,6 +277,7 @@ impl BlobStore for FsBlobStore {
                 // The shard directory does not exist yet.
                 if let Some(parent) = dest.parent() {
                     fs::create_dir_all(parent).map_err(Error::io("create", parent))?;
+                    self.pending.shard_created();
                 }
                 fs::rename(path, &dest)
             }
@@ -372,8 +380,11 @@ impl BlobStore for FsBlobStore {
                     dirs.insert(d.to_owned());
                 }
             }
-            // The renames (and any new shard directory) are entries of these.
-            dirs.insert(self.blobs.clone());
+            // The renames are entries of these; a new shard directory is
+            // an entry of `blobs/`.
+            if pending.new_shard {
+                dirs.insert(self.blobs.clone());
+            }
             for d in &dirs {
                 File::open(d)
                     .and_then(|f| f.sync_all())
@@ -382,6 +393,7 @@ impl BlobStore for FsBlobStore {
         }
         pending.paths.clear();
         pending.many = false;
+        pending.new_shard = false;
         Ok(())
     }
 }
