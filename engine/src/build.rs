@@ -226,26 +226,17 @@ impl Engine {
         // needs are unmet are computed once, so each completion costs only
         // its own dependants.
         let index: HashMap<&Label, usize> = order.iter().enumerate().map(|(i, l)| (l, i)).collect();
-        let mut by_stage: HashMap<&String, Vec<usize>> = HashMap::new();
-        for (i, label) in order.iter().enumerate() {
-            if let Some(stage) = &inner.ws.tasks[label].stage {
-                by_stage.entry(stage).or_default().push(i);
-            }
-        }
         let mut users: Vec<Vec<usize>> = vec![Vec::new(); order.len()];
         let mut unmet: Vec<usize> = vec![0; order.len()];
         for (i, label) in order.iter().enumerate() {
             let task = &inner.ws.tasks[label];
             let mut n: Vec<usize> = task.inputs().into_iter().map(|l| index[l]).collect();
-            let after = task
-                .stage
-                .as_ref()
-                .and_then(|s| inner.ws.stages.get(s))
-                .map(|s| s.after.as_slice())
-                .unwrap_or_default();
-            for earlier in after {
-                n.extend(by_stage.get(earlier).into_iter().flatten());
-            }
+            n.extend(
+                graph
+                    .stage_gates(label, Some(&closure))
+                    .into_iter()
+                    .map(|l| index[l]),
+            );
             n.sort_unstable();
             n.dedup();
             for &x in &n {

@@ -23,6 +23,8 @@ pub struct Graph<'w> {
     index: HashMap<&'w Label, usize>,
     inputs: Vec<Vec<usize>>,
     users: Vec<Vec<usize>>,
+    /// The tasks of each stage, in label order.
+    members: HashMap<&'w String, Vec<&'w Label>>,
 }
 
 impl<'w> Graph<'w> {
@@ -44,12 +46,19 @@ impl<'w> Graph<'w> {
             list.sort_unstable();
             list.dedup();
         }
+        let mut members: HashMap<&String, Vec<&Label>> = HashMap::new();
+        for (label, task) in &ws.tasks {
+            if let Some(stage) = &task.stage {
+                members.entry(stage).or_default().push(label);
+            }
+        }
         Graph {
             ws,
             labels,
             index,
             inputs,
             users,
+            members,
         }
     }
 
@@ -161,16 +170,17 @@ impl<'w> Graph<'w> {
         let Some(stage) = self.ws.stages.get(stage) else {
             return Vec::new();
         };
-        let after: BTreeSet<&String> = stage.after.iter().collect();
-        self.ws
-            .tasks
+        let mut gates: Vec<&'w Label> = stage
+            .after
             .iter()
-            .filter(|(l, t)| {
-                t.stage.as_ref().is_some_and(|s| after.contains(s))
-                    && within.is_none_or(|w| w.contains(l))
-            })
-            .map(|(l, _)| l)
-            .collect()
+            .filter_map(|s| self.members.get(s))
+            .flatten()
+            .copied()
+            .filter(|l| within.is_none_or(|w| w.contains(l)))
+            .collect();
+        gates.sort();
+        gates.dedup();
+        gates
     }
 
     /// A dependency cycle, if any: the labels along it, the first repeated at the end.

@@ -275,11 +275,9 @@ impl Inner {
                 reason,
             },
         };
-        let root_is_views = matches!(
-            self.node(ROOT_INO)
-                .map(|n| matches!(n.kind, NodeKind::Views)),
-            Ok(true)
-        );
+        let root_is_views = self
+            .node(ROOT_INO)
+            .is_ok_and(|n| matches!(n.kind, NodeKind::Views));
         if !root_is_views {
             return Err(bad("this mount does not serve views"));
         }
