@@ -277,8 +277,8 @@ fn scan_upper(
 
 /// Writes a file's bytes as a blob (published, not yet synced). With
 /// `adopt` (the file is in a work directory about to be emptied) a file
-/// nothing else has open or links to is moved into the store rather than
-/// copied: a write lease, held from before hashing until the move, proves
+/// nothing else has open or links to, and that this process owns, is moved
+/// into the store rather than copied: a write lease, held from before hashing until the move, proves
 /// that no one can change the bytes in between.
 fn store_file(store: &Store, path: &Path, adopt: bool) -> Result<(Digest, u64)> {
     let mut f = File::options()
@@ -288,7 +288,10 @@ fn store_file(store: &Store, path: &Path, adopt: bool) -> Result<(Digest, u64)> 
         .map_err(Error::io("open", path))?;
     let meta = f.metadata().map_err(Error::io("stat", path))?;
     let len = meta.len();
-    if adopt && meta.is_file() && meta.nlink() == 1 && sys::take_write_lease(&f) {
+    // Only a file this process owns: its owner could otherwise make the
+    // blob writable again (a task running as another user).
+    let ours = meta.uid() == sys::euid();
+    if adopt && ours && meta.is_file() && meta.nlink() == 1 && sys::take_write_lease(&f) {
         let hashed = if len <= SMALL_FILE {
             let mut buf = Vec::with_capacity(len as usize);
             f.read_to_end(&mut buf)

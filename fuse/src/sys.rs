@@ -8,9 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Whether this process runs with uid 0 (in its user namespace).
+/// The effective user id of this process.
+pub(crate) fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 pub(crate) fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    euid() == 0
 }
 
 fn cstr(p: &OsStr) -> io::Result<CString> {

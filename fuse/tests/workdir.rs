@@ -455,6 +455,11 @@ fn capture_and_close_moves_only_files_nothing_else_holds() {
     let (dup, _) = t.store.blobs().put(b"already stored\n").expect("put");
     write(&dir.join("dup"), b"already stored\n");
     let moved_ino = fs::metadata(dir.join("moved")).expect("stat").ino();
+    // Owned by another user (who could chmod a moved blob back): copied.
+    // Only root can give a file away; others skip this case.
+    write(&dir.join("foreign"), b"someone else's\n");
+    let foreign_ino = fs::metadata(dir.join("foreign")).expect("stat").ino();
+    let gave_away = std::os::unix::fs::chown(dir.join("foreign"), Some(65534), None).is_ok();
     let mut writer = fs::OpenOptions::new()
         .append(true)
         .open(dir.join("held"))
@@ -479,6 +484,12 @@ fn capture_and_close_moves_only_files_nothing_else_holds() {
     let moved = fs::metadata(blob(b"moved bytes\n")).expect("the blob");
     assert_eq!(moved.ino(), moved_ino, "the file itself became the blob");
     assert_eq!(moved.mode() & 0o777, 0o444);
+    let foreign = fs::metadata(blob(b"someone else's\n")).expect("blob");
+    if gave_away {
+        assert_ne!(foreign.ino(), foreign_ino, "another user's file is copied");
+    }
+    // SAFETY: geteuid cannot fail.
+    assert_eq!(foreign.uid(), unsafe { libc::geteuid() }, "blobs are ours");
     assert_ne!(
         fs::metadata(blob(b"linked twice\n")).expect("blob").ino(),
         fs::metadata(t.path("other-name")).expect("stat").ino(),
