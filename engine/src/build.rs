@@ -226,17 +226,20 @@ impl Engine {
         // needs are unmet are computed once, so each completion costs only
         // its own dependants.
         let index: HashMap<&Label, usize> = order.iter().enumerate().map(|(i, l)| (l, i)).collect();
+        let tasks: Vec<&Task> = order.iter().map(|l| &inner.ws.tasks[l]).collect();
         let mut users: Vec<Vec<usize>> = vec![Vec::new(); order.len()];
         let mut unmet: Vec<usize> = vec![0; order.len()];
         for (i, label) in order.iter().enumerate() {
-            let task = &inner.ws.tasks[label];
+            let task = tasks[i];
             let mut n: Vec<usize> = task.inputs().into_iter().map(|l| index[l]).collect();
-            n.extend(
-                graph
-                    .stage_gates(label, Some(&closure))
-                    .into_iter()
-                    .map(|l| index[l]),
-            );
+            if task.stage.is_some() {
+                n.extend(
+                    graph
+                        .stage_gates(label, Some(&closure))
+                        .into_iter()
+                        .map(|l| index[l]),
+                );
+            }
             n.sort_unstable();
             n.dedup();
             for &x in &n {
@@ -293,7 +296,7 @@ impl Engine {
                     sched.ready.insert(i);
                     break;
                 }
-                let task = &inner.ws.tasks[label];
+                let task = tasks[i];
                 let inputs: Vec<(Label, Done)> = task
                     .inputs()
                     .into_iter()
