@@ -760,7 +760,11 @@ impl Engine {
         tokio::task::spawn_blocking(move || -> Result<Prepared, BuildError> {
             let mut views = Vec::new();
             let mut copies = Vec::new();
-            let (in_dir, prev_dir) = match scratch.inputs()? {
+            // A task that reads nothing gets the slot's empty `in/`: no mount
+            // is made for a pipeline whose tasks have no inputs.
+            let reads = !mounts.is_empty() || prev.is_some();
+            let mount = if reads { scratch.inputs()? } else { None };
+            let (in_dir, prev_dir) = match mount {
                 Some(m) => {
                     let in_dir = m.add_view(&view, &Layers::Named(mounts))?;
                     views.push(view.clone());
@@ -851,9 +855,11 @@ impl Engine {
         tokio::task::spawn_blocking(move || {
             // GC in this process must not sweep between publication and record.
             let _hold = store.hold();
-            if let Some(m) = scratch.inputs()? {
-                for v in &prepared.views {
-                    m.remove_view(v);
+            if !prepared.views.is_empty() {
+                if let Some(m) = scratch.inputs()? {
+                    for v in &prepared.views {
+                        m.remove_view(v);
+                    }
                 }
             }
             // Copied inputs and the previous output are done with: delete
@@ -862,6 +868,18 @@ impl Engine {
             for p in &prepared.copies {
                 make_writable(p);
                 let _ = std::fs::remove_dir_all(p);
+            }
+            // The slot's own `in/` must be empty for the next task: on the
+            // host a task may have written into it (root ignores its mode).
+            let in_dir = slot.join("in");
+            if prepared.dirs.inputs == in_dir {
+                if let Ok(rd) = std::fs::read_dir(&in_dir) {
+                    for e in rd.flatten() {
+                        let p = e.path();
+                        make_writable(&p);
+                        let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+                    }
+                }
             }
             // The log first, so the capture's one sync of new blobs covers it.
             let log_path = slot.join("log");

@@ -793,6 +793,32 @@ fn inputs_read_the_same_mounted_or_copied_and_stay_read_only() {
     assert_eq!(outputs[0], outputs[1], "the same layer either way");
 }
 
+/// A task without inputs gets an empty `$CI_IN`, and no FUSE mount is made
+/// for it; what a task leaves there never reaches the next task of its slot.
+#[test]
+fn tasks_without_inputs_get_an_empty_ci_in_and_no_mount() {
+    let env = workspace(&[(
+        "BUILD.star",
+        r#"
+stage(name = "first")
+stage(name = "second", after = ["first"])
+task(name = "litter", stage = "first", script = 'echo junk > "$CI_IN/junk" 2>/dev/null || true; echo done > out')
+task(name = "look", stage = "second", script = 'ls -A "$CI_IN" > listing')
+"#,
+    )]);
+    let ev = build_ok(&env, &["-j", "1"]);
+    assert_eq!(cat(&env, "//:look", "listing"), "");
+    let mounted = ev.of_kind("note").any(|(_, e)| {
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("inputs: ")
+    });
+    ev.expect(!mounted, || {
+        "no task reads inputs: nothing to mount or announce".into()
+    });
+}
+
 // ---- Ctrl-C ----
 
 #[test]
