@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use strata_store::{Digest, RunEntry, Store};
+use strata_store::{Digest, Payload, RunEntry, Store};
 
 use crate::BuildError;
 
@@ -127,7 +127,7 @@ impl RunRecord {
         layers.sort();
         layers.dedup();
         let blobs: Vec<Digest> = self.tasks.values().filter_map(|t| t.log).collect();
-        let record = serde_json::to_value(self).map_err(|e| BuildError::Record {
+        let record = Payload::new(self).map_err(|e| BuildError::Record {
             run: self.id.clone(),
             reason: e.to_string(),
         })?;
@@ -167,7 +167,7 @@ impl RunRecord {
         let entry = store
             .run(&id)?
             .ok_or_else(|| BuildError::UnknownRun { run: id.clone() })?;
-        serde_json::from_value(entry.record).map_err(|e| BuildError::Record {
+        entry.record.decode().map_err(|e| BuildError::Record {
             run: id,
             reason: e.to_string(),
         })

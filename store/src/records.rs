@@ -87,11 +87,11 @@ pub struct ActionEntry {
 
 /// A run as the store sees it: the layers and blobs it refers to (GC roots for
 /// the most recent runs) and the engine's own record.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunEntry {
     pub layers: Vec<Digest>,
     pub blobs: Vec<Digest>,
-    pub record: serde_json::Value,
+    pub record: Payload,
     pub created: u64,
 }
 

@@ -1411,7 +1411,7 @@ fn run_entry(layer: Digest, blobs: Vec<Digest>) -> RunEntry {
     RunEntry {
         layers: vec![layer],
         blobs,
-        record: serde_json::json!({"state": "done"}),
+        record: Payload::new(&serde_json::json!({"state": "done"})).unwrap(),
         created: 0,
     }
 }
