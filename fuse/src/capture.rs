@@ -291,31 +291,41 @@ fn store_file(store: &Store, path: &Path, adopt: bool) -> Result<(Digest, u64)> 
     // Only a file this process owns: its owner could otherwise make the
     // blob writable again (a task running as another user).
     let ours = meta.uid() == sys::euid();
-    if adopt && ours && meta.is_file() && meta.nlink() == 1 && sys::take_write_lease(&f) {
-        let hashed = if len <= SMALL_FILE {
-            let mut buf = Vec::with_capacity(len as usize);
-            f.read_to_end(&mut buf)
-                .map(|n| (Digest::of(&buf), n as u64))
-                .map_err(Error::io("read", path))
-        } else {
-            strata_store::hash_reader(&mut f, CHUNK).map_err(Error::io("read", path))
-        };
-        let adopted = hashed
-            .and_then(|(digest, size)| Ok((store.blobs().adopt(&digest, path)?, digest, size)));
+    let leased = adopt && ours && meta.is_file() && meta.nlink() == 1 && sys::take_write_lease(&f);
+    let stored = store_open_file(store, &mut f, path, len, leased);
+    if leased {
         sys::release_lease(&f);
-        let (adopted, digest, size) = adopted?;
-        if adopted != Adopted::Unsupported {
-            return Ok((digest, size));
-        }
-        f.seek(std::io::SeekFrom::Start(0))
-            .map_err(Error::io("read", path))?;
     }
+    stored
+}
+
+/// [`store_file`] once the file is open: moved into the store when `leased`
+/// (and the store can take it), else copied. Each byte is read once (twice
+/// only for a large file the store could not take).
+fn store_open_file(
+    store: &Store,
+    f: &mut File,
+    path: &Path,
+    len: u64,
+    leased: bool,
+) -> Result<(Digest, u64)> {
     if len <= SMALL_FILE {
         let mut buf = Vec::with_capacity(len as usize);
         f.read_to_end(&mut buf).map_err(Error::io("read", path))?;
         let digest = Digest::of(&buf);
-        store.blobs().put_hashed(&digest, &buf)?;
+        if !leased || store.blobs().adopt(&digest, path)? == Adopted::Unsupported {
+            store.blobs().put_hashed(&digest, &buf)?;
+        }
         return Ok((digest, buf.len() as u64));
+    }
+    if leased {
+        let (digest, size) =
+            strata_store::hash_reader(f, CHUNK).map_err(Error::io("read", path))?;
+        if store.blobs().adopt(&digest, path)? != Adopted::Unsupported {
+            return Ok((digest, size));
+        }
+        f.seek(std::io::SeekFrom::Start(0))
+            .map_err(Error::io("read", path))?;
     }
     let mut w = store.blobs().writer()?;
     let mut buf = vec![0u8; CHUNK];

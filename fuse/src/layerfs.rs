@@ -638,6 +638,21 @@ fn synthesize(
     Ok(digest)
 }
 
+/// Up to `len` bytes of `blob` from `offset` (fewer at its end).
+fn read_up_to(blob: &dyn Blob, len: usize, offset: u64) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        let n = blob.read_at(&mut buf[done..], offset + done as u64)?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    buf.truncate(done);
+    Ok(buf)
+}
+
 /// Lists one directory lazily from an offset: position 0 is `.`, 1 is `..`,
 /// then the tree's entries in order. An entry's offset is the position of
 /// the next one, so any offset the kernel hands back resumes exactly there.
@@ -910,37 +925,14 @@ impl Filesystem for LayerFs {
         if len == 0 {
             return Ok(ReplyData { data: Bytes::new() });
         }
-        if len <= INLINE_READ {
-            let mut buf = vec![0u8; len];
-            let mut done = 0;
-            while done < len {
-                let n = blob
-                    .read_at(&mut buf[done..], offset + done as u64)
-                    .map_err(|e| fs.fail("read a blob", e))?;
-                if n == 0 {
-                    break;
-                }
-                done += n;
-            }
-            buf.truncate(done);
-            return Ok(ReplyData { data: buf.into() });
-        }
-        let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            let mut buf = vec![0u8; len];
-            let mut done = 0;
-            while done < len {
-                let n = blob.read_at(&mut buf[done..], offset + done as u64)?;
-                if n == 0 {
-                    break;
-                }
-                done += n;
-            }
-            buf.truncate(done);
-            Ok(buf)
-        })
-        .await
-        .map_err(|e| fs.fail("read a blob", e))?
-        .map_err(|e| fs.fail("read a blob", e))?;
+        let data = if len <= INLINE_READ {
+            read_up_to(&*blob, len, offset).map_err(|e| fs.fail("read a blob", e))?
+        } else {
+            tokio::task::spawn_blocking(move || read_up_to(&*blob, len, offset))
+                .await
+                .map_err(|e| fs.fail("read a blob", e))?
+                .map_err(|e| fs.fail("read a blob", e))?
+        };
         Ok(ReplyData { data: data.into() })
     }
 

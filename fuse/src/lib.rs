@@ -32,7 +32,7 @@ pub use layerfs::{LayerFs, Layers};
 pub use mount::{mount_layers, AllowOther, MountHandle, MountOptions, Stop};
 pub use state::{cleanup_stale, live_mounts, state_dir, Cleaned, LiveMount};
 pub use trace::{AccessTrace, TracedPath};
-pub use workdir::{Strategy, WorkDir, WorkDirOptions};
+pub use workdir::{empty_dir, remove_tree, Strategy, WorkDir, WorkDirOptions};
 
 /// Why FUSE mounts cannot work for this process (no `/dev/fuse`, no
 /// permission, no `fusermount3` for an ordinary user), or `None` when they can.

@@ -354,7 +354,7 @@ impl WorkDir {
     fn mount_fuse_overlayfs(&mut self) -> Result<()> {
         let (lower, upper, work, merged) = self.overlay_dirs();
         // A failed kernel attempt may have left the work directory in use.
-        clear_dir(&work)?;
+        empty_dir(&work)?;
         let mut o = format!(
             "lowerdir={},upperdir={},workdir={}",
             lower.display(),
@@ -488,8 +488,7 @@ impl WorkDir {
             lower.unmount()?;
         }
         if self.borrowed {
-            make_dir_writable(&self.scratch);
-            clear_dir(&self.scratch)?;
+            empty_dir(&self.scratch)?;
         } else {
             remove_tree(&self.scratch).map_err(Error::io("remove", &self.scratch))?;
         }
@@ -546,18 +545,16 @@ fn make_unique_dir(root: &Path) -> Result<PathBuf> {
 }
 
 /// Empties a directory without removing it.
-/// A task may leave its work directory read-only; emptying it needs write
-/// permission (root has it anyway).
-fn make_dir_writable(dir: &Path) {
+/// Removes everything inside `dir` and keeps `dir`, making it writable
+/// first (a task may leave its work directory read-only), with
+/// [`remove_tree`]'s care for mounts inside.
+pub fn empty_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::symlink_metadata(dir) {
         if meta.is_dir() && meta.permissions().mode() & 0o700 != 0o700 {
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
         }
     }
-}
-
-fn clear_dir(dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir).map_err(Error::io("list", dir))? {
         let p = entry.map_err(Error::io("list", dir))?.path();
         remove_tree(&p).map_err(Error::io("remove", &p))?;
@@ -569,7 +566,7 @@ fn clear_dir(dir: &Path) -> Result<()> {
 /// writable first, and never crossing into another filesystem (a mount left
 /// inside is an error, not something to delete through). Returns whether
 /// anything was there.
-pub(crate) fn remove_tree(path: &Path) -> std::io::Result<bool> {
+pub fn remove_tree(path: &Path) -> std::io::Result<bool> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
