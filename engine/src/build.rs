@@ -20,7 +20,7 @@ use crate::exec::{ExecRequest, Executor, LogSink, TaskDirs};
 use crate::key::ActionPreimage;
 use crate::model::{self, Command, OnConflict, Task, TaskKind, Workspace};
 use crate::record::{new_run_id, now_ms, RunRecord, TaskRecord, TaskState};
-use crate::scratch::Scratch;
+use crate::scratch::{Scratch, SlotPaths};
 use crate::{BuildError, Graph, Label};
 
 /// How to build.
@@ -98,7 +98,7 @@ struct Inner {
     host: Arc<dyn Executor>,
     docker: Option<Arc<dyn Executor>>,
     events: EventSink,
-    /// What label keys start with ([`label_key`]), resolved once.
+    /// What label keys start with ([`workspace_label_key`]), resolved once.
     label_prefix: String,
     /// Work-directory strategies already announced (each is printed once).
     announced: std::sync::Mutex<std::collections::BTreeSet<String>>,
@@ -158,6 +158,12 @@ impl Engine {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// The store's key for `label`'s record in this workspace
+    /// ([`workspace_label_key`], the root resolved once per engine).
+    fn label_record_key(&self, label: &str) -> String {
+        format!("{}{label}", self.inner.label_prefix)
     }
 
     /// Where relative paths of the workspace start (the current directory
@@ -594,7 +600,7 @@ impl Engine {
             None
         } else {
             store
-                .label(&format!("{}{label}", inner.label_prefix))?
+                .label(&self.label_record_key(&label))?
                 .map(|e| e.layer)
         };
         let secrets: BTreeMap<String, String> = r
@@ -629,7 +635,7 @@ impl Engine {
             let mut slot = scratch.slot()?;
             let view = scratch.view_name(&slug(&label));
             let prepared = self
-                .prepare(scratch, slot.dir(), view, task, inputs, base, prev)
+                .prepare(scratch, slot.paths(), view, task, inputs, base, prev)
                 .await?;
             let first = inner
                 .announced
@@ -642,7 +648,7 @@ impl Engine {
                 });
             }
             // Truncated, not made anew: the slot's file is reused.
-            let log_path = slot.dir().join("log");
+            let log_path = slot.paths().log;
             let log_file =
                 std::fs::File::create(&log_path).map_err(BuildError::io("create", &log_path))?;
             let log = LogSink::new(
@@ -669,7 +675,7 @@ impl Engine {
             let outcome = executor.run(req).await;
             // Capture even a failed attempt: its partial output is kept.
             let finished = self
-                .finish_attempt(scratch, prepared, slot.dir(), &label, base)
+                .finish_attempt(scratch, prepared, slot.paths(), &label, base)
                 .await;
             let outcome = outcome?;
             let (output, log_blob, written) = finished?;
@@ -737,7 +743,7 @@ impl Engine {
     async fn prepare(
         &self,
         scratch: &Arc<Scratch>,
-        slot: &Path,
+        slot: SlotPaths,
         view: String,
         task: &Task,
         inputs: &[(Label, Done)],
@@ -746,7 +752,6 @@ impl Engine {
     ) -> Result<Prepared, BuildError> {
         let store = self.inner.store.clone();
         let scratch = scratch.clone();
-        let slot = slot.to_owned();
         let mounts: Vec<(String, Digest)> = task
             .deps
             .iter()
@@ -759,11 +764,11 @@ impl Engine {
             .collect();
         tokio::task::spawn_blocking(move || -> Result<Prepared, BuildError> {
             let mut views = Vec::new();
-            let mut copies = Vec::new();
             // A task that reads nothing gets the slot's empty `in/`: no mount
             // is made for a pipeline whose tasks have no inputs.
             let reads = !mounts.is_empty() || prev.is_some();
             let mount = if reads { scratch.inputs()? } else { None };
+            let copied = mount.is_none() && reads;
             let (in_dir, prev_dir) = match mount {
                 Some(m) => {
                     let in_dir = m.add_view(&view, &Layers::Named(mounts))?;
@@ -780,18 +785,16 @@ impl Engine {
                     (in_dir, prev_dir)
                 }
                 None => {
-                    let in_dir = slot.join("in");
+                    let in_dir = slot.inputs.clone();
                     std::fs::create_dir_all(&in_dir).map_err(BuildError::io("create", &in_dir))?;
                     for (mount, layer) in &mounts {
                         let p = in_dir.join(mount);
-                        copies.push(p.clone());
                         store.checkout(layer, &p)?;
                         make_read_only(&p);
                     }
                     let prev_dir = match prev {
                         Some(p) => {
-                            let pd = slot.join("prev");
-                            copies.push(pd.clone());
+                            let pd = slot.prev.clone();
                             store.checkout(&p, &pd)?;
                             make_read_only(&pd);
                             Some(pd)
@@ -801,11 +804,11 @@ impl Engine {
                     (in_dir, prev_dir)
                 }
             };
-            let context = slot.join("context");
+            let context = slot.context.clone();
             std::fs::write(&context, b"").map_err(BuildError::io("create", &context))?;
             let work = match base {
-                None => WorkDir::empty_in(&store, &slot.join("wd"))?,
-                Some(_) => WorkDir::create(&store, base, &slot, &WorkDirOptions::default())?,
+                None => WorkDir::empty_in(&store, &slot.work)?,
+                Some(_) => WorkDir::create(&store, base, &slot.dir, &WorkDirOptions::default())?,
             };
             let strategy = work.strategy().to_string();
             let note = match work.note() {
@@ -823,7 +826,7 @@ impl Engine {
                 strategy,
                 note,
                 views,
-                copies,
+                copied,
             })
         })
         .await
@@ -837,7 +840,7 @@ impl Engine {
         &self,
         scratch: &Arc<Scratch>,
         prepared: Prepared,
-        slot: &Path,
+        slot: SlotPaths,
         label: &str,
         base: Option<Digest>,
     ) -> Result<
@@ -850,7 +853,6 @@ impl Engine {
     > {
         let store = self.inner.store.clone();
         let scratch = scratch.clone();
-        let slot = slot.to_owned();
         let label = label.to_owned();
         tokio::task::spawn_blocking(move || {
             // GC in this process must not sweep between publication and record.
@@ -865,24 +867,18 @@ impl Engine {
             // Copied inputs and the previous output are done with: delete
             // them before the capture syncs, so their pages are dropped
             // rather than written out only to be deleted.
-            for p in &prepared.copies {
-                make_writable(p);
-                let _ = std::fs::remove_dir_all(p);
+            if prepared.copied {
+                strata_fuse::remove_tree(&slot.prev)
+                    .map_err(BuildError::io("remove", &slot.prev))?;
             }
-            // The slot's own `in/` must be empty for the next task: on the
-            // host a task may have written into it (root ignores its mode).
-            let in_dir = slot.join("in");
-            if prepared.dirs.inputs == in_dir {
-                if let Ok(rd) = std::fs::read_dir(&in_dir) {
-                    for e in rd.flatten() {
-                        let p = e.path();
-                        make_writable(&p);
-                        let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
-                    }
-                }
+            // The slot's own `in/` must be empty for the next task: it holds
+            // the copies, and on the host a task that reads nothing may have
+            // written into it (root ignores its mode).
+            if prepared.dirs.inputs == slot.inputs {
+                strata_fuse::empty_dir(&slot.inputs)?;
             }
             // The log first, so the capture's one sync of new blobs covers it.
-            let log_path = slot.join("log");
+            let log_path = slot.log;
             let log_bytes = std::fs::read(&log_path).map_err(BuildError::io("read", &log_path))?;
             let (log, log_is_new) = if log_bytes.is_empty() {
                 (None, false)
@@ -951,7 +947,7 @@ impl Engine {
                 },
             )?;
         }
-        let key_name = format!("{}{label}", self.inner.label_prefix);
+        let key_name = self.label_record_key(label);
         let before = store.label(&key_name)?;
         // Most often (a cached build) the label already names this action
         // and output: the two fields are all that is decoded.
@@ -1028,7 +1024,9 @@ impl Engine {
             context: &context,
             log: None,
         };
-        self.record_success(label, pre, pre.key(), input_labels, done, run_id, true)?;
+        // `try_cache` computed the key before the work was done.
+        let key = rec.key.unwrap_or_else(|| pre.key());
+        self.record_success(label, pre, key, input_labels, done, run_id, true)?;
         rec.state = TaskState::Succeeded;
         rec.output = Some(output);
         rec.context = context;
@@ -1264,8 +1262,8 @@ struct Prepared {
     note: String,
     /// Views of the inputs mount made for the attempt.
     views: Vec<String>,
-    /// Copies made for the attempt (inputs, previous output).
-    copies: Vec<PathBuf>,
+    /// Inputs and previous output were copied into the slot (`in/`, `prev`).
+    copied: bool,
 }
 
 /// A file-name-safe form of a label.
@@ -1318,16 +1316,8 @@ fn parse_context(bytes: &[u8]) -> Result<BTreeMap<String, String>, String> {
     Ok(out)
 }
 
+/// Clears the write bits of a checked-out tree (symlinks untouched).
 fn make_read_only(path: &Path) {
-    set_write_bits(path, false);
-}
-
-pub(crate) fn make_writable(path: &Path) {
-    set_write_bits(path, true);
-}
-
-/// Adds or removes write permission on a checked-out tree (symlinks untouched).
-fn set_write_bits(path: &Path, writable: bool) {
     use std::os::unix::fs::PermissionsExt;
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return;
@@ -1338,17 +1328,12 @@ fn set_write_bits(path: &Path, writable: bool) {
     if meta.is_dir() {
         if let Ok(rd) = std::fs::read_dir(path) {
             for e in rd.flatten() {
-                set_write_bits(&e.path(), writable);
+                make_read_only(&e.path());
             }
         }
     }
-    let mode = meta.permissions().mode();
-    let new = if writable {
-        mode | 0o200
-    } else {
-        mode & !0o222
-    };
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(new));
+    let mode = meta.permissions().mode() & !0o222;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
 }
 
 /// Removes work directories of runs that ended without cleaning up (the
@@ -1359,8 +1344,7 @@ fn clean_scratch(root: &Path, events: &EventSink) {
     };
     for e in rd.flatten() {
         let p = e.path();
-        make_writable(&p);
-        if std::fs::remove_dir_all(&p).is_ok() {
+        if matches!(strata_fuse::remove_tree(&p), Ok(true)) {
             events.send(Event::Note {
                 message: format!(
                     "Removed leftover work directory `{}` of an interrupted run",
@@ -1383,14 +1367,9 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// The name under which the store keeps a label's latest output: the label
-/// prefixed with the workspace root, so two workspaces sharing a store never
-/// see each other's `//:name`.
-pub fn label_key(ws: &Workspace, label: &str) -> String {
-    workspace_label_key(ws.root.as_deref(), label)
-}
-
-/// [`label_key`] from a workspace root alone (for commands that do not load
-/// the workspace).
+/// prefixed with the canonical workspace root (`None` for a model that did
+/// not come from disk), so two workspaces sharing a store never see each
+/// other's `//:name`.
 pub fn workspace_label_key(root: Option<&Path>, label: &str) -> String {
     match root {
         Some(r) => format!(
@@ -1403,14 +1382,14 @@ pub fn workspace_label_key(root: Option<&Path>, label: &str) -> String {
     }
 }
 
-/// The latest action recorded under a label key ([`label_key`]), if any.
+/// The latest action recorded under a label key ([`workspace_label_key`]), if any.
 pub fn previous_payload(store: &Store, label: &str) -> Result<Option<ActionPayload>, BuildError> {
     Ok(store
         .label(label)?
         .and_then(|e| e.payload.decode::<ActionPayload>().ok()))
 }
 
-/// Why the latest action under a label key ([`label_key`]) had a different key from the one before
+/// Why the latest action under a label key ([`workspace_label_key`]) had a different key from the one before
 /// it: one line per changed field. `Ok(None)` when the label never ran;
 /// an empty list when there was no earlier, different action.
 pub fn explain_label(

@@ -28,8 +28,7 @@ mod scratch;
 mod validate;
 
 pub use build::{
-    explain_label, label_key, previous_payload, workspace_label_key, ActionPayload, BuildOptions,
-    Engine,
+    explain_label, previous_payload, workspace_label_key, ActionPayload, BuildOptions, Engine,
 };
 pub use build_error::BuildError;
 pub use error::{Invalid, LoadError, ModelError};

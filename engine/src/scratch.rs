@@ -154,8 +154,7 @@ impl Drop for Scratch {
         if let Some(Some(m)) = self.inputs.take() {
             let _ = m.unmount();
         }
-        crate::build::make_writable(&self.root);
-        let _ = std::fs::remove_dir_all(&self.root);
+        let _ = strata_fuse::remove_tree(&self.root);
     }
 }
 
@@ -169,17 +168,38 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    /// Holds `wd/` (the work directory of a task without a base layer),
-    /// `log` and `context`.
-    pub(crate) fn dir(&self) -> &Path {
-        &self.dir
+    /// Where each thing of an attempt goes in this slot.
+    pub(crate) fn paths(&self) -> SlotPaths {
+        SlotPaths {
+            dir: self.dir.clone(),
+            work: self.dir.join("wd"),
+            inputs: self.dir.join("in"),
+            prev: self.dir.join("prev"),
+            log: self.dir.join("log"),
+            context: self.dir.join("context"),
+        }
     }
 
-    /// Marks the slot as left as found: its work directory empty, nothing
-    /// else in it but the log and context files.
+    /// Marks the slot as left as found: its work directory and `in/` empty,
+    /// nothing else in it but the log and context files.
     pub(crate) fn reusable(&mut self) {
         self.clean = true;
     }
+}
+
+/// The paths of a slot by role (owned: they travel to blocking threads).
+#[derive(Clone, Debug)]
+pub(crate) struct SlotPaths {
+    /// The slot itself; a transform's work directory is made inside.
+    pub(crate) dir: PathBuf,
+    /// The empty work directory of a task without a base layer.
+    pub(crate) work: PathBuf,
+    /// `$CI_IN` of a task that reads nothing, and where copied inputs go.
+    pub(crate) inputs: PathBuf,
+    /// A copied previous output.
+    pub(crate) prev: PathBuf,
+    pub(crate) log: PathBuf,
+    pub(crate) context: PathBuf,
 }
 
 impl Drop for Slot {
