@@ -72,21 +72,7 @@ if $STRACE && ! command -v strace >/dev/null 2>&1; then missing+=(strace); fi
 release_ci_bin
 
 # --- work dir ---------------------------------------------------------------------------
-BASE=${BENCH_DIR:-/var/tmp/strata-bench}
-mkdir -p "$BASE"
-WORK=$(mktemp -d "$BASE/dag.XXXXXX")
-cleanup() {
-    if $KEEP; then
-        log "kept $WORK"
-    else
-        rm -rf "$WORK"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-FSTYPE=$(df -T "$WORK" | awk 'NR == 2 { print $2 }')
-[[ $FSTYPE == tmpfs ]] && log "warning: $BASE is on tmpfs; numbers will not reflect a disk (set BENCH_DIR)"
+bench_work dag
 
 REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo none)
 git -C "$ROOT" diff --quiet HEAD 2>/dev/null || REV="$REV (dirty)"

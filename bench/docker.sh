@@ -50,11 +50,7 @@ docker image inspect "$IMAGE" >/dev/null 2>&1 || die "image $IMAGE is missing: r
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/strata-target}"
 release_ci_bin
 
-BENCH_DIR=${BENCH_DIR:-/var/tmp/strata-bench}
-mkdir -p "$BENCH_DIR"
-WORK=$(mktemp -d "$BENCH_DIR/docker.XXXXXX")
-cleanup() { $KEEP || rm -rf "$WORK"; }
-trap cleanup EXIT
+bench_work docker
 
 WS=$WORK/ws
 mkdir -p "$WS"

@@ -58,9 +58,7 @@ command -v python3 >/dev/null 2>&1 || die "python3 is missing"
 release_ci_bin
 
 # --- work dir ---------------------------------------------------------------------------
-BASE=${BENCH_DIR:-/var/tmp/strata-bench}
-mkdir -p "$BASE"
-WORK=$(mktemp -d "$BASE/fuse.XXXXXX")
+bench_work fuse
 export CI_STORE=$WORK/store
 # Mount records of this run stay in the work dir.
 export XDG_RUNTIME_DIR=$WORK/run
@@ -75,19 +73,7 @@ unmount_all() {
         fi
     done
 }
-cleanup() {
-    unmount_all
-    if $KEEP; then
-        log "kept $WORK"
-    else
-        rm -rf "$WORK"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-FSTYPE=$(df -T "$WORK" | awk 'NR == 2 { print $2 }')
-[[ $FSTYPE == tmpfs ]] && log "warning: $BASE is on tmpfs; numbers will not reflect a disk (set BENCH_DIR)"
+bench_before_cleanup() { unmount_all; }
 
 # --- data ---------------------------------------------------------------------------------
 log "generating $FILES files (~$TOTAL_MIB MiB) and a $BIG_GIB GiB file"

@@ -57,21 +57,7 @@ command -v git >/dev/null 2>&1 || missing+=(git)
 release_ci_bin
 
 # --- work dir ---------------------------------------------------------------------------
-BASE=${BENCH_DIR:-/var/tmp/strata-bench}
-mkdir -p "$BASE"
-WORK=$(mktemp -d "$BASE/run.XXXXXX")
-cleanup() {
-    if $KEEP; then
-        log "kept $WORK"
-    else
-        rm -rf "$WORK"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-FSTYPE=$(df -T "$WORK" | awk 'NR == 2 { print $2 }')
-[[ $FSTYPE == tmpfs ]] && log "warning: $BASE is on tmpfs; numbers will not reflect a disk (set BENCH_DIR)"
+bench_work run
 # Tree on disk (block overhead of small files) x4: tree, store, copy, git objects.
 # The big phase runs after those are deleted: the file plus its copy in the store.
 need_tree=$(awk -v m="$TOTAL_MIB" 'BEGIN { printf "%d", m * 1.3 * 4 }')

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by scripts/test and scripts/demo: messages, apt packages, the Rust
 # toolchain and the cargo target directory. Source it; it defines functions
 # and exports CARGO_TARGET_DIR.
@@ -56,4 +57,31 @@ release_ci_bin() {
         CI_BIN=$CARGO_TARGET_DIR/release/ci
     fi
     [[ -x $CI_BIN ]] || die "no ci binary at $CI_BIN"
+}
+
+# bench_work NAME: a fresh directory WORK under BASE=${BENCH_DIR:-/var/tmp/strata-bench}
+# (not /tmp: tmpfs), removed on exit unless KEEP=true; FSTYPE is its filesystem, with a
+# warning when that is tmpfs. A script with more to undo first (mounts) defines
+# bench_before_cleanup.
+bench_work() {
+    BASE=${BENCH_DIR:-/var/tmp/strata-bench}
+    mkdir -p "$BASE"
+    WORK=$(mktemp -d "$BASE/$1.XXXXXX")
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT TERM
+    FSTYPE=$(df -T "$WORK" | awk 'NR == 2 { print $2 }')
+    if [[ $FSTYPE == tmpfs ]]; then
+        log "warning: $BASE is on tmpfs; numbers will not reflect a disk (set BENCH_DIR)"
+    fi
+}
+
+bench_cleanup() {
+    if declare -F bench_before_cleanup >/dev/null; then
+        bench_before_cleanup
+    fi
+    if ${KEEP:-false}; then
+        log "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
 }
