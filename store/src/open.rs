@@ -179,6 +179,12 @@ fn check_format(root: &Path, create: bool) -> Result<()> {
                     e.map(|e| !matches!(e.file_name().to_str(), Some("lock" | "FORMAT.tmp")))
                         .unwrap_or(true)
                 });
+            // A writer creating the store renames FORMAT in before it makes
+            // anything else: content without FORMAT is a store made since
+            // the read above only if FORMAT is there now.
+            if nonempty && path.exists() {
+                return check_format(root, create);
+            }
             if nonempty {
                 return Err(Error::NotAStore {
                     path: root.to_owned(),
