@@ -8,6 +8,14 @@
 //!
 //! Layers never change, so every reply tells the kernel to cache entries,
 //! attributes, directory listings and pages for as long as it likes.
+//!
+//! Opening a file costs no request at all unless accesses are traced: the
+//! first `open` answers ENOSYS, which tells the kernel (Linux 3.17+) to open
+//! every file of the mount without asking, keep its pages cached and never
+//! send `release`. Reads then come without a file handle and are served by
+//! inode, from a few blob files kept open. The mount is read-only, so the
+//! kernel refuses writing opens itself. A task reading three small inputs
+//! makes 8 requests instead of 14.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -38,6 +46,9 @@ const FOPEN_CACHE_DIR: u32 = 1 << 3;
 const TREE_CACHE_ENTRIES: usize = 2_000_000;
 
 const ROOT_INO: u64 = 1;
+
+/// Blob files kept open for reads that come without a file handle.
+const OPEN_BLOBS: usize = 32;
 
 /// Reads up to this size are served on the FUSE thread (a `pread`, usually
 /// from the page cache); larger ones go to a blocking thread.
@@ -92,6 +103,9 @@ pub(crate) struct Inner {
     /// cache of a file is shared by every task reading it.
     shared_files: Option<Mutex<HashMap<(Digest, bool), u64>>>,
     files: Mutex<HashMap<u64, Arc<dyn Blob>>>,
+    /// For reads by inode (opens not sent, see the module's doc): the most
+    /// recently read blobs, by inode, newest last.
+    by_inode: Mutex<Vec<(u64, Arc<dyn Blob>)>>,
     dirs: Mutex<HashMap<u64, Listing>>,
     next_fh: AtomicU64,
     trace: Option<Mutex<HashMap<u64, u8>>>,
@@ -202,6 +216,7 @@ impl LayerFs {
                 views: Mutex::new(Default::default()),
                 shared_files,
                 files: Mutex::new(HashMap::new()),
+                by_inode: Mutex::new(Vec::with_capacity(OPEN_BLOBS)),
                 dirs: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
                 trace: trace.then(|| Mutex::new(HashMap::new())),
@@ -359,6 +374,35 @@ impl Inner {
     fn fail(&self, what: &str, e: impl std::fmt::Display) -> Errno {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{what}: {e}"));
         errno(libc::EIO)
+    }
+
+    /// The blob of file `ino`, for a read that came without a file handle:
+    /// one of the last [`OPEN_BLOBS`] read, else opened now.
+    fn blob_of(&self, ino: u64) -> std::result::Result<Arc<dyn Blob>, Errno> {
+        {
+            let mut open = self.by_inode.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = open.iter().rposition(|(n, _)| *n == ino) {
+                let hit = open.remove(i);
+                let blob = hit.1.clone();
+                open.push(hit);
+                return Ok(blob);
+            }
+        }
+        let node = self.node(ino)?;
+        let NodeKind::File { digest, .. } = &node.kind else {
+            return Err(errno(libc::EISDIR));
+        };
+        let blob: Arc<dyn Blob> = Arc::from(
+            self.store
+                .blob(digest)
+                .map_err(|e| self.fail("open a blob", e))?,
+        );
+        let mut open = self.by_inode.lock().unwrap_or_else(|p| p.into_inner());
+        if open.len() >= OPEN_BLOBS {
+            open.remove(0);
+        }
+        open.push((ino, blob.clone()));
+        Ok(blob)
     }
 
     fn tree(&self, digest: &Digest) -> std::result::Result<Arc<Tree>, Errno> {
@@ -886,6 +930,11 @@ impl Filesystem for LayerFs {
         if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
             return Err(errno(libc::EROFS));
         }
+        if fs.trace.is_none() {
+            // From now on the kernel opens files without asking (see the
+            // module's doc); only a traced mount needs to see opens.
+            return Err(errno(libc::ENOSYS));
+        }
         // Opening a blob file is one open and one fstat: done here rather
         // than handed to a blocking thread, which would cost two thread
         // switches per open (most opens are of small files a task reads).
@@ -908,19 +957,22 @@ impl Filesystem for LayerFs {
     async fn read(
         &self,
         _req: Request,
-        _inode: u64,
+        inode: u64,
         fh: u64,
         offset: u64,
         size: u32,
     ) -> fuse3::Result<ReplyData> {
         let fs = &self.inner;
-        let blob = fs
-            .files
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh)
-            .cloned()
-            .ok_or_else(|| errno(libc::EBADF))?;
+        let blob = if fh == 0 {
+            fs.blob_of(inode)?
+        } else {
+            fs.files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&fh)
+                .cloned()
+                .ok_or_else(|| errno(libc::EBADF))?
+        };
         let len = (size as u64).min(blob.size().saturating_sub(offset)) as usize;
         if len == 0 {
             return Ok(ReplyData { data: Bytes::new() });

@@ -1,10 +1,11 @@
 //! Mounting a [`LayerFs`] and owning the mount: [`mount_layers`] and
 //! [`MountHandle`].
 //!
-//! Every mount of the process is served by one private multi-threaded tokio
-//! runtime. Keeping it apart from the caller's runtime matters: a caller that
-//! does blocking file I/O on its own runtime's threads against its own mount
-//! could otherwise starve the very threads that answer the kernel.
+//! Every mount of the process is served by one private tokio runtime on its
+//! own thread ([`runtime`]). Keeping it apart from the caller's runtime
+//! matters: a caller that does blocking file I/O on its own runtime's threads
+//! against its own mount could otherwise starve the very threads that answer
+//! the kernel.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -100,25 +101,33 @@ impl Ended {
 /// Read-ahead of a LayerFs mount, where this process may set it.
 const READ_AHEAD_KIB: u32 = 1024;
 
-static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+static RUNTIME: OnceLock<tokio::runtime::Handle> = OnceLock::new();
+static RUNTIME_INIT: Mutex<()> = Mutex::new(());
 
-/// The runtime serving every mount of this process.
-pub(crate) fn runtime() -> Result<&'static tokio::runtime::Runtime> {
+/// The runtime serving every mount of this process: one thread
+/// (`strata-fuse`) driving a current-thread runtime. fuse3 spawns a task per
+/// request; on a multi-threaded runtime each spawn woke another worker,
+/// and those wake-ups cost more than the requests themselves (lookups and
+/// small reads take microseconds). Large reads go to its blocking threads.
+pub(crate) fn runtime() -> Result<&'static tokio::runtime::Handle> {
     if let Some(rt) = RUNTIME.get() {
         return Ok(rt);
     }
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+    let _one = RUNTIME_INIT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
         .thread_name("strata-fuse")
         .enable_all()
         .build()
         .map_err(|source| Error::Runtime { source })?;
-    // Losing a race only drops the spare runtime, which never ran anything.
-    let _ = RUNTIME.set(rt);
-    RUNTIME.get().ok_or(Error::Runtime {
-        source: std::io::Error::other("the runtime vanished"),
-    })
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("strata-fuse".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))
+        .map_err(|source| Error::Runtime { source })?;
+    Ok(RUNTIME.get_or_init(|| handle))
 }
 
 /// A mounted [`LayerFs`]. Unmounts when dropped; call [`MountHandle::unmount`]
