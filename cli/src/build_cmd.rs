@@ -223,7 +223,11 @@ fn run_build(
             v.event(&e);
         }
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // One thread drives the scheduler, the commands' pipes and exits: that
+    // work is short, and on a multi-threaded runtime waking a second worker
+    // for every task cost more than it. Whatever blocks (preparing,
+    // capturing, ingesting) goes to the runtime's blocking threads.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("Cannot start the async runtime")?;

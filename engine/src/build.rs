@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::{Event, EventSink};
 use crate::exec::host::HostExecutor;
-use crate::exec::{ExecRequest, Executor, LogSink, TaskDirs};
+use crate::exec::{ExecOutcome, ExecRequest, Executor, LogSink, TaskDirs};
 use crate::key::ActionPreimage;
 use crate::model::{self, Command, OnConflict, Task, TaskKind, Workspace};
 use crate::record::{new_run_id, now_ms, RunRecord, TaskRecord, TaskState};
@@ -215,6 +215,7 @@ impl Engine {
                 message: c.to_string(),
             });
         }
+        let jobs = opts.jobs.max(1);
         let scratch_root = inner.store.scratch_dir();
         clean_scratch(&scratch_root, &inner.events);
         let scratch = Arc::new(Scratch::new(
@@ -222,10 +223,14 @@ impl Engine {
             scratch_root.join(&run.id),
             inner.ws.settings.inputs,
             inner.events.clone(),
+            jobs,
         ));
 
         let run_cancel = cancel.child_token();
-        let jobs = opts.jobs.max(1);
+        // Up to `jobs` commands run at once (the scratch's job tokens); twice
+        // as many tasks are under way, so the next ones prepare and the last
+        // ones capture while commands run.
+        let in_flight = jobs * 2;
 
         // Tasks are numbered in topological order; what each waits for (its
         // inputs and its stage gates), who waits for it and how many of its
@@ -298,7 +303,7 @@ impl Engine {
                     self.settle_state(i, rec, &mut sched);
                     continue;
                 }
-                if running.len() >= jobs {
+                if running.len() >= in_flight {
                     sched.ready.insert(i);
                     break;
                 }
@@ -449,10 +454,16 @@ impl Engine {
                 self.run_command(task, r, &inputs, scratch, opts, run_id, cancel, &mut rec)
                     .await
             }
-            TaskKind::Merge(m) => self.run_merge(task, m, &inputs, run_id, &mut rec).await,
-            TaskKind::LocalSource(s) => self.run_local_source(task, s, run_id, &mut rec).await,
+            TaskKind::Merge(m) => {
+                self.run_merge(task, m, &inputs, scratch, &cancel, run_id, &mut rec)
+                    .await
+            }
+            TaskKind::LocalSource(s) => {
+                self.run_local_source(task, s, scratch, &cancel, run_id, &mut rec)
+                    .await
+            }
             TaskKind::GitSource(g) => {
-                self.run_git_source(task, g, scratch.root(), run_id, &mut rec)
+                self.run_git_source(task, g, scratch, &cancel, run_id, &mut rec)
                     .await
             }
         };
@@ -460,7 +471,7 @@ impl Engine {
             rec.state = TaskState::Failed;
             rec.error = Some(error_chain(&e));
         }
-        rec.duration_ms = started.elapsed().as_millis() as u64;
+        rec.duration_ms = (started.elapsed().as_millis() as u64).saturating_sub(rec.queued_ms);
         rec
     }
 
@@ -672,7 +683,13 @@ impl Engine {
                 cancel: cancel.clone(),
                 log: log.clone(),
             };
-            let outcome = executor.run(req).await;
+            let outcome = match self.job(scratch, &cancel, rec).await {
+                Some(_token) => executor.run(req).await,
+                None => Ok(ExecOutcome {
+                    cancelled: true,
+                    ..ExecOutcome::default()
+                }),
+            };
             // Capture even a failed attempt: its partial output is kept.
             let finished = self
                 .finish_attempt(scratch, prepared, slot.paths(), &label, base)
@@ -736,6 +753,20 @@ impl Engine {
         Ok(())
     }
 
+    /// Waits for a job token, counting the wait in `rec.queued_ms`; `None`
+    /// when the run is cancelled first.
+    async fn job<'s>(
+        &self,
+        scratch: &'s Scratch,
+        cancel: &CancellationToken,
+        rec: &mut TaskRecord,
+    ) -> Option<tokio::sync::SemaphorePermit<'s>> {
+        let waiting = Instant::now();
+        let token = scratch.job(cancel).await;
+        rec.queued_ms += waiting.elapsed().as_millis() as u64;
+        token
+    }
+
     /// Lays out one attempt's directories in its slot: the inputs (a view of
     /// the inputs mount, or read-only copies), the previous output likewise,
     /// the work directory over the base, the context file.
@@ -762,11 +793,16 @@ impl Engine {
                     .map(|(_, done)| (d.mount.clone(), done.output))
             })
             .collect();
-        tokio::task::spawn_blocking(move || -> Result<Prepared, BuildError> {
+        let reads = !mounts.is_empty() || prev.is_some();
+        // Most often nothing here blocks for long: views are added to a
+        // mount already made and the work directory is the slot's empty
+        // one. That is done in place; mounting, copying and overlays go to
+        // a blocking thread.
+        let quick = base.is_none() && (!reads || scratch.inputs_mounted());
+        let work = move || -> Result<Prepared, BuildError> {
             let mut views = Vec::new();
             // A task that reads nothing gets the slot's empty `in/`: no mount
             // is made for a pipeline whose tasks have no inputs.
-            let reads = !mounts.is_empty() || prev.is_some();
             let mount = if reads { scratch.inputs()? } else { None };
             let copied = mount.is_none() && reads;
             let (in_dir, prev_dir) = match mount {
@@ -828,9 +864,14 @@ impl Engine {
                 views,
                 copied,
             })
-        })
-        .await
-        .map_err(|e| BuildError::Join(e.to_string()))?
+        };
+        if quick {
+            work()
+        } else {
+            tokio::task::spawn_blocking(work)
+                .await
+                .map_err(|e| BuildError::Join(e.to_string()))?
+        }
     }
 
     /// Captures the work directory, stores the log, reads the context file,
@@ -1039,6 +1080,8 @@ impl Engine {
         task: &Task,
         m: &model::Merge,
         inputs: &[(Label, Done)],
+        scratch: &Scratch,
+        cancel: &CancellationToken,
         run_id: &str,
         rec: &mut TaskRecord,
     ) -> Result<(), BuildError> {
@@ -1070,6 +1113,9 @@ impl Engine {
         if self.try_cache(&label, &pre, &input_labels, run_id, rec)? {
             return Ok(());
         }
+        let Some(_token) = self.job(scratch, cancel, rec).await else {
+            return Ok(cancelled(rec));
+        };
         let store = self.inner.store.clone();
         let merged = tokio::task::spawn_blocking(
             move || -> Result<Result<Digest, Vec<String>>, BuildError> {
@@ -1123,6 +1169,8 @@ impl Engine {
         &self,
         task: &Task,
         s: &model::LocalSource,
+        scratch: &Scratch,
+        cancel: &CancellationToken,
         run_id: &str,
         rec: &mut TaskRecord,
     ) -> Result<(), BuildError> {
@@ -1154,9 +1202,13 @@ impl Engine {
             }),
             ..IngestOptions::default()
         };
+        let Some(token) = self.job(scratch, cancel, rec).await else {
+            return Ok(cancelled(rec));
+        };
         let report = tokio::task::spawn_blocking(move || store.ingest(&dir, &opts))
             .await
             .map_err(|e| BuildError::Join(e.to_string()))??;
+        drop(token);
         let mut pre = ActionPreimage::new("local_source", "store");
         pre.base = Some(report.layer);
         pre.extra.insert("path".into(), s.path.clone());
@@ -1179,7 +1231,8 @@ impl Engine {
         &self,
         task: &Task,
         g: &model::GitSource,
-        scratch: &Path,
+        scratch: &Scratch,
+        cancel: &CancellationToken,
         run_id: &str,
         rec: &mut TaskRecord,
     ) -> Result<(), BuildError> {
@@ -1198,7 +1251,10 @@ impl Engine {
         if self.try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)? {
             return Ok(());
         }
-        let dir = scratch.join(format!("{}-git", slug(&label)));
+        let Some(_token) = self.job(scratch, cancel, rec).await else {
+            return Ok(cancelled(rec));
+        };
+        let dir = scratch.root().join(format!("{}-git", slug(&label)));
         crate::git::fetch(&url, &commit, &dir).await?;
         let store = self.inner.store.clone();
         let opts = IngestOptions {
@@ -1248,6 +1304,12 @@ fn quoted(items: &[impl std::fmt::Display]) -> String {
 }
 
 /// The record of a task that never started.
+/// Marks a task the run stopped before it got a job token.
+fn cancelled(rec: &mut TaskRecord) {
+    rec.state = TaskState::Cancelled;
+    rec.error = Some("cancelled before it started".into());
+}
+
 fn not_run(state: TaskState, why: &str) -> TaskRecord {
     let mut rec = TaskRecord::pending();
     rec.state = state;

@@ -56,7 +56,11 @@ pub struct TaskRecord {
     #[serde(default)]
     pub context: BTreeMap<String, String>,
     pub started_ms: u64,
+    /// Time the task worked, waiting for a job token excluded.
     pub duration_ms: u64,
+    /// Time the task waited for a job token (`-j`), started or not.
+    #[serde(default)]
+    pub queued_ms: u64,
     pub attempts: u32,
 }
 
@@ -74,6 +78,7 @@ impl TaskRecord {
             context: BTreeMap::new(),
             started_ms: 0,
             duration_ms: 0,
+            queued_ms: 0,
             attempts: 0,
         }
     }

@@ -11,6 +11,11 @@
 //!   root. Where FUSE does not work (or `inputs = "copy"`), inputs are checked
 //!   out into the slot and deleted after the task.
 //!
+//! - The run's job tokens: `-j N` lets N commands (or merges, or source
+//!   ingests) run at once. A task takes a token for its command only, so
+//!   preparing the next task and capturing the last one's output overlap
+//!   with the commands running.
+//!
 //! The whole directory goes when the run ends (the mount first); a crashed
 //! run's is removed by the next build ([`crate::build`]'s `clean_scratch`) and
 //! its mount by `strata_fuse::cleanup_stale`.
@@ -21,6 +26,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use strata_fuse::{mount_layers, AllowOther, Layers, MountHandle, MountOptions};
 use strata_store::Store;
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio_util::sync::CancellationToken;
 
 use crate::events::{Event, EventSink};
 use crate::model::InputMode;
@@ -37,16 +44,18 @@ pub(crate) struct Scratch {
     free: Mutex<Vec<PathBuf>>,
     slots: AtomicUsize,
     views: AtomicU64,
+    jobs: Semaphore,
 }
 
 impl Scratch {
     /// Nothing is made yet: the directory, the slots and the inputs mount
-    /// come on first use.
+    /// come on first use. `jobs` (at least 1) commands may run at once.
     pub(crate) fn new(
         store: Store,
         root: PathBuf,
         mode: Option<InputMode>,
         events: EventSink,
+        jobs: usize,
     ) -> Scratch {
         Scratch {
             root,
@@ -58,6 +67,16 @@ impl Scratch {
             free: Mutex::new(Vec::new()),
             slots: AtomicUsize::new(0),
             views: AtomicU64::new(0),
+            jobs: Semaphore::new(jobs.max(1)),
+        }
+    }
+
+    /// Waits for a job token (first come, first served); `None` when
+    /// `cancel` fires first.
+    pub(crate) async fn job(&self, cancel: &CancellationToken) -> Option<SemaphorePermit<'_>> {
+        tokio::select! {
+            p = self.jobs.acquire() => p.ok(),
+            _ = cancel.cancelled() => None,
         }
     }
 
@@ -118,6 +137,12 @@ impl Scratch {
                 ))
             }
         }
+    }
+
+    /// Whether the inputs mount is made already (calling [`Scratch::inputs`]
+    /// then does not block).
+    pub(crate) fn inputs_mounted(&self) -> bool {
+        matches!(self.inputs.get(), Some(Some(_)))
     }
 
     /// A name for a view, never used before in this run.
