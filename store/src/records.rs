@@ -428,26 +428,34 @@ impl Store {
 
     // ---- action cache ----
 
-    /// Records the result of an action under its key.
+    /// Records the result of an action under its key. Refuses an entry
+    /// naming a layer or blob that is not stored ([`Error::MissingTree`],
+    /// [`Error::MissingBlob`]): a cache hit is then usable as it is read,
+    /// and GC drops an entry in the same batch as its layers.
     pub fn put_action(&self, key: &Digest, entry: &ActionEntry) -> Result<()> {
+        for l in &entry.layers {
+            if !self.has_tree(l)? {
+                return Err(Error::MissingTree(*l));
+            }
+        }
+        for b in &entry.blobs {
+            if !self.blobs().contains(b)? {
+                return Err(Error::MissingBlob(*b));
+            }
+        }
         let mut b = Batch::new();
         b.put(Family::Actions, key.as_bytes().to_vec(), encode(entry));
         self.meta.write(b)
     }
 
-    /// The cached result of an action, `None` on a miss. An entry whose layers
-    /// are no longer stored is a miss.
+    /// The cached result of an action, `None` on a miss. Its layers and blobs
+    /// are stored: [`Store::put_action`] checks them, and GC removes an entry
+    /// with them.
     pub fn action(&self, key: &Digest) -> Result<Option<ActionEntry>> {
         let Some(v) = self.meta.get(Family::Actions, key.as_bytes())? else {
             return Ok(None);
         };
-        let entry: ActionEntry = decode("action", key.to_hex().as_bytes(), &v)?;
-        for l in &entry.layers {
-            if !self.has_tree(l)? {
-                return Ok(None);
-            }
-        }
-        Ok(Some(entry))
+        Ok(Some(decode("action", key.to_hex().as_bytes(), &v)?))
     }
 
     // ---- runs ----

@@ -1828,17 +1828,35 @@ fn actions_and_runs_round_trip(new: Backend) {
     };
     t.put_action(&key, &entry).unwrap();
     assert_eq!(t.action(&key).unwrap(), Some(entry.clone()));
-    // An entry whose layer is gone is a miss.
+    // An entry naming a layer or blob that is not stored is refused, and
+    // nothing is recorded.
     let gone = Digest::of(b"no such layer");
-    t.put_action(
-        &Digest::of(b"k2"),
-        &ActionEntry {
-            layers: vec![gone],
-            ..entry
-        },
-    )
-    .unwrap();
+    let err = t
+        .put_action(
+            &Digest::of(b"k2"),
+            &ActionEntry {
+                layers: vec![gone],
+                ..entry.clone()
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::MissingTree(d) if d == gone), "{err}");
+    let no_blob = Digest::of(b"no such log");
+    let err = t
+        .put_action(
+            &Digest::of(b"k3"),
+            &ActionEntry {
+                blobs: vec![no_blob],
+                ..entry
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::MissingBlob(d) if d == no_blob),
+        "{err}"
+    );
     assert!(t.action(&Digest::of(b"k2")).unwrap().is_none());
+    assert!(t.action(&Digest::of(b"k3")).unwrap().is_none());
 
     assert!(t.run_ids().unwrap().is_empty());
     t.put_run("2024-01-02T00:00:00Z-b", &run_entry(layer, vec![]))
