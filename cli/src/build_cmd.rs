@@ -108,7 +108,10 @@ fn load(args: &WsArgs, patterns: &[String]) -> anyhow::Result<(Loaded, Vec<Label
         Some(d) => d.clone(),
         None => std::env::current_dir().context("Cannot read the current directory")?,
     };
-    let loader = Loader::discover(&start)?;
+    let mut loader = Loader::discover(&start)?;
+    if let Some(dir) = dirs::cache_dir() {
+        loader = loader.with_cache(dir.join("strata").join("loads"));
+    }
     let root = loader.root().to_owned();
     let start = std::fs::canonicalize(&start).unwrap_or(start);
     let current = start
@@ -231,9 +234,16 @@ fn run_build(
         .enable_all()
         .build()
         .context("Cannot start the async runtime")?;
+    // Connecting to Docker (and clearing what a killed run left there) is
+    // for builds that may use it: a host-only build does not wait for it.
+    let docker_wanted = wants_docker(&ws, &opts);
     let run = rt.block_on(async {
         let engine = Engine::new(store.clone(), ws, events);
-        let engine = match crate::docker::connect().await {
+        let docker = match docker_wanted {
+            true => crate::docker::connect().await,
+            false => None,
+        };
+        let engine = match docker {
             Some(d) => engine.with_docker(d),
             None => engine,
         };
@@ -258,6 +268,20 @@ fn run_build(
         TaskState::Cancelled => Outcome::Interrupted,
         _ => Outcome::Problems,
     })
+}
+
+/// Whether any task of `ws` may run in a container: an image, services, or
+/// the Docker executor named by the task, `ci.toml` or `--executor`.
+fn wants_docker(ws: &Workspace, opts: &BuildOptions) -> bool {
+    let docker = Some(strata_engine::model::Executor::Docker);
+    opts.executor == docker
+        || ws.settings.executor == docker
+        || ws.tasks.values().any(|t| match &t.kind {
+            strata_engine::model::TaskKind::Run(r) => {
+                r.image.is_some() || !r.services.is_empty() || r.executor == docker
+            }
+            _ => false,
+        })
 }
 
 /// The terminal view of a run: a live view on a TTY, plain lines otherwise,

@@ -967,7 +967,7 @@ impl Engine {
         cacheable: bool,
     ) -> Result<(), BuildError> {
         let store = &self.inner.store;
-        let mut payload = ActionPayload {
+        let payload = || ActionPayload {
             output: done.output,
             context: done.context.clone(),
             log: done.log,
@@ -983,7 +983,7 @@ impl Engine {
                 &ActionEntry {
                     layers: vec![done.output],
                     blobs: done.log.into_iter().collect(),
-                    payload: Payload::new(&payload).map_err(BuildError::encode("an action"))?,
+                    payload: Payload::new(&payload()).map_err(BuildError::encode("an action"))?,
                     created: now_ms() / 1000,
                 },
             )?;
@@ -991,11 +991,12 @@ impl Engine {
         let key_name = self.label_record_key(label);
         let before = store.label(&key_name)?;
         // Most often (a cached build) the label already names this action
-        // and output: the two fields are all that is decoded.
+        // and output: the two fields are all that is decoded, and nothing
+        // else is built.
         let head = before
             .as_ref()
             .and_then(|b| b.payload.decode::<LabelHead>().ok());
-        payload.previous = match head {
+        let previous = match head {
             Some(h) if h.key == key && h.output == done.output => return Ok(()),
             Some(_) => before
                 .and_then(|b| b.payload.decode::<ActionPayload>().ok())
@@ -1007,6 +1008,10 @@ impl Engine {
                     }
                 }),
             None => None,
+        };
+        let payload = ActionPayload {
+            previous,
+            ..payload()
         };
         store.put_label(
             &key_name,

@@ -991,6 +991,75 @@ fn graph_prints_mermaid_dot_and_json() {
     env.ci(["graph", "--format", "png"]).failure(2);
 }
 
+/// The model `ci --json graph` prints, without the workspace root.
+fn graph_json(env: &Env) -> Value {
+    let mut json = env.ci(["--json", "graph"]).success().json();
+    json.as_object_mut().map(|o| o.remove("root"));
+    json
+}
+
+#[test]
+fn the_load_cache_sees_every_edit_that_changes_the_model() {
+    let env = workspace(&[
+        (
+            "BUILD.star",
+            "load(\"//lib:defs.star\", \"greet\")\ngreet(\"a\")\nlocal_source(name = \"tree\", path = \"data\")\n",
+        ),
+        (
+            "lib/defs.star",
+            "def greet(n):\n    task(name = n, script = 'echo one > out')\n",
+        ),
+        ("data/keep", "x"),
+    ]);
+    let cache = env.root().join("cache").join("strata").join("loads");
+    let first = graph_json(&env);
+    let entries = || std::fs::read_dir(&cache).map_or(0, |d| d.count());
+    assert_eq!(entries(), 1, "a load writes one cache entry");
+    assert_eq!(graph_json(&env), first, "a cached load gives the same model");
+
+    // A load()ed library changes.
+    write(
+        env.work(),
+        "lib/defs.star",
+        "def greet(n):\n    task(name = n, script = 'echo two > out')\n",
+    );
+    let lib = graph_json(&env);
+    assert!(lib.to_string().contains("echo two"), "{lib}");
+
+    // A new package appears under //...
+    write(env.work(), "new/BUILD.star", "task(name = \"n\", script = 'true')\n");
+    let added = graph_json(&env);
+    assert!(added["tasks"]["//new:n"].is_object(), "{added}");
+
+    // A BUILD.star becomes invalid: the error, not the cached model; fixed
+    // again, the same model as before.
+    write(env.work(), "new/BUILD.star", "task(name = \"n\", script = \n");
+    env.ci(["graph"]).failure(2).mentions("new/BUILD.star");
+    write(env.work(), "new/BUILD.star", "task(name = \"n\", script = 'true')\n");
+    assert_eq!(graph_json(&env), added);
+
+    // ci.toml is read too.
+    write(env.work(), "ci.toml", "[build]\nexecutor = \"nowhere\"\n");
+    env.ci(["graph"]).failure(2).mentions("ci.toml");
+    write(env.work(), "ci.toml", "[build]\nexecutor = \"host\"\n");
+    assert_eq!(graph_json(&env), added);
+
+    // The directory of a local_source goes: refused as without a cache.
+    std::fs::remove_dir_all(env.work().join("data")).unwrap();
+    env.ci(["graph"]).failure(2).mentions("data");
+    mkdir(env.work(), "data");
+
+    // A package goes.
+    std::fs::remove_dir_all(env.work().join("new")).unwrap();
+    assert!(graph_json(&env)["tasks"]["//new:n"].is_null());
+
+    // A damaged cache entry is a miss, not an error.
+    for e in std::fs::read_dir(&cache).unwrap() {
+        std::fs::write(e.unwrap().path(), b"{ not json").unwrap();
+    }
+    assert_eq!(graph_json(&env), lib);
+}
+
 #[test]
 fn runs_are_listed_newest_first() {
     let env = workspace(&[("BUILD.star", SMALL)]);

@@ -192,6 +192,8 @@ pub(crate) fn strata_builtins(builder: &mut GlobalsBuilder) {
             if !dir.is_dir() {
                 return Err(Invalid::MissingSourceDir(path));
             }
+            // The evaluation depends on it: the load cache checks it again.
+            ctx.dirs.borrow_mut().push(path.clone());
             let exclude = given(exclude)
                 .map(|v| strings(v, "exclude"))
                 .transpose()?

@@ -5,9 +5,11 @@
 //! [`Loader::load_patterns`] evaluates only the packages that the requested patterns and
 //! their dependencies need (plus the root package, where stages are declared), so asking
 //! about one task in a large workspace stays fast. Every result passes
-//! [`Workspace::validate`] before it is returned.
+//! [`Workspace::validate`] before it is returned. With [`Loader::with_cache`], a load
+//! whose files are all unchanged reuses the model of the last same load (`cache.rs`).
 
 mod builtins;
+mod cache;
 mod settings;
 
 use std::cell::RefCell;
@@ -26,6 +28,7 @@ use crate::error::{Invalid, LoadError, ModelError};
 use crate::label::{valid_package, valid_segment, Pattern};
 use crate::model::{Location, Stage, Task, Workspace};
 
+use settings::parse_settings;
 pub use settings::read_settings;
 
 /// The file that makes a directory the workspace root.
@@ -63,6 +66,7 @@ pub fn find_root(start: &Path) -> Result<PathBuf, LoadError> {
 pub struct Loader {
     root: PathBuf,
     globals: Globals,
+    cache: Option<PathBuf>,
 }
 
 impl Loader {
@@ -80,7 +84,15 @@ impl Loader {
         Loader {
             root: root.into(),
             globals,
+            cache: None,
         }
+    }
+
+    /// Keeps loads in `dir` and reuses one when nothing it read changed
+    /// (see `cache.rs`; `ci` uses `~/.cache/strata/loads`).
+    pub fn with_cache(mut self, dir: impl Into<PathBuf>) -> Loader {
+        self.cache = Some(dir.into());
+        self
     }
 
     /// A loader for the workspace containing `start` (see [`find_root`]).
@@ -102,15 +114,43 @@ impl Loader {
     /// patterns match and everything those need; resolve the patterns themselves with
     /// [`crate::graph::expand`].
     pub fn load_patterns(&self, patterns: &[Pattern]) -> Result<Workspace, LoadError> {
-        let settings = read_settings(&self.root)?;
+        let entry = self
+            .cache
+            .as_deref()
+            .and_then(|dir| cache::entry_path(dir, self, patterns));
+        if let Some(ws) = entry.as_deref().and_then(|p| cache::lookup(p, self)) {
+            return Ok(ws);
+        }
+        let (ws, reads) = self.evaluate(patterns)?;
+        if let Some(path) = entry {
+            cache::store(&path, reads, &ws);
+        }
+        Ok(ws)
+    }
+
+    /// Evaluates and validates; also says what was read, for the cache.
+    fn evaluate(&self, patterns: &[Pattern]) -> Result<(Workspace, cache::Reads), LoadError> {
+        let settings_path = self.root.join(WORKSPACE_FILE);
+        let settings_text = fs::read_to_string(&settings_path).map_err(|source| LoadError::Io {
+            path: settings_path,
+            source,
+        })?;
+        let settings = parse_settings(&settings_text)?;
         let session = Session {
             loader: self,
             libs: RefCell::new(HashMap::new()),
             loading: RefCell::new(Vec::new()),
+            reads: RefCell::new(cache::Reads::default()),
         };
+        session
+            .reads
+            .borrow_mut()
+            .file(WORKSPACE_FILE, settings_text.as_bytes());
         let mut queue: BTreeSet<String> = BTreeSet::new();
         if self.root.join(BUILD_FILE).is_file() {
             queue.insert(String::new());
+        } else {
+            session.reads.borrow_mut().absent(BUILD_FILE);
         }
         for pattern in patterns {
             match pattern {
@@ -135,7 +175,15 @@ impl Loader {
                     }
                     queue.insert(package.clone());
                 }
-                Pattern::Recursive(prefix) => queue.extend(self.find_packages(prefix)?),
+                Pattern::Recursive(prefix) => {
+                    let found = self.find_packages(prefix)?;
+                    queue.extend(found.iter().cloned());
+                    session
+                        .reads
+                        .borrow_mut()
+                        .packages
+                        .insert(prefix.clone(), found);
+                }
             }
         }
 
@@ -173,7 +221,7 @@ impl Loader {
             }
         }
         ws.validate()?;
-        Ok(ws)
+        Ok((ws, session.reads.into_inner()))
     }
 
     fn package_exists(&self, package: &str) -> bool {
@@ -261,6 +309,8 @@ pub(crate) struct EvalContext {
     pub root: PathBuf,
     pub tasks: RefCell<BTreeMap<String, Task>>,
     pub stages: RefCell<BTreeMap<String, Stage>>,
+    /// Workspace directories found to exist (`local_source`), for the cache.
+    pub dirs: RefCell<Vec<String>>,
 }
 
 /// State of one load: libraries already evaluated, and the chain being loaded (for
@@ -269,6 +319,8 @@ struct Session<'l> {
     loader: &'l Loader,
     libs: RefCell<HashMap<String, FrozenModule>>,
     loading: RefCell<Vec<String>>,
+    /// Every file read, by digest of the very bytes evaluated.
+    reads: RefCell<cache::Reads>,
 }
 
 type PackageDecls = (Vec<Task>, Vec<Stage>);
@@ -284,7 +336,10 @@ impl Session<'_> {
     fn read(&self, file: &str) -> Result<String, LoadError> {
         let path = self.loader.root.join(file);
         match fs::read_to_string(&path) {
-            Ok(text) => Ok(text),
+            Ok(text) => {
+                self.reads.borrow_mut().file(file, text.as_bytes());
+                Ok(text)
+            }
             Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(ModelError::new(
                 Some(Location {
                     file: file.to_owned(),
@@ -309,6 +364,7 @@ impl Session<'_> {
             root: self.loader.root.clone(),
             tasks: RefCell::new(BTreeMap::new()),
             stages: RefCell::new(BTreeMap::new()),
+            dirs: RefCell::new(Vec::new()),
         };
         let libs = LibLoader {
             session: self,
@@ -321,6 +377,7 @@ impl Session<'_> {
             eval.eval_module(ast, &self.loader.globals).map(|_| ())
         })
         .map_err(convert_error)?;
+        self.reads.borrow_mut().dirs.extend(ctx.dirs.into_inner());
         Ok((
             ctx.tasks.into_inner().into_values().collect(),
             ctx.stages.into_inner().into_values().collect(),
@@ -368,6 +425,7 @@ impl Session<'_> {
                 }));
             }
         };
+        self.reads.borrow_mut().file(&file, source.as_bytes());
         let ast = AstModule::parse(&file, source, &Self::dialect())?;
         let ctx = EvalContext {
             package: lib_package.clone(),
@@ -376,6 +434,7 @@ impl Session<'_> {
             root: self.loader.root.clone(),
             tasks: RefCell::new(BTreeMap::new()),
             stages: RefCell::new(BTreeMap::new()),
+            dirs: RefCell::new(Vec::new()),
         };
         let libs = LibLoader {
             session: self,
@@ -392,6 +451,7 @@ impl Session<'_> {
             module.freeze().map_err(starlark::Error::new_other)
         });
         self.loading.borrow_mut().pop();
+        self.reads.borrow_mut().dirs.extend(ctx.dirs.take());
         let module = result?;
         self.libs.borrow_mut().insert(file, module.clone());
         Ok(module)
