@@ -22,6 +22,9 @@ use strata_store::{Adopted, Digest, Entry, Name, RelPath, Store, Target, Tree};
 
 use crate::{sys, Error, Result};
 
+/// Captures with fewer files than this store them on the calling thread.
+const PARALLEL_FILES: usize = 8;
+
 /// Files up to this size are read whole; larger ones are streamed.
 const SMALL_FILE: u64 = 1 << 20;
 const CHUNK: usize = 4 << 20;
@@ -345,11 +348,21 @@ fn store_open_file(
 
 /// Hashes every file in parallel and makes the blobs durable.
 fn store_files(store: &Store, files: &Files, adopt: bool) -> Result<Vec<(Digest, u64)>> {
-    let done: Vec<(Digest, u64)> = files
-        .paths
-        .par_iter()
-        .map(|p| store_file(store, p, adopt))
-        .collect::<Result<_>>()?;
+    // A few files are stored on this thread: handing them to rayon's pool
+    // costs two thread switches, more than storing a small file.
+    let done: Vec<(Digest, u64)> = if files.paths.len() < PARALLEL_FILES {
+        files
+            .paths
+            .iter()
+            .map(|p| store_file(store, p, adopt))
+            .collect::<Result<_>>()?
+    } else {
+        files
+            .paths
+            .par_iter()
+            .map(|p| store_file(store, p, adopt))
+            .collect::<Result<_>>()?
+    };
     // Always, even with nothing new: callers rely on the capture's sync to
     // cover blobs they published just before (a task's log).
     store.blobs().sync()?;
