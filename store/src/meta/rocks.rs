@@ -161,3 +161,36 @@ impl MetaStore for RocksMetaStore {
         self.read_only
     }
 }
+
+/// Memtables larger than this are flushed when a writer closes.
+const FLUSH_ON_CLOSE: u64 = 1 << 20;
+
+impl Drop for RocksMetaStore {
+    /// After a command that wrote much (a cold build: every tree, layer,
+    /// action and label), flushes the memtables into tables, so the next
+    /// command opens without replaying and flushing this one's log (about
+    /// 35 ms after a 1,000-task build, paid by the no-op build that
+    /// follows). A command that wrote little leaves its few records in the
+    /// log. Failures only cost the next open that work.
+    fn drop(&mut self) {
+        if self.read_only {
+            return;
+        }
+        let families: Vec<&ColumnFamily> = Family::ALL
+            .iter()
+            .filter_map(|f| self.db.cf_handle(f.name()))
+            .collect();
+        let size: u64 = families
+            .iter()
+            .filter_map(|cf| {
+                self.db
+                    .property_int_value_cf(*cf, "rocksdb.cur-size-all-mem-tables")
+                    .ok()
+                    .flatten()
+            })
+            .sum();
+        if size > FLUSH_ON_CLOSE {
+            let _ = self.db.flush_cfs_opt(&families, &rocksdb::FlushOptions::default());
+        }
+    }
+}
