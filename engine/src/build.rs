@@ -742,7 +742,7 @@ impl Engine {
             let mut why = outcome.describe(r.timeout_secs.map(Duration::from_secs));
             let tail = log.tail();
             if !tail.is_empty() && !outcome.cancelled {
-                why.push_str("\n");
+                why.push('\n');
                 why.push_str(&tail.join("\n"));
             }
             rec.error = Some(why);
@@ -1119,7 +1119,8 @@ impl Engine {
             return Ok(());
         }
         let Some(_token) = self.job(scratch, cancel, rec).await else {
-            return Ok(cancelled(rec));
+            cancelled(rec);
+            return Ok(());
         };
         let store = self.inner.store.clone();
         let merged = tokio::task::spawn_blocking(
@@ -1208,7 +1209,8 @@ impl Engine {
             ..IngestOptions::default()
         };
         let Some(token) = self.job(scratch, cancel, rec).await else {
-            return Ok(cancelled(rec));
+            cancelled(rec);
+            return Ok(());
         };
         let report = tokio::task::spawn_blocking(move || store.ingest(&dir, &opts))
             .await
@@ -1257,7 +1259,8 @@ impl Engine {
             return Ok(());
         }
         let Some(_token) = self.job(scratch, cancel, rec).await else {
-            return Ok(cancelled(rec));
+            cancelled(rec);
+            return Ok(());
         };
         let dir = scratch.root().join(format!("{}-git", slug(&label)));
         crate::git::fetch(&url, &commit, &dir).await?;

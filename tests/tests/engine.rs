@@ -445,7 +445,7 @@ fn rerun_runs_only_the_failed_task_and_its_dependants() {
     write(
         env.work(),
         "BUILD.star",
-        &format!(
+        format!(
             r#"
 task(name = "ok", script = 'echo ok > ok')
 task(name = "independent", script = 'echo i > i')
@@ -596,7 +596,7 @@ fn retries_run_a_failed_attempt_again_within_the_build() {
     write(
         env.work(),
         "BUILD.star",
-        &format!(
+        format!(
             r#"
 task(
     name = "flaky",
@@ -747,7 +747,7 @@ fn inputs_read_the_same_mounted_or_copied_and_stay_read_only() {
         write(
             env.work(),
             "ci.toml",
-            &format!("[build]\nexecutor = \"host\"\ninputs = \"{mode}\"\n"),
+            format!("[build]\nexecutor = \"host\"\ninputs = \"{mode}\"\n"),
         );
         let ev = build_ok(&env, &[]);
         let note = ev
@@ -1015,7 +1015,11 @@ fn the_load_cache_sees_every_edit_that_changes_the_model() {
     let first = graph_json(&env);
     let entries = || std::fs::read_dir(&cache).map_or(0, |d| d.count());
     assert_eq!(entries(), 1, "a load writes one cache entry");
-    assert_eq!(graph_json(&env), first, "a cached load gives the same model");
+    assert_eq!(
+        graph_json(&env),
+        first,
+        "a cached load gives the same model"
+    );
 
     // A load()ed library changes.
     write(
@@ -1027,15 +1031,27 @@ fn the_load_cache_sees_every_edit_that_changes_the_model() {
     assert!(lib.to_string().contains("echo two"), "{lib}");
 
     // A new package appears under //...
-    write(env.work(), "new/BUILD.star", "task(name = \"n\", script = 'true')\n");
+    write(
+        env.work(),
+        "new/BUILD.star",
+        "task(name = \"n\", script = 'true')\n",
+    );
     let added = graph_json(&env);
     assert!(added["tasks"]["//new:n"].is_object(), "{added}");
 
     // A BUILD.star becomes invalid: the error, not the cached model; fixed
     // again, the same model as before.
-    write(env.work(), "new/BUILD.star", "task(name = \"n\", script = \n");
+    write(
+        env.work(),
+        "new/BUILD.star",
+        "task(name = \"n\", script = \n",
+    );
     env.ci(["graph"]).failure(2).mentions("new/BUILD.star");
-    write(env.work(), "new/BUILD.star", "task(name = \"n\", script = 'true')\n");
+    write(
+        env.work(),
+        "new/BUILD.star",
+        "task(name = \"n\", script = 'true')\n",
+    );
     assert_eq!(graph_json(&env), added);
 
     // ci.toml is read too.

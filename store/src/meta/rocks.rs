@@ -190,7 +190,9 @@ impl Drop for RocksMetaStore {
             })
             .sum();
         if size > FLUSH_ON_CLOSE {
-            let _ = self.db.flush_cfs_opt(&families, &rocksdb::FlushOptions::default());
+            let _ = self
+                .db
+                .flush_cfs_opt(&families, &rocksdb::FlushOptions::default());
         }
     }
 }
