@@ -23,6 +23,11 @@ use crate::record::{new_run_id, now_ms, RunRecord, TaskRecord, TaskState};
 use crate::scratch::{Scratch, SlotPaths};
 use crate::{BuildError, Graph, Label};
 
+/// How often a running build saves its run record (with the tasks ended so
+/// far): a build killed outright still shows what it did in `ci runs`, and
+/// each save (a log sync) makes every record before it durable.
+const RUN_SAVE_EVERY: Duration = Duration::from_secs(1);
+
 /// How to build.
 #[derive(Clone, Debug)]
 pub struct BuildOptions {
@@ -198,9 +203,10 @@ impl Engine {
             started_ms: now_ms(),
             duration_ms: 0,
             rerun_of: opts.rerun_of.as_ref().map(|r| r.id.clone()),
-            // Filled in as tasks end; saved whole when the run ends. The
-            // record saved now says that the run started (and, if this
-            // process dies, that it never finished).
+            // Filled in as tasks end; saved at most every RUN_SAVE_EVERY
+            // while tasks end, and whole when the run ends. The record saved
+            // now says that the run started (and, if this process dies, that
+            // it never finished, with the tasks ended by its last save).
             tasks: BTreeMap::new(),
         };
         run.save(&inner.store)?;
@@ -263,6 +269,7 @@ impl Engine {
         let mut done: Vec<Option<Done>> = vec![None; order.len()];
         let mut state: Vec<TaskState> = vec![TaskState::Pending; order.len()];
         let mut running: JoinSet<(usize, TaskRecord)> = JoinSet::new();
+        let mut last_save = Instant::now();
         let mut stopping = false;
         let mut sched = Sched {
             order: &order,
@@ -352,6 +359,10 @@ impl Engine {
                 run_cancel.cancel();
             }
             self.settle_state(i, rec, &mut sched);
+            if last_save.elapsed() >= RUN_SAVE_EVERY {
+                sched.run.save(&inner.store)?;
+                last_save = Instant::now();
+            }
         }
         // Whatever never became ready waited on something that did not succeed.
         for (i, label) in order.iter().enumerate() {

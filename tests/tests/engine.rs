@@ -914,6 +914,79 @@ task(name = "sleeper", transform = ":base", script = 'echo ready; sleep {marker}
     assert!(runs.contains(" cancelled "), "{runs}");
 }
 
+#[test]
+fn a_killed_build_still_shows_the_tasks_it_finished() {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let marker = format!("1000.{}{:09}", std::process::id(), nanos);
+    // `quick` ends after the run record's first periodic save is due.
+    let env = workspace(&[(
+        "BUILD.star",
+        &format!(
+            r#"
+task(name = "quick", script = 'sleep 1.2; echo q > q')
+task(name = "hang", script = 'echo ready; sleep {marker}')
+"#
+        ),
+    )]);
+    let mut running = env.spawn(["--json", "build", "-j", "2"]);
+    let mut lines = BufReader::new(running.take_stdout()).lines();
+    let mut seen = Vec::new();
+    let (mut run, mut quick_done, mut hang_runs) = (String::new(), false, false);
+    while !(quick_done && hang_runs) {
+        let Some(line) = lines.next() else {
+            panic!("the build ended early:\n{}", seen.join("\n"));
+        };
+        let line = line.expect("read the event stream");
+        let event: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        seen.push(line);
+        match event["event"].as_str() {
+            Some("run_started") => run = event["run"].as_str().unwrap_or_default().to_owned(),
+            Some("task_finished") if event["label"] == "//:quick" => quick_done = true,
+            Some("task_log") if event["label"] == "//:hang" => hang_runs = true,
+            _ => {}
+        }
+    }
+    // The save follows the event: wait until a reader sees it (it is due,
+    // so it comes within moments), then kill.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let r = env.ci(["--json", "run", "show", &run]).success().json();
+        if r["tasks"]["//:quick"]["state"] == "succeeded" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Killed outright: nothing runs at its end.
+    assert!(
+        running.kill_after(Duration::ZERO).is_none(),
+        "the build ended on its own:\n{}",
+        seen.join("\n")
+    );
+    for pid in processes_with(&marker) {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid])
+            .status();
+    }
+    let shown = env.ci(["--json", "run", "show", &run]).success();
+    let record = shown.json();
+    if record["state"] != "running" || record["tasks"]["//:quick"]["state"] != "succeeded" {
+        shown.fail(&format!(
+            "expected the killed run to show `quick` succeeded; events:\n{}",
+            seen.join("\n")
+        ));
+    }
+    // The next build cleans up after it; `quick` is a cache hit.
+    write(
+        env.work(),
+        "BUILD.star",
+        "task(name = \"quick\", script = 'sleep 1.2; echo q > q')\n",
+    );
+    let events = build_ok(&env, &[]);
+    assert_eq!(events.summary["cached"], 1, "{}", events.out.all_str());
+}
+
 /// Pids of processes whose command line contains `needle`.
 fn processes_with(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
