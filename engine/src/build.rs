@@ -978,7 +978,7 @@ impl Engine {
         cacheable: bool,
     ) -> Result<(), BuildError> {
         let store = &self.inner.store;
-        let payload = || ActionPayload {
+        let payload = |previous| ActionPayload {
             output: done.output,
             context: done.context.clone(),
             log: done.log,
@@ -986,19 +986,8 @@ impl Engine {
             preimage: pre.clone(),
             input_labels: input_labels.clone(),
             run: run_id.to_owned(),
-            previous: None,
+            previous,
         };
-        if cacheable {
-            store.put_action(
-                &key,
-                &ActionEntry {
-                    layers: vec![done.output],
-                    blobs: done.log.into_iter().collect(),
-                    payload: Payload::new(&payload()).map_err(BuildError::encode("an action"))?,
-                    created: now_ms() / 1000,
-                },
-            )?;
-        }
         let key_name = self.label_record_key(label);
         let before = store.label(&key_name)?;
         // Most often (a cached build) the label already names this action
@@ -1007,9 +996,12 @@ impl Engine {
         let head = before
             .as_ref()
             .and_then(|b| b.payload.decode::<LabelHead>().ok());
+        let label_unchanged = matches!(&head, Some(h) if h.key == key && h.output == done.output);
+        if label_unchanged && !cacheable {
+            return Ok(());
+        }
         let previous = match head {
-            Some(h) if h.key == key && h.output == done.output => return Ok(()),
-            Some(_) => before
+            Some(_) if !label_unchanged => before
                 .and_then(|b| b.payload.decode::<ActionPayload>().ok())
                 .and_then(|b| {
                     if b.key != key {
@@ -1018,19 +1010,34 @@ impl Engine {
                         b.previous
                     }
                 }),
-            None => None,
+            _ => None,
         };
-        let payload = ActionPayload {
-            previous,
-            ..payload()
-        };
-        store.put_label(
-            &key_name,
-            &LabelEntry {
+        // One encoding serves both records unless the label keeps a
+        // previous preimage.
+        let plain = Payload::new(&payload(None)).map_err(BuildError::encode("an action"))?;
+        let action = cacheable.then(|| ActionEntry {
+            layers: vec![done.output],
+            blobs: done.log.into_iter().collect(),
+            payload: plain.clone(),
+            created: now_ms() / 1000,
+        });
+        let label_entry = match (label_unchanged, previous) {
+            (true, _) => None,
+            (false, None) => Some(LabelEntry {
                 layer: done.output,
-                payload: Payload::new(&payload).map_err(BuildError::encode("a label record"))?,
+                payload: plain,
                 updated: now_ms() / 1000,
-            },
+            }),
+            (false, Some(previous)) => Some(LabelEntry {
+                layer: done.output,
+                payload: Payload::new(&payload(Some(previous)))
+                    .map_err(BuildError::encode("a label record"))?,
+                updated: now_ms() / 1000,
+            }),
+        };
+        store.put_action_and_label(
+            action.as_ref().map(|a| (&key, a)),
+            label_entry.as_ref().map(|l| (key_name.as_str(), l)),
         )?;
         Ok(())
     }

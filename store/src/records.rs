@@ -400,9 +400,7 @@ impl Store {
 
     /// Records `entry` as the latest successful output of the task `label`.
     pub fn put_label(&self, label: &str, entry: &LabelEntry) -> Result<()> {
-        let mut b = Batch::new();
-        b.put(Family::Labels, label.as_bytes().to_vec(), encode(entry));
-        self.meta.write(b)
+        self.put_action_and_label(None, Some((label, entry)))
     }
 
     /// The latest successful output of the task `label`.
@@ -433,18 +431,33 @@ impl Store {
     /// [`Error::MissingBlob`]): a cache hit is then usable as it is read,
     /// and GC drops an entry in the same batch as its layers.
     pub fn put_action(&self, key: &Digest, entry: &ActionEntry) -> Result<()> {
-        for l in &entry.layers {
-            if !self.has_tree(l)? {
-                return Err(Error::MissingTree(*l));
-            }
-        }
-        for b in &entry.blobs {
-            if !self.blobs().contains(b)? {
-                return Err(Error::MissingBlob(*b));
-            }
-        }
+        self.put_action_and_label(Some((key, entry)), None)
+    }
+
+    /// [`Store::put_action`] and [`Store::put_label`] in one batch (a task's
+    /// success records both): either may be absent.
+    pub fn put_action_and_label(
+        &self,
+        action: Option<(&Digest, &ActionEntry)>,
+        label: Option<(&str, &LabelEntry)>,
+    ) -> Result<()> {
         let mut b = Batch::new();
-        b.put(Family::Actions, key.as_bytes().to_vec(), encode(entry));
+        if let Some((key, entry)) = action {
+            for l in &entry.layers {
+                if !self.has_tree(l)? {
+                    return Err(Error::MissingTree(*l));
+                }
+            }
+            for blob in &entry.blobs {
+                if !self.blobs().contains(blob)? {
+                    return Err(Error::MissingBlob(*blob));
+                }
+            }
+            b.put(Family::Actions, key.as_bytes().to_vec(), encode(entry));
+        }
+        if let Some((name, entry)) = label {
+            b.put(Family::Labels, name.as_bytes().to_vec(), encode(entry));
+        }
         self.meta.write(b)
     }
 
