@@ -821,13 +821,18 @@ task(name = "look", stage = "second", script = 'ls -A "$CI_IN" > listing')
 
 // ---- Ctrl-C ----
 
-#[test]
-fn ctrl_c_leaves_no_process_and_no_mount() {
+/// A number of seconds nothing else on the machine runs `sleep` with, so
+/// the task's process can be found by its command line.
+fn sleep_marker() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    // A number nothing else on the machine runs `sleep` with.
-    let marker = format!("1000.{}{:09}", std::process::id(), nanos);
+    format!("1000.{}{:09}", std::process::id(), nanos)
+}
+
+#[test]
+fn ctrl_c_leaves_no_process_and_no_mount() {
+    let marker = sleep_marker();
     let env = workspace(&[(
         "BUILD.star",
         &format!(
@@ -916,10 +921,7 @@ task(name = "sleeper", transform = ":base", script = 'echo ready; sleep {marker}
 
 #[test]
 fn a_killed_build_still_shows_the_tasks_it_finished() {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let marker = format!("1000.{}{:09}", std::process::id(), nanos);
+    let marker = sleep_marker();
     // `quick` ends after the run record's first periodic save is due.
     let env = workspace(&[(
         "BUILD.star",
