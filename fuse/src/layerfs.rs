@@ -12,8 +12,8 @@
 //! Opening a file costs no request at all unless accesses are traced: the
 //! first `open` answers ENOSYS, which tells the kernel (Linux 3.17+) to open
 //! every file of the mount without asking, keep its pages cached and never
-//! send `release`. Reads then come without a file handle and are served by
-//! inode, from a few blob files kept open. The mount is read-only, so the
+//! send `release`. Reads are served by inode (a traced mount's opens get no
+//! file handle either), from a few blob files kept open. The mount is read-only, so the
 //! kernel refuses writing opens itself. A task reading three small inputs
 //! makes 8 requests instead of 14.
 
@@ -47,7 +47,7 @@ const TREE_CACHE_ENTRIES: usize = 2_000_000;
 
 const ROOT_INO: u64 = 1;
 
-/// Blob files kept open for reads that come without a file handle.
+/// Blob files kept open for reads (which are served by inode).
 const OPEN_BLOBS: usize = 32;
 
 /// Reads up to this size are served on the FUSE thread (a `pread`, usually
@@ -102,9 +102,8 @@ pub(crate) struct Inner {
     /// executable bit) however many views show it, so the kernel's page
     /// cache of a file is shared by every task reading it.
     shared_files: Option<Mutex<HashMap<(Digest, bool), u64>>>,
-    files: Mutex<HashMap<u64, Arc<dyn Blob>>>,
-    /// For reads by inode (opens not sent, see the module's doc): the most
-    /// recently read blobs, by inode, newest last.
+    /// For reads, which are served by inode (see the module's doc): the
+    /// most recently read blobs, by inode, newest last.
     by_inode: Mutex<Vec<(u64, Arc<dyn Blob>)>>,
     dirs: Mutex<HashMap<u64, Listing>>,
     next_fh: AtomicU64,
@@ -215,7 +214,6 @@ impl LayerFs {
                 synthetic: RwLock::new(synthetic),
                 views: Mutex::new(Default::default()),
                 shared_files,
-                files: Mutex::new(HashMap::new()),
                 by_inode: Mutex::new(Vec::with_capacity(OPEN_BLOBS)),
                 dirs: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
@@ -376,8 +374,8 @@ impl Inner {
         errno(libc::EIO)
     }
 
-    /// The blob of file `ino`, for a read that came without a file handle:
-    /// one of the last [`OPEN_BLOBS`] read, else opened now.
+    /// The blob of file `ino`, for a read: one of the last [`OPEN_BLOBS`]
+    /// read, else opened now.
     fn blob_of(&self, ino: u64) -> std::result::Result<Arc<dyn Blob>, Errno> {
         {
             let mut open = self.by_inode.lock().unwrap_or_else(|p| p.into_inner());
@@ -924,7 +922,7 @@ impl Filesystem for LayerFs {
     async fn open(&self, _req: Request, inode: u64, flags: u32) -> fuse3::Result<ReplyOpen> {
         let fs = &self.inner;
         let node = fs.node(inode)?;
-        let NodeKind::File { digest, .. } = &node.kind else {
+        let NodeKind::File { .. } = &node.kind else {
             return Err(errno(libc::EISDIR));
         };
         if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
@@ -935,21 +933,10 @@ impl Filesystem for LayerFs {
             // module's doc); only a traced mount needs to see opens.
             return Err(errno(libc::ENOSYS));
         }
-        // Opening a blob file is one open and one fstat: done here rather
-        // than handed to a blocking thread, which would cost two thread
-        // switches per open (most opens are of small files a task reads).
-        let blob = fs
-            .store
-            .blob(digest)
-            .map_err(|e| fs.fail("open a blob", e))?;
-        let fh = fs.next_fh.fetch_add(1, Ordering::Relaxed);
-        fs.files
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(fh, Arc::from(blob));
         fs.note(inode, READ);
+        // No handle: reads are served by inode, as without opens.
         Ok(ReplyOpen {
-            fh,
+            fh: 0,
             flags: FOPEN_KEEP_CACHE,
         })
     }
@@ -958,21 +945,12 @@ impl Filesystem for LayerFs {
         &self,
         _req: Request,
         inode: u64,
-        fh: u64,
+        _fh: u64,
         offset: u64,
         size: u32,
     ) -> fuse3::Result<ReplyData> {
         let fs = &self.inner;
-        let blob = if fh == 0 {
-            fs.blob_of(inode)?
-        } else {
-            fs.files
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&fh)
-                .cloned()
-                .ok_or_else(|| errno(libc::EBADF))?
-        };
+        let blob = fs.blob_of(inode)?;
         let len = (size as u64).min(blob.size().saturating_sub(offset)) as usize;
         if len == 0 {
             return Ok(ReplyData { data: Bytes::new() });
@@ -992,16 +970,12 @@ impl Filesystem for LayerFs {
         &self,
         _req: Request,
         _inode: u64,
-        fh: u64,
+        _fh: u64,
         _flags: u32,
         _lock_owner: u64,
         _flush: bool,
     ) -> fuse3::Result<()> {
-        self.inner
-            .files
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh);
+        // Opens hold nothing (reads are served by inode).
         Ok(())
     }
 

@@ -7,13 +7,13 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Whether this process runs with uid 0 (in its user namespace).
 /// The effective user id of this process.
 pub(crate) fn euid() -> u32 {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() }
 }
 
+/// Whether this process runs with uid 0 (in its user namespace).
 pub(crate) fn is_root() -> bool {
     euid() == 0
 }
