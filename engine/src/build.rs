@@ -929,20 +929,16 @@ impl Engine {
             if prepared.dirs.inputs == slot.inputs {
                 strata_fuse::empty_dir(&slot.inputs)?;
             }
-            // The log first, so the capture's one sync of new blobs covers it.
+            // The log first: the capture always ends with a sync of new
+            // blobs, which makes it durable before any record names it.
             let log_path = slot.log;
             let log_bytes = std::fs::read(&log_path).map_err(BuildError::io("read", &log_path))?;
-            let (log, log_is_new) = if log_bytes.is_empty() {
-                (None, false)
+            let log = if log_bytes.is_empty() {
+                None
             } else {
-                let (d, new) = store.blobs().put(&log_bytes)?;
-                (Some(d), new)
+                Some(store.blobs().put(&log_bytes)?.0)
             };
             let output = prepared.work.capture_and_close(&store)?;
-            if log_is_new {
-                // No record may name a blob that is not durable yet.
-                store.blobs().sync()?;
-            }
             store.record_layer(
                 &output,
                 Some(&Lineage {

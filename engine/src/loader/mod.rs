@@ -28,7 +28,6 @@ use crate::error::{Invalid, LoadError, ModelError};
 use crate::label::{valid_package, valid_segment, Pattern};
 use crate::model::{Location, Stage, Task, Workspace};
 
-use settings::parse_settings;
 pub use settings::read_settings;
 
 /// The file that makes a directory the workspace root.
@@ -130,12 +129,7 @@ impl Loader {
 
     /// Evaluates and validates; also says what was read, for the cache.
     fn evaluate(&self, patterns: &[Pattern]) -> Result<(Workspace, cache::Reads), LoadError> {
-        let settings_path = self.root.join(WORKSPACE_FILE);
-        let settings_text = fs::read_to_string(&settings_path).map_err(|source| LoadError::Io {
-            path: settings_path,
-            source,
-        })?;
-        let settings = parse_settings(&settings_text)?;
+        let (settings, settings_text) = settings::read_settings_text(&self.root)?;
         let session = Session {
             loader: self,
             libs: RefCell::new(HashMap::new()),

@@ -29,9 +29,14 @@ struct CiToml {
 /// Reads and checks `root/ci.toml`. Unknown tables and keys are refused, so a typo is
 /// an error rather than a setting silently ignored.
 pub fn read_settings(root: &Path) -> Result<Settings, LoadError> {
+    read_settings_text(root).map(|(settings, _)| settings)
+}
+
+/// [`read_settings`], with the text read (the load cache keeps its digest).
+pub(crate) fn read_settings_text(root: &Path) -> Result<(Settings, String), LoadError> {
     let path = root.join(WORKSPACE_FILE);
     let text = fs::read_to_string(&path).map_err(|source| LoadError::Io { path, source })?;
-    parse_settings(&text)
+    Ok((parse_settings(&text)?, text))
 }
 
 pub(crate) fn parse_settings(text: &str) -> Result<Settings, LoadError> {
