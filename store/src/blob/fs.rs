@@ -118,8 +118,14 @@ impl Pending {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn shard_created(&self) {
-        self.lock().new_shard = true;
+    /// Makes the shard directory `dest` goes in (missing on its first
+    /// blob); `blobs/` itself then changed and needs its sync.
+    fn make_shard(&self, dest: &Path) -> Result<()> {
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(Error::io("create", parent))?;
+            self.lock().new_shard = true;
+        }
+        Ok(())
     }
 
     fn push(&self, path: PathBuf) {
@@ -196,11 +202,7 @@ impl StagedBlob for FsStaged {
         match self.path.persist(&dest) {
             Ok(()) => {}
             Err(e) if e.error.kind() == io::ErrorKind::NotFound => {
-                // The shard directory does not exist yet.
-                if let Some(parent) = dest.parent() {
-                    fs::create_dir_all(parent).map_err(Error::io("create", parent))?;
-                    self.pending.shard_created();
-                }
+                self.pending.make_shard(&dest)?;
                 e.path
                     .persist(&dest)
                     .map_err(|e| Error::io("move a blob to", &dest)(e.error))?;
@@ -274,11 +276,7 @@ impl BlobStore for FsBlobStore {
         let dest = self.path_of(digest);
         let moved = match fs::rename(path, &dest) {
             Err(e) if e.kind() == io::ErrorKind::NotFound && path.exists() => {
-                // The shard directory does not exist yet.
-                if let Some(parent) = dest.parent() {
-                    fs::create_dir_all(parent).map_err(Error::io("create", parent))?;
-                    self.pending.shard_created();
-                }
+                self.pending.make_shard(&dest)?;
                 fs::rename(path, &dest)
             }
             other => other,
