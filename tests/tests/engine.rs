@@ -920,6 +920,35 @@ task(name = "sleeper", transform = ":base", script = 'echo ready; sleep {marker}
 }
 
 #[test]
+fn jobs_bound_the_commands_running_at_once() {
+    // Each command counts the commands inside its critical part (a directory
+    // each in SPY) when it enters; -j 2 must never let a third in.
+    let env = workspace(&[]);
+    let spy = env.root().join("spy");
+    mkdir(env.root(), "spy");
+    let mut build = String::new();
+    for i in 0..6 {
+        build.push_str(&format!(
+            "task(name = \"t{i}\", env = {{\"SPY\": \"{}\"}}, script = 'mkdir \"$SPY/{i}\"; ls \"$SPY\" | wc -l >> \"$SPY.counts\"; sleep 0.3; rmdir \"$SPY/{i}\"; echo {i} > out')\n",
+            spy.display()
+        ));
+    }
+    write(env.work(), "BUILD.star", &build);
+    build_ok(&env, &["-j", "2"]);
+    let counts: Vec<u32> = std::fs::read_to_string(env.root().join("spy.counts"))
+        .expect("the tasks ran")
+        .lines()
+        .map(|l| l.trim().parse().expect("a count"))
+        .collect();
+    assert_eq!(counts.len(), 6, "{counts:?}");
+    assert_eq!(
+        counts.iter().max(),
+        Some(&2),
+        "at most and at some point 2 at once: {counts:?}"
+    );
+}
+
+#[test]
 fn a_killed_build_still_shows_the_tasks_it_finished() {
     let marker = sleep_marker();
     // `quick` ends after the run record's first periodic save is due.
@@ -1095,6 +1124,18 @@ fn the_load_cache_sees_every_edit_that_changes_the_model() {
         first,
         "a cached load gives the same model"
     );
+    // And it is the cache that gives it: with every file unchanged, an edit
+    // of the cached model itself shows (no test can do this to a real one).
+    let entry = std::fs::read_dir(&cache)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let real = std::fs::read_to_string(&entry).unwrap();
+    std::fs::write(&entry, real.replace("echo one", "echo from-cache")).unwrap();
+    assert!(graph_json(&env).to_string().contains("echo from-cache"));
+    std::fs::write(&entry, real).unwrap();
 
     // A load()ed library changes.
     write(
