@@ -1094,6 +1094,7 @@ impl Engine {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run_merge(
         &self,
         task: &Task,
