@@ -43,6 +43,10 @@ pub struct BuildArgs {
     /// Run every task with this executor (`host` or `docker`)
     #[arg(long, value_name = "NAME")]
     executor: Option<String>,
+    /// What a `webhook` or `timer` source holds in this build: `//:hook=event.json`
+    /// (the file becomes its `payload.json`, or a timer's `tick.json`)
+    #[arg(long, value_name = "LABEL=FILE")]
+    payload: Vec<String>,
 }
 
 #[derive(Args)]
@@ -188,9 +192,46 @@ pub fn build(args: BuildArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
         keep_going: args.keep_going,
         check: args.check,
         executor,
-        rerun_of: None,
+        payloads: payloads(&args.payload, &loaded.ws, loaded.current.as_deref())?,
+        ..BuildOptions::default()
     };
     run_build(ctx, loaded.ws, targets, opts)
+}
+
+/// `--payload LABEL=FILE`: the files an event source holds in this build.
+fn payloads(
+    given: &[String],
+    ws: &Workspace,
+    current: Option<&str>,
+) -> anyhow::Result<std::collections::BTreeMap<String, std::collections::BTreeMap<String, Vec<u8>>>> {
+    let mut out = std::collections::BTreeMap::new();
+    for g in given {
+        let Some((label, file)) = g.split_once('=') else {
+            return Err(usage(format!(
+                "`--payload {g}`: write `LABEL=FILE`, e.g. `--payload //:push=event.json`"
+            )));
+        };
+        let label = Label::parse(label, current).map_err(|e| usage(format!("`--payload {g}`: {e}")))?;
+        let name = match ws.tasks.get(&label).map(|t| &t.kind) {
+            Some(strata_engine::TaskKind::Webhook(_)) => "payload.json",
+            Some(strata_engine::TaskKind::Timer(_)) => "tick.json",
+            _ => {
+                return Err(usage(format!(
+                    "`--payload {g}`: `{label}` is not a `webhook` or `timer` source of this workspace"
+                )))
+            }
+        };
+        let bytes = std::fs::read(file)
+            .with_context(|| format!("Cannot read `{file}`, given to `--payload`"))?;
+        let mut files = std::collections::BTreeMap::new();
+        files.insert(name.to_owned(), bytes);
+        if name == "payload.json" {
+            files.insert("event".to_owned(), Vec::new());
+            files.insert("delivery".to_owned(), Vec::new());
+        }
+        out.insert(label.to_string(), files);
+    }
+    Ok(out)
 }
 
 pub fn rerun(args: RerunArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {

@@ -5,6 +5,7 @@ mod build_cmd;
 mod docker;
 mod mount_cmd;
 mod output;
+mod serve_cmd;
 mod store_cmd;
 
 use std::fmt;
@@ -78,6 +79,9 @@ enum Command {
     Graph(build_cmd::GraphArgs),
     #[command(flatten)]
     Mount(mount_cmd::MountCommand),
+    /// Serve workspaces over HTTP: the API, live events, tokens and triggers
+    #[command(after_help = EXIT_CODES)]
+    Serve(serve_cmd::ServeArgs),
 }
 
 /// Settings every command sees.
@@ -96,7 +100,7 @@ impl Ctx {
 
     /// The store: `--store`, `CI_STORE`, `store` in the workspace's ci.toml,
     /// then the default under the user's cache directory.
-    fn url(&self) -> anyhow::Result<StoreUrl> {
+    pub fn url(&self) -> anyhow::Result<StoreUrl> {
         let from_workspace = self.workspace_root().and_then(|root| {
             let settings = strata_engine::loader::read_settings(&root).ok()?;
             Some(root.join(settings.store?))
@@ -208,6 +212,7 @@ fn main() -> ExitCode {
         Command::Explain(args) => build_cmd::explain(args, &ctx),
         Command::Graph(args) => build_cmd::graph(args, &ctx),
         Command::Mount(cmd) => mount_cmd::run(cmd, &ctx),
+        Command::Serve(args) => serve_cmd::run(args, &ctx),
     };
     match result {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,
@@ -252,6 +257,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         return 2;
     }
     if let Some(e) = err.downcast_ref::<strata_engine::BuildError>() {
+        return if e.is_user_error() { 2 } else { 3 };
+    }
+    if let Some(e) = err.downcast_ref::<strata_server::ServerError>() {
         return if e.is_user_error() { 2 } else { 3 };
     }
     3

@@ -41,6 +41,16 @@ pub struct BuildOptions {
     pub executor: Option<model::Executor>,
     /// `ci rerun`: the run whose succeeded tasks are kept as they were.
     pub rerun_of: Option<RunRecord>,
+    /// The run's id, when the caller made it beforehand ([`crate::new_run_id`]): a
+    /// server answers with it before the run starts. `None`: a new one.
+    pub run_id: Option<String>,
+    /// The workspace's name, recorded with the run (`ci serve`).
+    pub workspace: Option<String>,
+    /// What started the run, recorded with it.
+    pub trigger: Option<crate::Trigger>,
+    /// What event sources (`timer`, `webhook`) hold in this run, by label: file
+    /// name → bytes. A source without one holds its default (see [`model::Timer`]).
+    pub payloads: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
 }
 
 impl Default for BuildOptions {
@@ -51,6 +61,10 @@ impl Default for BuildOptions {
             check: false,
             executor: None,
             rerun_of: None,
+            run_id: None,
+            workspace: None,
+            trigger: None,
+            payloads: BTreeMap::new(),
         }
     }
 }
@@ -72,6 +86,23 @@ pub struct ActionPayload {
     /// when its key differed (what `ci explain` compares).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<Box<ActionPreimage>>,
+}
+
+/// What a timer or webhook holds when the run was given nothing for it: an
+/// empty tick or payload, the same every time, so plain builds are reproducible.
+fn default_payload(kind: &TaskKind) -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    match kind {
+        TaskKind::Webhook(_) => {
+            files.insert("payload.json".to_owned(), b"{}".to_vec());
+            files.insert("event".to_owned(), Vec::new());
+            files.insert("delivery".to_owned(), Vec::new());
+        }
+        _ => {
+            files.insert("tick.json".to_owned(), b"{}".to_vec());
+        }
+    }
+    files
 }
 
 /// The fields of an [`ActionPayload`] a cache hit needs.
@@ -197,7 +228,7 @@ impl Engine {
         let order: Vec<Label> = graph.topo_order_of(&closure).into_iter().cloned().collect();
         let started = Instant::now();
         let mut run = RunRecord {
-            id: new_run_id(),
+            id: opts.run_id.clone().unwrap_or_else(new_run_id),
             targets: targets.iter().map(|l| l.to_string()).collect(),
             state: TaskState::Running,
             started_ms: now_ms(),
@@ -208,6 +239,8 @@ impl Engine {
             // now says that the run started (and, if this process dies, that
             // it never finished, with the tasks ended by its last save).
             tasks: BTreeMap::new(),
+            workspace: opts.workspace.clone(),
+            trigger: opts.trigger.clone(),
         };
         run.save(&inner.store)?;
         inner.events.send(Event::RunStarted {
@@ -223,6 +256,9 @@ impl Engine {
         }
         let jobs = opts.jobs.max(1);
         let scratch_root = inner.store.scratch_dir();
+        // Runs of this process (a server runs several at once) keep their
+        // scratch; what is left of runs of dead processes is removed.
+        let _active = ActiveScratch::register(scratch_root.join(&run.id));
         clean_scratch(&scratch_root, &inner.events);
         let scratch = Arc::new(Scratch::new(
             inner.store.clone(),
@@ -475,6 +511,10 @@ impl Engine {
             }
             TaskKind::GitSource(g) => {
                 self.run_git_source(task, g, scratch, &cancel, run_id, &mut rec)
+                    .await
+            }
+            TaskKind::Timer(_) | TaskKind::Webhook(_) => {
+                self.run_event_source(task, opts, scratch, run_id, &mut rec)
                     .await
             }
         };
@@ -1249,6 +1289,67 @@ impl Engine {
         )
     }
 
+    /// A timer or webhook: its output is the payload this run was given (the
+    /// tick, the delivery), written as files and ingested; its key is that
+    /// layer, so the same payload twice is a cache hit downstream.
+    async fn run_event_source(
+        &self,
+        task: &Task,
+        opts: &BuildOptions,
+        scratch: &Scratch,
+        run_id: &str,
+        rec: &mut TaskRecord,
+    ) -> Result<(), BuildError> {
+        let label = task.label.to_string();
+        let files = match opts.payloads.get(&label) {
+            Some(files) => files.clone(),
+            None => default_payload(&task.kind),
+        };
+        let dir = scratch.root().join(format!("{}-payload", slug(&label)));
+        let write = |dir: &Path| -> std::io::Result<()> {
+            std::fs::create_dir_all(dir)?;
+            for (name, bytes) in &files {
+                std::fs::write(dir.join(name), bytes)?;
+            }
+            Ok(())
+        };
+        write(&dir).map_err(|source| BuildError::Io {
+            action: "write the payload of",
+            path: dir.clone(),
+            source,
+        })?;
+        let store = self.inner.store.clone();
+        let ingest = IngestOptions {
+            no_stat_cache: true,
+            lineage: Some(Lineage {
+                parent: None,
+                task: Some(label.clone()),
+                how: "event".into(),
+                created: now_ms() / 1000,
+            }),
+            ..IngestOptions::default()
+        };
+        let d2 = dir.clone();
+        let report = tokio::task::spawn_blocking(move || store.ingest(&d2, &ingest))
+            .await
+            .map_err(|e| BuildError::Join(e.to_string()))??;
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut pre = ActionPreimage::new(task.kind_name(), "store");
+        pre.base = Some(report.layer);
+        if self.try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)? {
+            return Ok(());
+        }
+        self.settle(
+            &label,
+            &pre,
+            &BTreeMap::new(),
+            report.layer,
+            BTreeMap::new(),
+            run_id,
+            rec,
+        )
+    }
+
     async fn run_git_source(
         &self,
         task: &Task,
@@ -1259,13 +1360,7 @@ impl Engine {
         rec: &mut TaskRecord,
     ) -> Result<(), BuildError> {
         let label = task.label.to_string();
-        let root = self.workspace_root();
-        let url = if g.url.contains("://") || g.url.contains('@') || Path::new(&g.url).is_absolute()
-        {
-            g.url.clone()
-        } else {
-            root.join(&g.url).display().to_string()
-        };
+        let url = git_url(&self.workspace_root(), g);
         let commit = crate::git::resolve(&url, &g.rev).await?;
         let mut pre = ActionPreimage::new("git_source", "store");
         pre.extra.insert("url".into(), g.url.clone());
@@ -1423,12 +1518,53 @@ fn make_read_only(path: &Path) {
 
 /// Removes work directories of runs that ended without cleaning up (the
 /// store's write lock guarantees no other build is using them).
+/// Where a git source's repository is: its URL, or its path against the
+/// workspace root.
+fn git_url(root: &Path, g: &model::GitSource) -> String {
+    if g.url.contains("://") || g.url.contains('@') || Path::new(&g.url).is_absolute() {
+        g.url.clone()
+    } else {
+        root.join(&g.url).display().to_string()
+    }
+}
+
+/// The commit a git source's ref names now (what its next build would fetch).
+pub async fn resolve_git_source(root: &Path, g: &model::GitSource) -> Result<String, BuildError> {
+    crate::git::resolve(&git_url(root, g), &g.rev).await
+}
+
+/// The scratch directories of the runs under way in this process.
+static ACTIVE_SCRATCH: std::sync::Mutex<BTreeSet<PathBuf>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// Marks a run's scratch directory as in use until dropped.
+struct ActiveScratch(PathBuf);
+
+impl ActiveScratch {
+    fn register(dir: PathBuf) -> ActiveScratch {
+        if let Ok(mut set) = ACTIVE_SCRATCH.lock() {
+            set.insert(dir.clone());
+        }
+        ActiveScratch(dir)
+    }
+}
+
+impl Drop for ActiveScratch {
+    fn drop(&mut self) {
+        if let Ok(mut set) = ACTIVE_SCRATCH.lock() {
+            set.remove(&self.0);
+        }
+    }
+}
+
 fn clean_scratch(root: &Path, events: &EventSink) {
     let Ok(rd) = std::fs::read_dir(root) else {
         return;
     };
     for e in rd.flatten() {
         let p = e.path();
+        if ACTIVE_SCRATCH.lock().is_ok_and(|set| set.contains(&p)) {
+            continue;
+        }
         if matches!(strata_fuse::remove_tree(&p), Ok(true)) {
             events.send(Event::Note {
                 message: format!(

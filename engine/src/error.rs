@@ -140,6 +140,14 @@ pub enum Invalid {
         got: String,
         fix: &'static str,
     },
+    #[error("Timer `{0}` needs exactly one of `every` and `cron`; e.g. `every = \"10m\"` or `cron = \"0 3 * * *\"`")]
+    TimerSchedule(Label),
+    #[error("`cron` is `{value}`, which is not a cron expression ({reason}); write five fields: minute hour day-of-month month day-of-week, e.g. `0 3 * * *`")]
+    BadCron { value: String, reason: String },
+    #[error("Unknown webhook `kind` `{0}`; use `github`, `gitlab` or `generic`")]
+    UnknownHookKind(String),
+    #[error("`on` of `{label}` is `{on}`, which is not a `webhook(...)`; name a webhook source")]
+    OnNotWebhook { label: Label, on: Label },
     #[error("Task `{0}` has neither `cmd` nor `script`; give it one of them")]
     NoCommand(Label),
     #[error("Task `{0}` has both `cmd` and `script`; keep one of them")]

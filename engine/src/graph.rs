@@ -496,6 +496,7 @@ fn render_dot(ws: &Workspace, selected: &BTreeSet<&Label>) -> String {
                 TaskKind::Run(_) => "box",
                 TaskKind::Merge(_) => "hexagon",
                 TaskKind::LocalSource(_) | TaskKind::GitSource(_) => "folder",
+                TaskKind::Timer(_) | TaskKind::Webhook(_) => "cds",
             };
             let _ = writeln!(
                 out,
@@ -562,6 +563,7 @@ fn render_mermaid(ws: &Workspace, selected: &BTreeSet<&Label>) -> String {
                 TaskKind::Run(_) => format!("[\"{text}\"]"),
                 TaskKind::Merge(_) => format!("{{{{\"{text}\"}}}}"),
                 TaskKind::LocalSource(_) | TaskKind::GitSource(_) => format!("[/\"{text}\"/]"),
+                TaskKind::Timer(_) | TaskKind::Webhook(_) => format!("([\"{text}\"])"),
             };
             let _ = writeln!(out, "{indent}{}{node}", ids[*label]);
         }

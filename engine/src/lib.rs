@@ -28,7 +28,8 @@ mod scratch;
 mod validate;
 
 pub use build::{
-    explain_label, previous_payload, workspace_label_key, ActionPayload, BuildOptions, Engine,
+    explain_label, previous_payload, resolve_git_source, workspace_label_key, ActionPayload,
+    BuildOptions, Engine,
 };
 pub use build_error::BuildError;
 pub use error::{Invalid, LoadError, ModelError};
@@ -37,7 +38,8 @@ pub use graph::{expand, render_graph, Graph, GraphFormat, GraphJson};
 pub use label::{Label, LabelError, Pattern};
 pub use loader::{find_root, Loader};
 pub use model::{
-    Command, Dep, Executor, GitSource, InputMode, LocalSource, Location, Merge, OnConflict, Run,
-    Service, Settings, Stage, Task, TaskKind, Workspace,
+    Command, Dep, Executor, GitSource, HookKind, InputMode, LocalSource, Location, Merge,
+    OnConflict, Run, Service, Settings, Stage, Task, TaskKind, Timer, Webhook, Workspace,
 };
-pub use record::{RunRecord, TaskRecord, TaskState};
+pub use validate::parse_cron;
+pub use record::{new_run_id, RunRecord, TaskRecord, TaskState, Trigger};

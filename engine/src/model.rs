@@ -80,6 +80,12 @@ pub struct Settings {
     /// How tasks see their inputs (default: mounted where FUSE works, else copied).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inputs: Option<InputMode>,
+    /// `name` at the top of `ci.toml`: the workspace's name under `ci serve`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `[server] url` in `ci.toml`: the `ci serve` commands go through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_url: Option<String>,
 }
 
 /// How a task's inputs (and previous output) are laid out for it.
@@ -197,7 +203,13 @@ impl Task {
 
     /// Sources bring outside state in and have no inputs.
     pub fn is_source(&self) -> bool {
-        matches!(self.kind, TaskKind::LocalSource(_) | TaskKind::GitSource(_))
+        matches!(
+            self.kind,
+            TaskKind::LocalSource(_)
+                | TaskKind::GitSource(_)
+                | TaskKind::Timer(_)
+                | TaskKind::Webhook(_)
+        )
     }
 
     /// A short word for the kind, for graph output and messages.
@@ -207,6 +219,8 @@ impl Task {
             TaskKind::Merge(_) => "merge",
             TaskKind::LocalSource(_) => "local_source",
             TaskKind::GitSource(_) => "git_source",
+            TaskKind::Timer(_) => "timer",
+            TaskKind::Webhook(_) => "webhook",
         }
     }
 }
@@ -223,6 +237,10 @@ pub enum TaskKind {
     LocalSource(LocalSource),
     /// A git repository at a ref; the resolved commit id is the key (`git_source(...)`).
     GitSource(GitSource),
+    /// A clock: under `ci serve` each tick starts a run (`timer(...)`).
+    Timer(Timer),
+    /// An HTTP delivery to `ci serve` (`webhook(...)`); its payload is the output.
+    Webhook(Webhook),
 }
 
 /// A command run over input layers.
@@ -374,6 +392,9 @@ pub struct LocalSource {
     /// Gitignore-style patterns, relative to `path`, of what not to ingest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude: Vec<String>,
+    /// Under `ci serve` (and `ci build --watch`), a change in the directory starts a run.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub watch: bool,
 }
 
 /// A git repository at a ref.
@@ -385,6 +406,76 @@ pub struct GitSource {
     pub url: String,
     /// A branch, tag or commit id (`ref` in `BUILD.star`).
     pub rev: String,
+    /// Under `ci serve`: re-resolve the ref this often (seconds); a new commit starts a run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_secs: Option<u64>,
+    /// Under `ci serve`: re-resolve the ref when this webhook source fires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<Label>,
+}
+
+/// A clock source. Exactly one of `every_secs` and `cron` is set.
+///
+/// Its output is a small layer holding the tick (`tick.json`); under plain `ci build`
+/// it holds what `--payload` gives, else an empty object, so a build without the
+/// server stays reproducible.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_secs: Option<u64>,
+    /// A cron expression of five fields (minute hour day-of-month month day-of-week), UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+}
+
+/// A webhook source: `POST /hooks/{workspace}/{name}` on `ci serve`.
+///
+/// Its output holds `payload.json` (the body as sent), `event` and `delivery`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    /// The variable of the server's environment that holds the shared secret.
+    pub secret_env: String,
+    #[serde(default)]
+    pub kind: HookKind,
+}
+
+/// How a webhook delivery is authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookKind {
+    /// `X-Hub-Signature-256: sha256=<HMAC-SHA256 of the body>`.
+    Github,
+    /// `X-Gitlab-Token: <secret>`.
+    Gitlab,
+    /// `X-Signature-256: sha256=<HMAC-SHA256 of the body>` (hex; `sha256=` optional).
+    #[default]
+    Generic,
+}
+
+impl HookKind {
+    pub const NAMES: &'static [&'static str] = &["github", "gitlab", "generic"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookKind::Github => "github",
+            HookKind::Gitlab => "gitlab",
+            HookKind::Generic => "generic",
+        }
+    }
+}
+
+impl FromStr for HookKind {
+    type Err = ();
+    fn from_str(s: &str) -> Result<HookKind, ()> {
+        match s {
+            "github" => Ok(HookKind::Github),
+            "gitlab" => Ok(HookKind::Gitlab),
+            "generic" => Ok(HookKind::Generic),
+            _ => Err(()),
+        }
+    }
 }
 
 /// One input of a run, mounted read-only at `/ci/in/<mount>`.

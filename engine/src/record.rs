@@ -11,6 +11,7 @@ use crate::BuildError;
 
 /// The state of a task, or of a whole run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {
     Pending,
@@ -21,6 +22,11 @@ pub enum TaskState {
     Skipped,
     /// Stopped by Ctrl-C or fail-fast.
     Cancelled,
+    /// A run accepted by `ci serve`, waiting for its turn in the workspace's queue.
+    Queued,
+    /// A run whose process died before it ended (found so when a server or
+    /// build next opened the store).
+    Interrupted,
 }
 
 impl TaskState {
@@ -32,12 +38,59 @@ impl TaskState {
             TaskState::Failed => "failed",
             TaskState::Skipped => "skipped",
             TaskState::Cancelled => "cancelled",
+            TaskState::Queued => "queued",
+            TaskState::Interrupted => "interrupted",
         }
     }
+
+    /// Every state, in the order of [`TaskState::as_str`].
+    pub const ALL: [TaskState; 8] = [
+        TaskState::Pending,
+        TaskState::Running,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Skipped,
+        TaskState::Cancelled,
+        TaskState::Queued,
+        TaskState::Interrupted,
+    ];
+
+    /// Whether a run in this state will not change any more.
+    pub fn is_final(self) -> bool {
+        !matches!(
+            self,
+            TaskState::Pending | TaskState::Running | TaskState::Queued
+        )
+    }
+}
+
+impl std::str::FromStr for TaskState {
+    type Err = ();
+    fn from_str(s: &str) -> Result<TaskState, ()> {
+        TaskState::ALL.into_iter().find(|t| t.as_str() == s).ok_or(())
+    }
+}
+
+/// What started a run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Trigger {
+    /// `cli`, `api`, `rerun`, `git`, `timer`, `webhook` or `watch`.
+    pub kind: String,
+    /// The source that fired, as a label (for `git`, `timer`, `webhook`, `watch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// What fired: a commit id, a tick's time, a delivery id, a changed path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// The name of the token that asked for the run (never the token itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// What happened to one task in one run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskRecord {
     pub state: TaskState,
     /// The output came from the action cache (nothing ran).
@@ -86,6 +139,7 @@ impl TaskRecord {
 
 /// One invocation of `ci build` (or `ci rerun`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunRecord {
     /// Sortable: `YYYYMMDDTHHMMSS.mmm-xxxx`.
     pub id: String,
@@ -96,6 +150,12 @@ pub struct RunRecord {
     /// The run this one re-ran, for `ci rerun`.
     pub rerun_of: Option<String>,
     pub tasks: BTreeMap<String, TaskRecord>,
+    /// The workspace's name, for runs started by `ci serve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
+    /// What started the run; `None` for a plain `ci build`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<Trigger>,
 }
 
 impl RunRecord {
@@ -196,7 +256,7 @@ pub(crate) fn now_ms() -> u64 {
 
 /// A new run id that sorts in start order: UTC time to the millisecond
 /// plus 4 hex digits that tell apart runs started in the same millisecond.
-pub(crate) fn new_run_id() -> String {
+pub fn new_run_id() -> String {
     let ms = now_ms();
     let secs = (ms / 1000) as i64;
     let (y, mo, d, h, mi, s) = civil(secs);

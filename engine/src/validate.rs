@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use crate::error::{Invalid, ModelError};
 use crate::graph::{find_cycle, names_in_package, Graph};
 use crate::label::{valid_name, Label};
-use crate::model::{Command, Executor, Run, Service, Task, TaskKind, Workspace};
+use crate::model::{Command, Executor, GitSource, Run, Service, Task, TaskKind, Workspace};
 
 impl Workspace {
     /// Checks the whole model. The first problem found is returned, in a fixed order:
@@ -84,6 +84,21 @@ impl Workspace {
                 ));
             }
             task.check().map_err(|p| located(task, p))?;
+            if let TaskKind::GitSource(GitSource { on: Some(on), .. }) = &task.kind {
+                let is_hook = self
+                    .tasks
+                    .get(on)
+                    .is_some_and(|t| matches!(t.kind, TaskKind::Webhook(_)));
+                if !is_hook {
+                    return Err(located(
+                        task,
+                        Invalid::OnNotWebhook {
+                            label: task.label.clone(),
+                            on: on.clone(),
+                        },
+                    ));
+                }
+            }
             if let Some(stage) = &task.stage {
                 if !self.stages.contains_key(stage) {
                     return Err(located(
@@ -413,7 +428,33 @@ fn check_other(label: &Label, kind: &TaskKind) -> Result<(), Invalid> {
             }
             Ok(())
         }
+        TaskKind::Timer(timer) => match (timer.every_secs, &timer.cron) {
+            (Some(0), None) => Err(Invalid::OutOfRange {
+                what: "every".to_owned(),
+                value: 0,
+                expected: "at least 1 second",
+            }),
+            (Some(_), None) => Ok(()),
+            (None, Some(cron)) => parse_cron(cron).map(drop),
+            _ => Err(Invalid::TimerSchedule(label.clone())),
+        },
+        TaskKind::Webhook(hook) => {
+            if !valid_env_name(&hook.secret_env) {
+                return Err(Invalid::BadEnvName {
+                    what: "secret_env".to_owned(),
+                    name: hook.secret_env.clone(),
+                });
+            }
+            Ok(())
+        }
         TaskKind::GitSource(git) => {
+            if git.poll_secs == Some(0) {
+                return Err(Invalid::OutOfRange {
+                    what: "poll".to_owned(),
+                    value: 0,
+                    expected: "at least 1 second",
+                });
+            }
             check_token("url", &git.url, "give a URL or a path to a repository")?;
             check_token("ref", &git.rev, "give a branch, a tag or a commit id")?;
             if is_local_relative(&git.url) {
@@ -422,6 +463,23 @@ fn check_other(label: &Label, kind: &TaskKind) -> Result<(), Invalid> {
             Ok(())
         }
     }
+}
+
+/// Parses a five-field cron expression (UTC), as `timer(cron = ...)` takes it.
+pub fn parse_cron(text: &str) -> Result<croner::Cron, Invalid> {
+    let bad = |reason: String| Invalid::BadCron {
+        value: text.to_owned(),
+        reason,
+    };
+    if text.split_whitespace().count() != 5 {
+        return Err(bad(format!(
+            "it has {} fields",
+            text.split_whitespace().count()
+        )));
+    }
+    croner::Cron::new(text)
+        .parse()
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// Whether a git URL is a relative filesystem path (not `scheme://`, not `host:path`).

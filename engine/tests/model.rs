@@ -141,6 +141,7 @@ fn json_checks_what_starlark_cannot_express() {
     src.kind = TaskKind::LocalSource(strata_engine::LocalSource {
         path: "a".into(),
         exclude: vec![],
+        watch: false,
     });
     src.transform = Some(label("//a:x"));
     let ws = workspace(vec![run("//a:x", &["true"]), src]);
@@ -160,6 +161,7 @@ fn json_checks_what_starlark_cannot_express() {
         src.kind = TaskKind::LocalSource(strata_engine::LocalSource {
             path: path.into(),
             exclude: vec![],
+            watch: false,
         });
         let e = workspace(vec![src]).validate().unwrap_err().to_string();
         assert!(e.contains(want), "{path}: {e}");

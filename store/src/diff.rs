@@ -7,6 +7,7 @@ use crate::{Batch, Digest, Entry, Error, Kind, Name, RelPath, Result, Store, Tre
 
 /// How a path differs between two layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
     Added,

@@ -8,6 +8,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Batch, Digest, DigestPrefix, Entry, Error, Family, Flow, Result, Store};
 
+/// Where the events of run `id` start in [`Family::Events`]: the id, then 0
+/// (ids never hold a 0 byte, so no run's events sort among another's).
+pub(crate) fn events_prefix(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 9);
+    k.extend_from_slice(id.as_bytes());
+    k.push(0);
+    k
+}
+
+fn event_key(id: &str, seq: u64) -> Vec<u8> {
+    let mut k = events_prefix(id);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
 pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -16,6 +31,7 @@ pub(crate) fn now_secs() -> u64 {
 
 /// Counts over a whole layer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LayerStats {
     pub files: u64,
     pub dirs: u64,
@@ -34,6 +50,7 @@ pub struct LayerRecord {
 
 /// Which layer a layer was made on top of, and by what.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Lineage {
     /// The layer this one was made on top of (a transform's base).
     pub parent: Option<Digest>,
@@ -515,6 +532,62 @@ impl Store {
             Ok(Flow::Continue)
         })?;
         Ok(out)
+    }
+
+    // ---- events ----
+
+    /// Appends events of run `id`, numbered from `first_seq` on, in one
+    /// batch (not synced: the next sync, or the run's own record, makes them
+    /// durable; a process killed outright keeps what reached the log).
+    /// The store never looks inside an event.
+    pub fn append_events(&self, id: &str, first_seq: u64, events: &[&[u8]]) -> Result<()> {
+        self.check_writable()?;
+        let mut b = Batch::new();
+        for (i, e) in events.iter().enumerate() {
+            b.put(Family::Events, event_key(id, first_seq + i as u64), e.to_vec());
+        }
+        self.meta.write(b)
+    }
+
+    /// Up to `limit` events of run `id` with a sequence number of at least
+    /// `from`, in order, as `(sequence number, bytes)`.
+    pub fn events(&self, id: &str, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
+        let prefix = events_prefix(id);
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let start = event_key(id, from);
+        let mut seen_start = false;
+        self.meta.scan(Family::Events, &prefix, &mut |k, v| {
+            if !seen_start && k < &start[..] {
+                return Ok(Flow::Continue);
+            }
+            seen_start = true;
+            let Some(seq) = k[prefix.len()..].try_into().ok().map(u64::from_be_bytes) else {
+                return Err(Error::CorruptRecord {
+                    what: "event",
+                    key: String::from_utf8_lossy(k).into_owned(),
+                });
+            };
+            out.push((seq, v.to_vec()));
+            Ok(if out.len() >= limit { Flow::Stop } else { Flow::Continue })
+        })?;
+        Ok(out)
+    }
+
+    /// The sequence number after the last stored event of run `id` (0 when
+    /// it has none).
+    pub fn next_event_seq(&self, id: &str) -> Result<u64> {
+        let prefix = events_prefix(id);
+        let mut next = 0;
+        self.meta.scan(Family::Events, &prefix, &mut |k, _| {
+            if let Some(seq) = k[prefix.len()..].try_into().ok().map(u64::from_be_bytes) {
+                next = seq + 1;
+            }
+            Ok(Flow::Continue)
+        })?;
+        Ok(next)
     }
 
     // ---- leases ----

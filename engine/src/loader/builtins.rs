@@ -1,5 +1,5 @@
 //! The built-in functions of `BUILD.star`: `task`, `merge`, `local_source`, `git_source`,
-//! `stage`, `service`. Their names and parameters are a public contract: pipelines written
+//! `timer`, `webhook`, `stage`, `service`. Their names and parameters are a public contract: pipelines written
 //! today must keep working, so parameters are only ever added.
 //!
 //! Arguments arrive as untyped Starlark values and are decoded here, so a wrong type gets
@@ -21,8 +21,8 @@ use super::{location_of, EvalContext};
 use crate::error::{Invalid, ModelError};
 use crate::label::Label;
 use crate::model::{
-    Command, Dep, Executor, GitSource, LocalSource, Location, Merge, OnConflict, Run, Service,
-    Stage, Task, TaskKind,
+    Command, Dep, Executor, GitSource, HookKind, LocalSource, Location, Merge, OnConflict, Run,
+    Service, Stage, Task, TaskKind, Timer, Webhook,
 };
 use crate::validate::is_local_relative;
 
@@ -173,6 +173,7 @@ pub(crate) fn strata_builtins(builder: &mut GlobalsBuilder) {
         #[starlark(require = named)] name: Value<'v>,
         #[starlark(require = named)] path: Option<Value<'v>>,
         #[starlark(require = named)] exclude: Option<Value<'v>>,
+        #[starlark(require = named)] watch: Option<Value<'v>>,
         eval: &mut Evaluator<'v, '_, '_>,
     ) -> starlark::Result<String> {
         let (ctx, location) = declaring(eval, "local_source")?;
@@ -198,9 +199,17 @@ pub(crate) fn strata_builtins(builder: &mut GlobalsBuilder) {
                 .map(|v| strings(v, "exclude"))
                 .transpose()?
                 .unwrap_or_default();
+            let watch = match given(watch) {
+                Some(v) => boolean(v, "watch")?,
+                None => false,
+            };
             Ok(Task {
                 label,
-                kind: TaskKind::LocalSource(LocalSource { path, exclude }),
+                kind: TaskKind::LocalSource(LocalSource {
+                    path,
+                    exclude,
+                    watch,
+                }),
                 deps: Vec::new(),
                 transform: None,
                 stage: None,
@@ -216,6 +225,8 @@ pub(crate) fn strata_builtins(builder: &mut GlobalsBuilder) {
         #[starlark(require = named)] name: Value<'v>,
         #[starlark(require = named)] url: Value<'v>,
         #[starlark(require = named)] r#ref: Value<'v>,
+        #[starlark(require = named)] poll: Option<Value<'v>>,
+        #[starlark(require = named)] on: Option<Value<'v>>,
         eval: &mut Evaluator<'v, '_, '_>,
     ) -> starlark::Result<String> {
         let (ctx, location) = declaring(eval, "git_source")?;
@@ -227,14 +238,77 @@ pub(crate) fn strata_builtins(builder: &mut GlobalsBuilder) {
                 url = workspace_path("url", &url, package)?;
             }
             let rev = string(r#ref, "ref")?;
+            let poll_secs = given(poll).map(|v| duration(v, "poll")).transpose()?;
+            let on = given(on)
+                .map(|v| -> Res<Label> {
+                    let text = string(v, "on")?;
+                    Ok(Label::parse(&text, Some(package))?)
+                })
+                .transpose()?;
             Ok(Task {
                 label,
-                kind: TaskKind::GitSource(GitSource { url, rev }),
+                kind: TaskKind::GitSource(GitSource {
+                    url,
+                    rev,
+                    poll_secs,
+                    on,
+                }),
                 deps: Vec::new(),
                 transform: None,
                 stage: None,
                 location: location.clone(),
             })
+        })();
+        declare(ctx, location, result)
+    }
+
+    /// Declares a clock source: under `ci serve`, each tick (`every` or `cron`, UTC)
+    /// starts a run of everything downstream; its output holds `tick.json`.
+    fn timer<'v>(
+        #[starlark(require = named)] name: Value<'v>,
+        #[starlark(require = named)] every: Option<Value<'v>>,
+        #[starlark(require = named)] cron: Option<Value<'v>>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<String> {
+        let (ctx, location) = declaring(eval, "timer")?;
+        let result = (|| -> Res<Task> {
+            let label = declared_label(ctx.package.as_str(), name)?;
+            let every_secs = given(every).map(|v| duration(v, "every")).transpose()?;
+            let cron = given(cron).map(|v| string(v, "cron")).transpose()?;
+            Ok(source_task(
+                label,
+                TaskKind::Timer(Timer { every_secs, cron }),
+                &location,
+            ))
+        })();
+        declare(ctx, location, result)
+    }
+
+    /// Declares a webhook source: `POST /hooks/<workspace>/<name>` on `ci serve`,
+    /// authenticated with the secret in the server's environment variable `secret_env`.
+    /// Its output holds `payload.json`, `event` and `delivery`.
+    fn webhook<'v>(
+        #[starlark(require = named)] name: Value<'v>,
+        #[starlark(require = named)] secret_env: Value<'v>,
+        #[starlark(require = named)] kind: Option<Value<'v>>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<String> {
+        let (ctx, location) = declaring(eval, "webhook")?;
+        let result = (|| -> Res<Task> {
+            let label = declared_label(ctx.package.as_str(), name)?;
+            let secret_env = string(secret_env, "secret_env")?;
+            let kind = match given(kind) {
+                Some(v) => {
+                    let text = string(v, "kind")?;
+                    text.parse().map_err(|_| Invalid::UnknownHookKind(text))?
+                }
+                None => HookKind::default(),
+            };
+            Ok(source_task(
+                label,
+                TaskKind::Webhook(Webhook { secret_env, kind }),
+                &location,
+            ))
         })();
         declare(ctx, location, result)
     }
@@ -372,6 +446,18 @@ fn declare(
 }
 
 /// `None` for an absent argument and for an explicit `None`.
+/// A source task: no deps, no transform, no stage.
+fn source_task(label: Label, kind: TaskKind, location: &Option<Location>) -> Task {
+    Task {
+        label,
+        kind,
+        deps: Vec::new(),
+        transform: None,
+        stage: None,
+        location: location.clone(),
+    }
+}
+
 fn given(v: Option<Value<'_>>) -> Option<Value<'_>> {
     v.filter(|v| !v.is_none())
 }

@@ -8,6 +8,9 @@
 //! inputs = "mount"    # inputs as FUSE views ("mount", the default where FUSE
 //!                     # works) or copies checked out per task ("copy")
 //! ```
+//!
+//! and, at the top level, `name = "..."` (the workspace's name under `ci serve`), and
+//! `[server] url = "http://..."` (the `ci serve` that commands go through).
 
 use std::fs;
 use std::path::Path;
@@ -22,8 +25,21 @@ use super::WORKSPACE_FILE;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CiToml {
+    /// The workspace's name under `ci serve` (default: its directory's name).
+    #[serde(default)]
+    name: Option<String>,
     #[serde(default)]
     build: Settings,
+    #[serde(default)]
+    server: ServerToml,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServerToml {
+    /// The `ci serve` that commands of this workspace go through.
+    #[serde(default)]
+    url: Option<String>,
 }
 
 /// Reads and checks `root/ci.toml`. Unknown tables and keys are refused, so a typo is
@@ -41,7 +57,11 @@ pub(crate) fn read_settings_text(root: &Path) -> Result<(Settings, String), Load
 
 pub(crate) fn parse_settings(text: &str) -> Result<Settings, LoadError> {
     match toml::from_str::<CiToml>(text) {
-        Ok(file) => Ok(file.build),
+        Ok(file) => Ok(Settings {
+            name: file.name,
+            server_url: file.server.url,
+            ..file.build
+        }),
         Err(e) => {
             let (line, col) = match e.span() {
                 Some(span) => line_col(text, span.start),

@@ -30,10 +30,12 @@ pub enum Family {
     StatCache,
     /// task label → its latest successful output (JSON)
     Labels,
+    /// run id, 0, sequence number (u64 big-endian) → one event of the run (JSON)
+    Events,
 }
 
 impl Family {
-    pub const ALL: [Family; 9] = [
+    pub const ALL: [Family; 10] = [
         Family::Trees,
         Family::Layers,
         Family::Lineage,
@@ -43,6 +45,7 @@ impl Family {
         Family::Leases,
         Family::StatCache,
         Family::Labels,
+        Family::Events,
     ];
 
     pub fn name(self) -> &'static str {
@@ -56,6 +59,7 @@ impl Family {
             Family::Leases => "leases",
             Family::StatCache => "statcache",
             Family::Labels => "labels",
+            Family::Events => "events",
         }
     }
 

@@ -70,7 +70,15 @@ impl RocksMetaStore {
         let mut opts = options();
         opts.create_if_missing(false);
         opts.create_missing_column_families(false);
-        let db = DB::open_cf_as_secondary(&opts, path, dir.path(), cf_names())
+        // A store written by an earlier version may lack a family that was
+        // added since (the writer creates it on its next open): a reader
+        // opens what is there, and a missing family reads as empty.
+        let existing = DB::list_cf(&opts, path).map_err(db_err("opening read-only"))?;
+        let names: Vec<&str> = cf_names()
+            .into_iter()
+            .filter(|n| existing.iter().any(|e| e == n))
+            .collect();
+        let db = DB::open_cf_as_secondary(&opts, path, dir.path(), names)
             .map_err(db_err("opening read-only"))?;
         Ok(RocksMetaStore {
             db,
@@ -88,6 +96,11 @@ impl RocksMetaStore {
             })
     }
 
+    /// A family that a read-only handle found missing (an older store).
+    fn absent(&self, family: Family) -> bool {
+        self.read_only && self.db.cf_handle(family.name()).is_none()
+    }
+
     pub fn path(&self) -> PathBuf {
         self.db.path().to_owned()
     }
@@ -95,6 +108,9 @@ impl RocksMetaStore {
 
 impl MetaStore for RocksMetaStore {
     fn get(&self, family: Family, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if self.absent(family) {
+            return Ok(None);
+        }
         self.db
             .get_cf(self.cf(family)?, key)
             .map_err(db_err("reading"))
@@ -132,6 +148,9 @@ impl MetaStore for RocksMetaStore {
         prefix: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]) -> Result<Flow>,
     ) -> Result<()> {
+        if self.absent(family) {
+            return Ok(());
+        }
         let iter = self.db.iterator_cf(
             self.cf(family)?,
             IteratorMode::From(prefix, Direction::Forward),

@@ -1,0 +1,280 @@
+//! The HTTP API: routes, the shared state, extractors whose rejections are
+//! our JSON errors, authentication, request metrics and the OpenAPI document.
+
+mod events;
+mod hooks;
+mod layers;
+mod runs;
+mod workspaces;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use strata_store::Store;
+use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+
+use crate::auth::Tokens;
+use crate::error::{ApiError, ErrorBody};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::runs::Manager;
+
+/// What every handler sees.
+#[derive(Clone)]
+pub struct AppState {
+    pub mgr: Arc<Manager>,
+    pub hub: Arc<Hub>,
+    pub tokens: Arc<Tokens>,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the server stops: live streams end.
+    pub shutdown: CancellationToken,
+}
+
+/// Request bodies over this are refused with 413.
+pub const BODY_LIMIT: usize = 1 << 20;
+/// Webhook deliveries may be larger (GitHub sends up to 25 MiB).
+pub const HOOK_BODY_LIMIT: usize = 25 << 20;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Strata",
+        description = "The API of `ci serve`: workspaces, runs, live events, logs, layers. \
+            Everything that changes something needs `Authorization: Bearer <token>`."
+    ),
+    paths(
+        workspaces::list_workspaces,
+        workspaces::graph,
+        workspaces::explain,
+        runs::start_run,
+        runs::start_inline_run,
+        runs::list_runs,
+        runs::get_run,
+        runs::cancel_run,
+        runs::rerun_run,
+        runs::task_log,
+        events::run_events,
+        events::feed,
+        layers::show_layer,
+        layers::tree_root,
+        layers::tree,
+        layers::file,
+        layers::diff,
+        layers::archive,
+        hooks::deliver,
+        health,
+        metrics_text,
+    ),
+    components(schemas(ErrorBody)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/workspaces", get(workspaces::list_workspaces))
+        .route("/workspaces/{ws}/graph", get(workspaces::graph))
+        .route("/workspaces/{ws}/explain/{label}", get(workspaces::explain))
+        .route("/workspaces/{ws}/runs", post(runs::start_run))
+        .route("/runs", get(runs::list_runs).post(runs::start_inline_run))
+        .route("/runs/{id}", get(runs::get_run))
+        .route("/runs/{id}/cancel", post(runs::cancel_run))
+        .route("/runs/{id}/rerun", post(runs::rerun_run))
+        .route("/runs/{id}/events", get(events::run_events))
+        .route("/runs/{id}/tasks/{label}/log", get(runs::task_log))
+        .route("/events", get(events::feed))
+        .route("/layers/{layer}", get(layers::show_layer))
+        .route("/layers/{layer}/tree", get(layers::tree_root))
+        .route("/layers/{layer}/tree/{*path}", get(layers::tree))
+        .route("/layers/{layer}/file/{*path}", get(layers::file))
+        .route("/layers/{layer}/diff/{other}", get(layers::diff))
+        .route("/layers/{layer}/archive", get(layers::archive))
+        .route("/openapi.json", get(openapi))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT));
+    let hooks = Router::new()
+        .route("/hooks/{ws}/{name}", post(hooks::deliver))
+        .layer(axum::extract::DefaultBodyLimit::max(HOOK_BODY_LIMIT));
+    Router::new()
+        .nest("/api/v1", api)
+        .merge(hooks)
+        .route("/healthz", get(health))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("No such endpoint; `/api/v1/openapi.json` lists them")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "This endpoint does not take that method; `/api/v1/openapi.json` lists what it takes",
+    )
+}
+
+fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::internal("The server failed on this request; its log says more").into_response()
+}
+
+/// Reads need a token under `--auth all`; everything else needs a write token.
+async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let checked = match *req.method() {
+        Method::GET | Method::HEAD => state.tokens.check_read(headers).map(drop),
+        _ => state.tokens.check_write(headers).map(drop),
+    };
+    match checked {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Times every request by route, and marks answers as not to be sniffed.
+async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let mut res = next.run(req).await;
+    res.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    state
+        .metrics
+        .observe_request(&method, &route, res.status().as_u16(), started.elapsed());
+    res
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "server",
+    responses((status = 200, description = "The server answers", body = String, content_type = "text/plain")))]
+async fn health() -> &'static str {
+    "ok\n"
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "server",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let text = state.metrics.render(&state).await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    let body = ApiDoc::openapi().to_pretty_json().unwrap_or_default();
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// `Json`, whose refusals are our JSON errors (400 naming the field, 413, 415).
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = axum::extract::rejection::JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => {
+                let status = match rejection.status() {
+                    StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                let message = match status {
+                    StatusCode::PAYLOAD_TOO_LARGE => {
+                        format!("The body is over the limit of {BODY_LIMIT} bytes")
+                    }
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                        "Send the body as JSON with `Content-Type: application/json`".to_owned()
+                    }
+                    _ => format!("The body is not what this endpoint takes: {}", rejection.body_text()),
+                };
+                Err(ApiError::new(status, message))
+            }
+        }
+    }
+}
+
+/// `Query`, refused as a 400 naming the parameter.
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(e) => Err(ApiError::bad_request(format!(
+                "Bad query parameters: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
+
+/// `Path`, refused as a 400.
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            Err(e) => Err(ApiError::bad_request(format!("Bad path: {}", e.body_text()))),
+        }
+    }
+}
