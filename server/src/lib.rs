@@ -21,6 +21,7 @@ pub mod hub;
 pub mod metrics;
 pub mod runs;
 pub mod sources;
+pub mod ui;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

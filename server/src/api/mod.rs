@@ -119,6 +119,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/api/v1", api)
         .merge(hooks)
+        .merge(crate::ui::router())
         .route("/healthz", get(health))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)

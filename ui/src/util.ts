@@ -1,0 +1,44 @@
+import type { State } from './api';
+
+export function dur(ms: number | null | undefined): string {
+  if (ms === null || ms === undefined || !Number.isFinite(ms)) return '–';
+  if (ms < 1000) return `${Math.round(ms)} ms`;
+  const s = ms / 1000;
+  if (s < 60) return `${s.toFixed(s < 10 ? 1 : 0)} s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m} m ${Math.round(s % 60)} s`;
+  return `${Math.floor(m / 60)} h ${m % 60} m`;
+}
+
+export function ago(ms: number): string {
+  const d = Date.now() - ms;
+  if (d < 60_000) return 'just now';
+  if (d < 3_600_000) return `${Math.floor(d / 60_000)} min ago`;
+  if (d < 86_400_000) return `${Math.floor(d / 3_600_000)} h ago`;
+  return new Date(ms).toLocaleString();
+}
+
+export function when(ms: number): string {
+  return ms ? new Date(ms).toLocaleString() : '–';
+}
+
+export function bytes(n: number | null | undefined): string {
+  if (n === null || n === undefined) return '';
+  if (n < 1024) return `${n} B`;
+  const u = ['KiB', 'MiB', 'GiB', 'TiB'];
+  let v = n / 1024, i = 0;
+  while (v >= 1024 && i < u.length - 1) { v /= 1024; i++; }
+  return `${v.toFixed(v < 10 ? 1 : 0)} ${u[i]}`;
+}
+
+export function isFinal(s: State | string): boolean {
+  return !['pending', 'running', 'queued'].includes(s);
+}
+
+/** A 1-second heartbeat for elapsed times (local only: it never asks the server). */
+const tickers = new Set<() => void>();
+setInterval(() => tickers.forEach((f) => f()), 1000);
+export function everySecond(f: () => void): () => void {
+  tickers.add(f);
+  return () => tickers.delete(f);
+}
