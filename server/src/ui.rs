@@ -46,9 +46,9 @@ async fn serve(path: String) -> Response {
     if let Some(body) = find(dir.as_deref(), want) {
         return answer(want, body);
     }
-    // A missing asset is a 404; anything else is a route of the page.
-    let last = want.rsplit('/').next().unwrap_or("");
-    if want.starts_with("assets/") || last.contains('.') {
+    // A missing asset is a 404; anything else is a route of the page (run
+    // ids hold dots, so a dot does not make a path a file).
+    if want.starts_with("assets/") || want == "favicon.ico" {
         return ApiError::not_found(format!("The dashboard has no file `{want}`")).into_response();
     }
     match find(dir.as_deref(), "index.html") {

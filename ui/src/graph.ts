@@ -227,7 +227,7 @@ export class GraphView {
   fit(): void {
     const r = this.svg.getBoundingClientRect();
     const w = r.width || 1000, hh = r.height || 600;
-    this.k = Math.max(0.05, Math.min(1, (w - 40) / this.box.width, (hh - 40) / this.box.height));
+    this.k = Math.max(this.nodes.length > 200 ? 0.05 : 0.45, Math.min(1, (w - 40) / this.box.width, (hh - 40) / this.box.height));
     this.tx = 20; this.ty = 20;
     this.apply();
   }

@@ -42,3 +42,9 @@ export function everySecond(f: () => void): () => void {
   tickers.add(f);
   return () => tickers.delete(f);
 }
+
+/** Targets for display: the first few, then how many more. */
+export function targetsText(t: string[], n = 3): string {
+  if (!t.length) return '//...';
+  return t.length > n ? `${t.slice(0, n).join(' ')} +${t.length - n} more` : t.join(' ');
+}

@@ -62,6 +62,7 @@ export function stripLocations(m: Model): Model {
 export function designerView(root: HTMLElement, p: Record<string, string>): () => void {
   let model: Model = { tasks: {}, stages: {} };
   let selected: string | null = null;
+  let stagesBox: HTMLElement = h('div');
   const problems = h('div', { class: 'problems', 'data-testid': 'problems', 'aria-live': 'polite' });
   const list = h('ul', { class: 'task-list', 'data-testid': 'designer-tasks' });
   const editor = h('div', { class: 'editor' });
@@ -81,7 +82,6 @@ export function designerView(root: HTMLElement, p: Record<string, string>): () =
       h('section', { class: 'panel' }, editor)));
   api.workspaces().then((ws) => { for (const w of ws) wsSel.append(h('option', { value: w.name, selected: w.name === p.ws }, w.name)); }).catch(() => {});
 
-  let stagesBox: HTMLElement;
   function stagesEditor(): HTMLElement {
     stagesBox = h('div');
     return stagesBox;

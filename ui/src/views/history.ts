@@ -5,7 +5,7 @@ import { api, type LayerDiff, type RunRecord, type RunSummary } from '../api';
 import { h, s, fill } from '../dom';
 import { onFeed } from '../feed';
 import { navigate } from '../nav';
-import { dur, when } from '../util';
+import { dur, targetsText, when } from '../util';
 
 export function hitRatio(r: { cached: number; executed: number }): number | null {
   const n = r.cached + r.executed;
@@ -21,7 +21,7 @@ function trend(runs: RunSummary[]): SVGSVGElement {
   const rs = [...runs].reverse().slice(-60);
   const W = 900, H = 140, pad = 24;
   const max = Math.max(1, ...rs.map((r) => r.duration_ms));
-  const bw = (W - pad * 2) / Math.max(1, rs.length);
+  const bw = Math.min(28, (W - pad * 2) / Math.max(1, rs.length));
   const bars = rs.map((r, i) => {
     const bh = Math.max(2, ((H - pad * 2) * r.duration_ms) / max);
     const bar = s('rect', { x: pad + i * bw + 1, y: H - pad - bh, width: Math.max(1, bw - 2), height: bh, class: `bar st-${r.state}` },
@@ -31,7 +31,7 @@ function trend(runs: RunSummary[]): SVGSVGElement {
   });
   const pts = rs.map((r, i) => [r, i] as const).filter(([r]) => hitRatio(r) !== null)
     .map(([r, i]) => `${pad + i * bw + bw / 2},${H - pad - (H - pad * 2) * hitRatio(r)!}`);
-  return s('svg', { class: 'trend', viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: 'none', 'data-testid': 'trend' },
+  return s('svg', { class: 'trend', viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: 'xMinYMid meet', 'data-testid': 'trend' },
     s('text', { x: pad, y: 14, class: 'axis' }, `duration (max ${dur(max)}) · line: cache-hit ratio`),
     s('line', { x1: pad, y1: H - pad, x2: W - pad, y2: H - pad, class: 'axis-line' }),
     ...bars,
@@ -93,7 +93,7 @@ export function historyView(root: HTMLElement, _p: Record<string, string>, query
             h('td', null, h('a', { href: `/runs/${encodeURIComponent(r.id)}`, 'data-link': '' }, r.id)),
             h('td', null, h('span', { class: `pill st-${r.state}` }, r.state)),
             h('td', null, r.workspace ?? 'inline'),
-            h('td', null, r.targets.join(' ') || '//...'),
+            h('td', { title: r.targets.join(' ') }, targetsText(r.targets)),
             h('td', null, r.trigger ? `${r.trigger.kind}${r.trigger.by ? ' · ' + r.trigger.by : ''}` : 'cli'),
             h('td', null, when(r.started_ms)),
             h('td', { class: 'num' }, dur(r.duration_ms)),

@@ -7,7 +7,7 @@ import { h, fill } from '../dom';
 import { GraphView, type NodeStatus } from '../graph';
 import { cone, graphNodes, isPure } from '../model';
 import { Sse } from '../sse';
-import { dur, everySecond, isFinal, when } from '../util';
+import { dur, everySecond, isFinal, targetsText, when } from '../util';
 import { navigate } from '../nav';
 import { taskPanel } from './task';
 
@@ -79,7 +79,7 @@ export function runView(root: HTMLElement, params: Record<string, string>, query
     fill(head,
       h('h1', null, 'Run ', h('code', null, r.id)),
       h('span', { class: `pill st-${r.state}`, 'data-testid': 'run-state' }, r.state),
-      h('span', { class: 'muted' }, ` ${r.workspace ?? 'inline pipeline'} · ${r.targets.join(' ') || '//...'} · started ${when(r.started_ms)} · ${dur(elapsed)} · ${counts.done} done, ${counts.cached} cached`),
+      h('span', { class: 'muted' }, ` ${r.workspace ?? 'inline pipeline'} · ${targetsText(r.targets)} · started ${when(r.started_ms)} · ${dur(elapsed)} · ${counts.done} done, ${counts.cached} cached`),
       r.trigger ? h('span', { class: 'muted' }, ` · by ${r.trigger.kind}${r.trigger.by ? ' (' + r.trigger.by + ')' : ''}${r.trigger.detail ? ' ' + r.trigger.detail : ''}`) : null,
       r.rerun_of ? h('span', { class: 'muted' }, ' · rerun of ', h('a', { href: `/runs/${encodeURIComponent(r.rerun_of)}`, 'data-link': '' }, r.rerun_of)) : null,
       h('span', { class: 'spacer' }),

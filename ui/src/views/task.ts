@@ -124,7 +124,7 @@ function whyTab(ctx: TaskCtx, rec: TaskRecord | undefined, root: HTMLElement, si
       const li = h('li', null, line);
       items.append(li);
       // An input or base that changed: list the paths that differ between its layers.
-      const parsed = /(input `[^`]+`|base) changed `?([0-9a-f]{8,})`?→`?([0-9a-f]{8,})`?/.exec(line);
+      const parsed = /(input `[^`]+`|base) changed `?([0-9a-f]{8,})…?`?→`?([0-9a-f]{8,})…?`?/.exec(line);
       if (parsed) {
         const [, , a, b] = parsed;
         const sub = h('ul', { class: 'paths' }, h('li', { class: 'muted' }, 'paths changed…'));

@@ -5,7 +5,7 @@
 import { api, type RunSummary, type State, type Workspace } from '../api';
 import { h, fill } from '../dom';
 import { onFeed, onFeedStatus, type FeedEvent } from '../feed';
-import { dur, ago, everySecond, isFinal } from '../util';
+import { dur, ago, everySecond, isFinal, targetsText } from '../util';
 
 interface LiveRun {
   id: string;
@@ -142,7 +142,7 @@ export function wallView(root: HTMLElement, params: Record<string, string>): () 
             : h('p', { class: 'muted' }, 'Nothing is running.')),
         h('section', { class: 'panel' }, h('h2', null, `Queue (${queued.length})`),
           queued.length ? h('ol', null, queued.map((r) => h('li', null,
-            h('a', { href: `/runs/${encodeURIComponent(r.id)}`, 'data-link': '' }, r.workspace ?? 'inline', ' · ', r.targets.join(' ') || '//...'),
+            h('a', { href: `/runs/${encodeURIComponent(r.id)}`, 'data-link': '' }, r.workspace ?? 'inline', ' · ', targetsText(r.targets)),
             ' ', h('span', { class: 'muted' }, `waiting ${dur(elapsed(r))}`)))) : h('p', { class: 'muted' }, 'The queue is empty.')),
         h('section', { class: 'panel' }, h('h2', null, 'Last failures'),
           failures.length ? h('ul', { class: 'failures' }, failures.map((r) => h('li', null,
