@@ -129,10 +129,9 @@ fn token(cmd: TokenCommand, ctx: &Ctx) -> anyhow::Result<Outcome> {
         }
     };
     if !root.join("FORMAT").exists() {
-        return Err(usage(format!(
-            "No store at `{}`; pass `--store DIR` (the one `ci serve` uses)",
-            root.display()
-        )));
+        // No server can own a store that does not exist yet: make it, so a
+        // token can be made before the first `ci serve`.
+        drop(ctx.open_write()?);
     }
     match cmd {
         TokenCommand::Create { name, read_only } => {

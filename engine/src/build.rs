@@ -480,6 +480,10 @@ impl Engine {
             duration_ms: rec.duration_ms,
             exit_code: rec.exit_code,
             error: rec.error.clone(),
+            key: rec.key,
+            log: rec.log,
+            context: rec.context.clone(),
+            attempts: rec.attempts,
         });
     }
 

@@ -2,6 +2,7 @@
 //! terminal view, the run record and (later) the HTTP API's live feed all
 //! read it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -46,6 +47,17 @@ pub enum Event {
         duration_ms: u64,
         exit_code: Option<i32>,
         error: Option<String>,
+        /// The action key (a pure task's cache key).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        key: Option<Digest>,
+        /// The log blob.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        log: Option<Digest>,
+        /// What the task passes to its descendants: with the rest, a run's
+        /// events alone can rebuild its record (a server killed mid-run).
+        #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+        context: BTreeMap<String, String>,
+        attempts: u32,
     },
     RunFinished {
         run: String,

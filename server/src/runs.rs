@@ -419,6 +419,10 @@ impl Manager {
             if record.state.is_final() {
                 continue;
             }
+            // Tasks that ended after the record's last save are in the events.
+            for t in finished_tasks(&self.store, &id) {
+                record.tasks.entry(t.0).or_insert(t.1);
+            }
             record.state = TaskState::Interrupted;
             record.save(&self.store)?;
             self.hub.record(
@@ -440,6 +444,65 @@ impl Manager {
         }
         Ok(marked)
     }
+}
+
+/// The tasks a run's stored events say ended, as records.
+fn finished_tasks(store: &Store, run: &str) -> Vec<(String, strata_engine::TaskRecord)> {
+    #[derive(serde::Deserialize)]
+    struct Finished {
+        event: String,
+        #[serde(default)]
+        label: String,
+        #[serde(default)]
+        state: Option<TaskState>,
+        #[serde(default)]
+        cached: bool,
+        #[serde(default)]
+        output: Option<strata_store::Digest>,
+        #[serde(default)]
+        duration_ms: u64,
+        #[serde(default)]
+        exit_code: Option<i32>,
+        #[serde(default)]
+        error: Option<String>,
+        #[serde(default)]
+        key: Option<strata_store::Digest>,
+        #[serde(default)]
+        log: Option<strata_store::Digest>,
+        #[serde(default)]
+        context: BTreeMap<String, String>,
+        #[serde(default)]
+        attempts: u32,
+    }
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Ok(page) = store.events(run, from, 1024) {
+        let Some(last) = page.last().map(|(s, _)| *s) else {
+            break;
+        };
+        for (_, bytes) in &page {
+            let Ok(f) = serde_json::from_slice::<Finished>(bytes) else {
+                continue;
+            };
+            let Some(state) = f.state.filter(|_| f.event == "task_finished") else {
+                continue;
+            };
+            let mut rec = strata_engine::TaskRecord::pending();
+            rec.state = state;
+            rec.cached = f.cached;
+            rec.output = f.output;
+            rec.duration_ms = f.duration_ms;
+            rec.exit_code = f.exit_code;
+            rec.error = f.error;
+            rec.key = f.key;
+            rec.log = f.log;
+            rec.context = f.context;
+            rec.attempts = f.attempts;
+            out.push((f.label, rec));
+        }
+        from = last + 1;
+    }
+    out
 }
 
 pub fn parse_patterns(targets: &[String]) -> ApiResult<Vec<Pattern>> {

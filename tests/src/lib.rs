@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod serve;
+
 /// A temporary directory holding a store (`store/`) and a workspace (`work/`)
 /// where tests build the trees they add. Removed on drop.
 pub struct Env {

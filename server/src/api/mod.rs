@@ -56,6 +56,7 @@ pub const HOOK_BODY_LIMIT: usize = 25 << 20;
         workspaces::explain,
         runs::start_run,
         runs::start_inline_run,
+        runs::validate,
         runs::list_runs,
         runs::get_run,
         runs::cancel_run,
@@ -98,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .route("/workspaces/{ws}/explain/{label}", get(workspaces::explain))
         .route("/workspaces/{ws}/runs", post(runs::start_run))
         .route("/runs", get(runs::list_runs).post(runs::start_inline_run))
+        .route("/validate", post(runs::validate))
         .route("/runs/{id}", get(runs::get_run))
         .route("/runs/{id}/cancel", post(runs::cancel_run))
         .route("/runs/{id}/rerun", post(runs::rerun_run))
@@ -147,9 +149,11 @@ fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 /// Reads need a token under `--auth all`; everything else needs a write token.
 async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let headers = req.headers();
-    let checked = match *req.method() {
-        Method::GET | Method::HEAD => state.tokens.check_read(headers).map(drop),
-        _ => state.tokens.check_write(headers).map(drop),
+    // Validating a pipeline changes nothing: it is a read.
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD) || req.uri().path().ends_with("/validate");
+    let checked = match reads {
+        true => state.tokens.check_read(headers).map(drop),
+        false => state.tokens.check_write(headers).map(drop),
     };
     match checked {
         Ok(()) => next.run(req).await,

@@ -168,6 +168,37 @@ pub async fn start_inline_run(
     Ok(accepted(submit(&state, s).await?))
 }
 
+/// `POST /api/v1/validate`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ValidateRequest {
+    /// A pipeline in the JSON model, as `POST /api/v1/runs` takes it.
+    #[schema(value_type = Object)]
+    pub pipeline: serde_json::Value,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Valid {
+    pub ok: bool,
+    /// Tasks in the pipeline.
+    pub tasks: usize,
+}
+
+#[utoipa::path(post, path = "/api/v1/validate", tag = "runs",
+    request_body = ValidateRequest,
+    security(("bearer" = [])),
+    responses((status = 200, body = Valid), (status = 400, description = "What is wrong, naming the task and field", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 413, body = ErrorBody)))]
+pub async fn validate(ApiJson(req): ApiJson<ValidateRequest>) -> ApiResult<Json<Valid>> {
+    let model: Workspace = serde_json::from_value(req.pipeline)
+        .map_err(|e| ApiError::bad_request(format!("`pipeline`: {e}")))?;
+    model.validate()?;
+    Ok(Json(Valid {
+        ok: true,
+        tasks: model.tasks.len(),
+    }))
+}
+
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
