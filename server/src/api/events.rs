@@ -20,6 +20,18 @@ use super::{ApiPath, ApiQuery, AppState};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::hub::{ClientGuard, Live};
 
+/// One message of an event stream, as its fields.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct SseMessage {
+    /// The event's sequence number in its run (absent on `end`, `hello`, `lagged`).
+    pub id: Option<String>,
+    /// Its kind: `run_queued`, `run_started`, `task_started`, `task_log`,
+    /// `task_finished`, `note`, `run_finished`, `end`; on the feed also `hello`, `lagged`.
+    pub event: String,
+    /// The event as JSON.
+    pub data: String,
+}
+
 /// Events read from the store per step of a replay.
 const REPLAY_PAGE: usize = 1024;
 
@@ -61,7 +73,7 @@ fn sse_event(seq: u64, name: &str, json: &str) -> Result<SseEvent, Infallible> {
         EventsQuery),
     responses((status = 200, description = "`text/event-stream`: every event of the run, each with \
         `id:` its sequence number and `event:` its kind; an ended run replays from the store and \
-        closes with an `end` event", body = String, content_type = "text/event-stream"),
+        closes with an `end` event", body = SseMessage, content_type = "text/event-stream"),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn run_events(
     State(state): State<AppState>,
@@ -176,7 +188,7 @@ async fn replay(state: &AppState, run: &str, from: &mut u64, upto: u64, tx: &Tx)
 #[utoipa::path(get, path = "/api/v1/events", tag = "events",
     responses((status = 200, description = "`text/event-stream`: every run's and task's state \
         changes (no log lines), live; `data` is `{\"run\", \"seq\", \"data\": <the run's event>}`",
-        body = String, content_type = "text/event-stream")))]
+        body = SseMessage, content_type = "text/event-stream")))]
 pub async fn feed(State(state): State<AppState>) -> Response {
     let mut feed = state.hub.feed();
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(256);

@@ -187,7 +187,8 @@ async fn health() -> &'static str {
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "server",
-    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+    responses((status = 200, description = "Prometheus text format (OpenMetrics)", body = String,
+        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")))]
 async fn metrics_text(State(state): State<AppState>) -> Response {
     let text = state.metrics.render(&state).await;
     (

@@ -102,7 +102,7 @@ async fn submit(state: &AppState, s: Submit) -> ApiResult<String> {
     security(("bearer" = [])),
     responses((status = 202, body = Accepted), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 413, body = ErrorBody)))]
+        (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody)))]
 pub async fn start_run(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -129,7 +129,8 @@ pub async fn start_run(
     request_body = InlineRunRequest,
     security(("bearer" = [])),
     responses((status = 202, body = Accepted), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 413, body = ErrorBody)))]
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody)))]
 pub async fn start_inline_run(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -186,9 +187,8 @@ pub struct Valid {
 
 #[utoipa::path(post, path = "/api/v1/validate", tag = "runs",
     request_body = ValidateRequest,
-    security(("bearer" = [])),
     responses((status = 200, body = Valid), (status = 400, description = "What is wrong, naming the task and field", body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 413, body = ErrorBody)))]
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody)))]
 pub async fn validate(ApiJson(req): ApiJson<ValidateRequest>) -> ApiResult<Json<Valid>> {
     let model: Workspace = serde_json::from_value(req.pipeline)
         .map_err(|e| ApiError::bad_request(format!("`pipeline`: {e}")))?;
@@ -352,7 +352,7 @@ pub struct Cancelled {
 #[utoipa::path(post, path = "/api/v1/runs/{id}/cancel", tag = "runs",
     params(("id" = String, Path, description = "A run id")),
     security(("bearer" = [])),
-    responses((status = 200, body = Cancelled), (status = 401, body = ErrorBody),
+    responses((status = 200, body = Cancelled), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn cancel_run(
     State(state): State<AppState>,
@@ -375,7 +375,7 @@ pub async fn cancel_run(
 #[utoipa::path(post, path = "/api/v1/runs/{id}/rerun", tag = "runs",
     params(("id" = String, Path, description = "A run id")),
     security(("bearer" = [])),
-    responses((status = 202, body = Accepted), (status = 401, body = ErrorBody),
+    responses((status = 202, body = Accepted), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn rerun_run(
     State(state): State<AppState>,
