@@ -15,6 +15,7 @@ use strata_engine::{
 use strata_store::{OpenMode, Store, StoreUrl};
 use tokio_util::sync::CancellationToken;
 
+use crate::remote::{seg, Remote};
 use crate::{usage, Ctx, Outcome};
 
 /// Where the workspace is and which store to use.
@@ -175,6 +176,25 @@ fn try_ws(args: &WsArgs) -> Option<Workspace> {
 }
 
 pub fn build(args: BuildArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
+    if let Some(remote) = remote_for_build(ctx, &args.ws)? {
+        if args.executor.is_some() || !args.payload.is_empty() {
+            return Err(usage(
+                "`--executor` and `--payload` are not taken through `ci serve`; build without `--server`",
+            ));
+        }
+        let (name, current) = identity(&args.ws)?;
+        let mut targets = Vec::new();
+        for t in if args.targets.is_empty() { vec!["//...".to_owned()] } else { args.targets.clone() } {
+            let p = Pattern::parse(&t, current.as_deref()).map_err(|e| usage(format!("`{t}`: {e}")))?;
+            targets.push(p.to_string());
+        }
+        let body = serde_json::json!({
+            "targets": targets, "jobs": args.jobs, "keep_going": args.keep_going, "check": args.check,
+        });
+        let reply = remote.post(&format!("/api/v1/workspaces/{}/runs", seg(&name)), &body)?;
+        let id = reply.json()?["id"].as_str().unwrap_or_default().to_owned();
+        return follow_remote(ctx, remote, id);
+    }
     let (loaded, targets) = load(&args.ws, &args.targets)?;
     let _ = &loaded.current;
     let executor = match &args.executor {
@@ -235,6 +255,11 @@ fn payloads(
 }
 
 pub fn rerun(args: RerunArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
+    if let Some(remote) = remote_for_build(ctx, &args.ws)? {
+        let reply = remote.post(&format!("/api/v1/runs/{}/rerun", seg(&args.run)), &serde_json::json!({}))?;
+        let id = reply.json()?["id"].as_str().unwrap_or_default().to_owned();
+        return follow_remote(ctx, remote, id);
+    }
     let ws0 = try_ws(&args.ws);
     let previous = {
         let store = open_read(ctx, ws0.as_ref())?;
@@ -251,6 +276,66 @@ pub fn rerun(args: RerunArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
         ..BuildOptions::default()
     };
     run_build(ctx, loaded.ws, targets, opts)
+}
+
+/// The server a build goes through: `--server`, `CI_SERVER` or `[server] url`;
+/// else the `ci serve` that owns this store (it wrote its address there),
+/// said once, rather than waiting for its lock.
+fn remote_for_build(ctx: &Ctx, args: &WsArgs) -> anyhow::Result<Option<Remote>> {
+    if let Some(r) = ctx.remote(args.dir.as_deref())? {
+        return Ok(Some(r));
+    }
+    let ws = try_ws(args);
+    if let StoreUrl::Local(root) = store_url(ctx, ws.as_ref())? {
+        if let Some(url) = strata_server::running_server(&root) {
+            let _ = writeln!(
+                std::io::stderr(),
+                "note: `ci serve` at {url} owns the store `{}`; the build goes through it",
+                root.display()
+            );
+            let local = strata_server::auth::read_local_token(&root);
+            return Remote::new(&url).map(|r| Some(r.with_default_token(local)));
+        }
+    }
+    Ok(None)
+}
+
+/// The workspace's name under `ci serve` (as the server names it) and the
+/// package the user stands in.
+fn identity(args: &WsArgs) -> anyhow::Result<(String, Option<String>)> {
+    let start = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::current_dir().context("Cannot read the current directory")?,
+    };
+    let root = strata_engine::find_root(&start)?;
+    let root = std::fs::canonicalize(&root).unwrap_or(root);
+    let settings = strata_engine::loader::read_settings(&root)?;
+    let name = settings.name.unwrap_or_else(|| {
+        root.file_name()
+            .map_or_else(|| "root".to_owned(), |n| n.to_string_lossy().into_owned())
+    });
+    let start = std::fs::canonicalize(&start).unwrap_or(start);
+    let current = start
+        .strip_prefix(&root)
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned());
+    Ok((name, current))
+}
+
+/// Shows a run of the server in the terminal view as it happens (Ctrl-C
+/// cancels it there); the exit code is what a local build would give.
+fn follow_remote(ctx: &Ctx, remote: Remote, id: String) -> anyhow::Result<Outcome> {
+    let remote = Arc::new(remote);
+    let interrupted = crate::remote::cancel_on_interrupt(remote.clone(), id.clone());
+    let mut view = View::new(ctx.json, ctx.verbose);
+    remote.follow(&id, &mut |e| view.event(&e))?;
+    let run = remote.run(&id)?;
+    view.finish(&run);
+    Ok(match run.state {
+        TaskState::Succeeded => Outcome::Clean,
+        TaskState::Cancelled if interrupted.load(std::sync::atomic::Ordering::SeqCst) => Outcome::Interrupted,
+        _ => Outcome::Problems,
+    })
 }
 
 fn run_build(
@@ -532,36 +617,76 @@ fn secs(ms: u64) -> String {
     format!("{:.2}s", ms as f64 / 1000.0)
 }
 
+/// One line of `ci runs`, from a local record or the server's summary.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RunRow {
+    id: String,
+    state: TaskState,
+    targets: Vec<String>,
+    executed: usize,
+    cached: usize,
+    failed: usize,
+    tasks: usize,
+    duration_ms: u64,
+    rerun_of: Option<String>,
+}
+
 pub fn runs(ws: WsArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
-    let store = open_read(ctx, try_ws(&ws).as_ref())?;
-    let runs = RunRecord::list(&store)?;
-    if ctx.json {
-        // Newest first, like the human listing.
-        let rows: Vec<serde_json::Value> = runs
-            .iter()
-            .rev()
-            .map(|r| {
-                serde_json::json!({
-                    "id": r.id, "state": r.state, "targets": r.targets,
-                    "executed": r.executed(), "cached": r.cached(), "failed": r.failed(),
-                    "tasks": r.tasks.len(), "duration_ms": r.duration_ms, "rerun_of": r.rerun_of,
+    // Newest first.
+    let rows: Vec<RunRow> = match ctx.remote(ws.dir.as_deref())? {
+        Some(remote) => {
+            let mut rows = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let path = match &cursor {
+                    Some(c) => format!("/api/v1/runs?limit=500&cursor={}", seg(c)),
+                    None => "/api/v1/runs?limit=500".to_owned(),
+                };
+                let page = remote.get(&path)?.json()?;
+                for r in page["runs"].as_array().into_iter().flatten() {
+                    rows.push(serde_json::from_value(r.clone()).context("The server sent a run we cannot read")?);
+                }
+                match page["next"].as_str() {
+                    Some(n) => cursor = Some(n.to_owned()),
+                    None => break,
+                }
+            }
+            rows
+        }
+        None => {
+            let store = open_read(ctx, try_ws(&ws).as_ref())?;
+            RunRecord::list(&store)?
+                .iter()
+                .rev()
+                .map(|r| RunRow {
+                    id: r.id.clone(),
+                    state: r.state,
+                    targets: r.targets.clone(),
+                    executed: r.executed(),
+                    cached: r.cached(),
+                    failed: r.failed(),
+                    tasks: r.tasks.len(),
+                    duration_ms: r.duration_ms,
+                    rerun_of: r.rerun_of.clone(),
                 })
-            })
-            .collect();
+                .collect()
+        }
+    };
+    if ctx.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(Outcome::Clean);
     }
     let mut out = std::io::stdout().lock();
-    for r in runs.iter().rev() {
+    for r in &rows {
         writeln!(
             out,
             "{}  {:<9}  {:>4} tasks  {:>4} executed  {:>4} cached  {:>3} failed  {:>8}  {}",
             r.id,
             r.state.as_str(),
-            r.tasks.len(),
-            r.executed(),
-            r.cached(),
-            r.failed(),
+            r.tasks,
+            r.executed,
+            r.cached,
+            r.failed,
             secs(r.duration_ms),
             r.targets.join(" ")
         )?;
@@ -572,8 +697,13 @@ pub fn runs(ws: WsArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
 pub fn run_cmd(cmd: RunCommand, ctx: &Ctx) -> anyhow::Result<Outcome> {
     match cmd {
         RunCommand::Show { run, ws } => {
-            let store = open_read(ctx, try_ws(&ws).as_ref())?;
-            let r = RunRecord::load(&store, &run)?;
+            let r = match ctx.remote(ws.dir.as_deref())? {
+                Some(remote) => remote.run(&run)?,
+                None => {
+                    let store = open_read(ctx, try_ws(&ws).as_ref())?;
+                    RunRecord::load(&store, &run)?
+                }
+            };
             if ctx.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
                 return Ok(Outcome::Clean);
@@ -612,6 +742,12 @@ pub fn run_cmd(cmd: RunCommand, ctx: &Ctx) -> anyhow::Result<Outcome> {
 }
 
 pub fn logs(args: LogsArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
+    if let Some(remote) = ctx.remote(args.ws.dir.as_deref())? {
+        let label = normalize_label(&args.label)?;
+        let reply = remote.get(&format!("/api/v1/runs/{}/tasks/{}/log", seg(&args.run), seg(&label)))?;
+        std::io::stdout().lock().write_all(&reply.body)?;
+        return Ok(Outcome::Clean);
+    }
     let store = open_read(ctx, try_ws(&args.ws).as_ref())?;
     let r = RunRecord::load(&store, &args.run)?;
     let label = normalize_label(&args.label)?;
@@ -635,33 +771,57 @@ fn normalize_label(text: &str) -> anyhow::Result<String> {
 }
 
 pub fn explain(args: ExplainArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
-    let ws = try_ws(&args.ws);
-    let store = open_read(ctx, ws.as_ref())?;
     let label = normalize_label(&args.label)?;
-    let key =
-        strata_engine::workspace_label_key(ws.as_ref().and_then(|w| w.root.as_deref()), &label);
-    let Some((p, lines)) = explain_label(&store, &key)? else {
-        return Err(usage(format!(
-            "`{label}` has not run in this store; `ci build {label}` first"
-        )));
+    let (key, run, output, has_previous, lines, preimage) = match ctx.remote(args.ws.dir.as_deref())? {
+        Some(remote) => {
+            let (name, _) = identity(&args.ws)?;
+            let v = remote
+                .get(&format!("/api/v1/workspaces/{}/explain/{}", seg(&name), seg(&label)))?
+                .json()?;
+            let digest = |k: &str| -> anyhow::Result<strata_store::Digest> {
+                Ok(v[k].as_str().unwrap_or_default().parse()?)
+            };
+            (
+                digest("key")?,
+                v["run"].as_str().unwrap_or_default().to_owned(),
+                digest("output")?,
+                v["has_previous"].as_bool().unwrap_or(false),
+                serde_json::from_value::<Vec<String>>(v["changes"].clone()).unwrap_or_default(),
+                v["preimage"].clone(),
+            )
+        }
+        None => {
+            let ws = try_ws(&args.ws);
+            let store = open_read(ctx, ws.as_ref())?;
+            let key = strata_engine::workspace_label_key(
+                ws.as_ref().and_then(|w| w.root.as_deref()),
+                &label,
+            );
+            let Some((p, lines)) = explain_label(&store, &key)? else {
+                return Err(usage(format!(
+                    "`{label}` has not run in this store; `ci build {label}` first"
+                )));
+            };
+            let preimage = serde_json::to_value(&p.preimage)?;
+            (p.key, p.run, p.output, p.previous.is_some(), lines, preimage)
+        }
     };
     if ctx.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "label": label, "key": p.key, "output": p.output, "run": p.run,
-                "changes": lines, "preimage": p.preimage,
+                "label": label, "key": key, "output": output, "run": run,
+                "changes": lines, "preimage": preimage,
             }))?
         );
         return Ok(Outcome::Clean);
     }
     println!(
-        "{label}: key {} (run {}), output {}",
-        p.key.short(),
-        p.run,
-        p.output.short()
+        "{label}: key {} (run {run}), output {}",
+        key.short(),
+        output.short()
     );
-    if p.previous.is_none() {
+    if !has_previous {
         println!("  no earlier action with a different key: the task was never re-keyed");
     } else if lines.is_empty() {
         println!("  the key changed, but no field differs (a change of the key format)");

@@ -5,6 +5,7 @@ mod build_cmd;
 mod docker;
 mod mount_cmd;
 mod output;
+mod remote;
 mod serve_cmd;
 mod store_cmd;
 
@@ -46,6 +47,11 @@ struct Cli {
     /// Print summaries on stderr even when it is not a terminal
     #[arg(short, long, global = true)]
     verbose: bool,
+
+    /// Go through this `ci serve` (build, rerun, runs, run show, logs, explain,
+    /// store ls|cat|show|diff) [default: `[server] url` in ci.toml]; the token is `CI_TOKEN`
+    #[arg(long, global = true, env = "CI_SERVER", value_name = "URL")]
+    server: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -89,6 +95,7 @@ pub struct Ctx {
     store: Option<String>,
     pub json: bool,
     verbose: bool,
+    server: Option<String>,
 }
 
 impl Ctx {
@@ -162,6 +169,28 @@ impl Ctx {
         Ok(store.resolve(spec)?)
     }
 
+    /// The server to go through: `--server`, `CI_SERVER`, else `[server] url`
+    /// of the workspace around the current directory (or `dir`).
+    pub fn remote(&self, dir: Option<&std::path::Path>) -> anyhow::Result<Option<remote::Remote>> {
+        if let Some(url) = self.server.as_deref().filter(|s| !s.is_empty()) {
+            return remote::Remote::new(url).map(Some);
+        }
+        let start = match dir {
+            Some(d) => d.to_owned(),
+            None => match std::env::current_dir() {
+                Ok(d) => d,
+                Err(_) => return Ok(None),
+            },
+        };
+        let Ok(root) = strata_engine::find_root(&start) else {
+            return Ok(None);
+        };
+        match strata_engine::loader::read_settings(&root).ok().and_then(|s| s.server_url) {
+            Some(url) => remote::Remote::new(&url).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Prints a human summary on stderr when someone is likely to read it.
     pub fn summary(&self, line: &str) {
         if self.verbose || std::io::stderr().is_terminal() {
@@ -201,6 +230,7 @@ fn main() -> ExitCode {
         store: cli.store,
         json: cli.json,
         verbose: cli.verbose,
+        server: cli.server,
     };
     let result = match cli.command {
         Command::Store { command } => store_cmd::run(command, &ctx),

@@ -16,6 +16,7 @@ use strata_store::{
 };
 
 use crate::output::{human_size, json, mode_string, utc_time};
+use crate::remote::{path_segs, seg};
 use crate::{usage, Ctx, Outcome};
 
 #[derive(Subcommand)]
@@ -102,6 +103,16 @@ pub enum RefCommand {
 
 pub fn run(cmd: StoreCommand, ctx: &Ctx) -> anyhow::Result<Outcome> {
     let mut out = BufWriter::new(io::stdout().lock());
+    if matches!(
+        cmd,
+        StoreCommand::Ls { .. } | StoreCommand::Cat { .. } | StoreCommand::Show { .. } | StoreCommand::Diff { .. }
+    ) {
+        if let Some(remote) = ctx.remote(None)? {
+            let outcome = remote_read(ctx, &remote, cmd, &mut out)?;
+            out.flush()?;
+            return Ok(outcome);
+        }
+    }
     let outcome = match cmd {
         StoreCommand::Add {
             dir,
@@ -181,8 +192,96 @@ fn add(
     Ok(Outcome::Clean)
 }
 
+/// A layer as the API takes it: `//pkg:name` is URL-encoded whole, with
+/// the workspace it belongs to.
+fn remote_layer(ctx: &Ctx, layer: &str) -> anyhow::Result<(String, String)> {
+    let query = match (layer.starts_with("//"), ctx.workspace_root()) {
+        (true, Some(root)) => {
+            let root = std::fs::canonicalize(&root).unwrap_or(root);
+            let name = strata_engine::loader::read_settings(&root)
+                .ok()
+                .and_then(|s| s.name)
+                .unwrap_or_else(|| {
+                    root.file_name()
+                        .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+                });
+            format!("?workspace={}", seg(&name))
+        }
+        _ => String::new(),
+    };
+    Ok((seg(layer), query))
+}
+
+/// `ci store ls|cat|show|diff` through `ci serve`, printing what the local
+/// commands print.
+fn remote_read(
+    ctx: &Ctx,
+    remote: &crate::remote::Remote,
+    cmd: StoreCommand,
+    out: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    match cmd {
+        StoreCommand::Ls {
+            layer,
+            path,
+            recursive,
+        } => {
+            let (l, q) = remote_layer(ctx, &layer)?;
+            let path = path.map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+            let path = path.trim_matches('/');
+            let sep = if q.is_empty() { '?' } else { '&' };
+            let url = match path.is_empty() {
+                true => format!("/api/v1/layers/{l}/tree{q}"),
+                false => format!("/api/v1/layers/{l}/tree/{}{q}", path_segs(path)),
+            };
+            let url = if recursive { format!("{url}{sep}recursive=true") } else { url };
+            let v = remote.get(&url)?.json()?;
+            let rows: Vec<LsRow> = serde_json::from_value(v["entries"].clone())
+                .context("The server sent a listing we cannot read")?;
+            let rows: Vec<(LsRow, &'static str)> = rows
+                .into_iter()
+                .map(|r| {
+                    let mode = match (r.kind, r.executable) {
+                        (Kind::Dir, _) => "drwxr-xr-x",
+                        (Kind::Symlink, _) => "lrwxrwxrwx",
+                        (Kind::File, Some(true)) => "-rwxr-xr-x",
+                        (Kind::File, _) => "-rw-r--r--",
+                    };
+                    (r, mode)
+                })
+                .collect();
+            print_ls(ctx, &rows, out)
+        }
+        StoreCommand::Cat { layer, path } => {
+            let (l, q) = remote_layer(ctx, &layer)?;
+            let path = path.to_string_lossy().into_owned();
+            let reply = remote.get(&format!(
+                "/api/v1/layers/{l}/file/{}{q}",
+                path_segs(path.trim_start_matches('/'))
+            ))?;
+            out.write_all(&reply.body)?;
+            Ok(Outcome::Clean)
+        }
+        StoreCommand::Show { layer } => {
+            let (l, q) = remote_layer(ctx, &layer)?;
+            let v = remote.get(&format!("/api/v1/layers/{l}{q}"))?.json()?;
+            let show: Show = serde_json::from_value(v).context("The server sent a layer we cannot read")?;
+            print_show(ctx, &show, out)
+        }
+        StoreCommand::Diff { a, b } => {
+            let (la, q) = remote_layer(ctx, &a)?;
+            let (lb, _) = remote_layer(ctx, &b)?;
+            let v = remote.get(&format!("/api/v1/layers/{la}/diff/{lb}{q}"))?.json()?;
+            let rows: Vec<DiffRow> = serde_json::from_value(v["changes"].clone())
+                .context("The server sent a diff we cannot read")?;
+            print_diff(ctx, &rows, out)
+        }
+        _ => Ok(Outcome::Clean),
+    }
+}
+
 /// One line of `ci store ls`.
-#[derive(Serialize)]
+#[derive(Serialize, serde::Deserialize)]
 struct LsRow {
     name: String,
     kind: Kind,
@@ -230,6 +329,10 @@ fn ls(
         Entry::Dir { digest } => list_dir(&store, digest, "", recursive, &mut rows)?,
         other => rows.push((LsRow::new(path.to_string(), other), mode_string(other))),
     }
+    print_ls(ctx, &rows, out)
+}
+
+fn print_ls(ctx: &Ctx, rows: &[(LsRow, &'static str)], out: &mut dyn Write) -> anyhow::Result<Outcome> {
     if ctx.json {
         let rows: Vec<&LsRow> = rows.iter().map(|(r, _)| r).collect();
         json(out, &rows)?;
@@ -240,7 +343,7 @@ fn ls(
         .map(|(r, _)| r.size.map_or(1, |s| s.to_string().len()))
         .max()
         .unwrap_or(1);
-    for (row, mode) in &rows {
+    for (row, mode) in rows {
         let size = row.size.map_or_else(|| "-".to_owned(), |s| s.to_string());
         write!(out, "{mode} {size:>width$} {}", row.name)?;
         if let Some(target) = &row.target {
@@ -314,16 +417,18 @@ fn kind_name(kind: Kind) -> &'static str {
     }
 }
 
+/// What `ci store show` says of a layer.
+#[derive(Serialize, serde::Deserialize)]
+struct Show {
+    layer: Digest,
+    stats: strata_store::LayerStats,
+    /// `None` for a tree never recorded as a layer.
+    created: Option<u64>,
+    lineage: Option<strata_store::Lineage>,
+    refs: Vec<String>,
+}
+
 fn show(ctx: &Ctx, layer: &str, out: &mut dyn Write) -> anyhow::Result<Outcome> {
-    #[derive(Serialize)]
-    struct Show {
-        layer: Digest,
-        stats: strata_store::LayerStats,
-        /// `None` for a tree never recorded as a layer.
-        created: Option<u64>,
-        lineage: Option<strata_store::Lineage>,
-        refs: Vec<String>,
-    }
     let store = ctx.open_read()?;
     let digest = ctx.resolve(&store, layer)?;
     let record = store.layer(&digest)?;
@@ -344,8 +449,13 @@ fn show(ctx: &Ctx, layer: &str, out: &mut dyn Write) -> anyhow::Result<Outcome> 
         lineage: store.lineage(&digest)?,
         refs,
     };
+    print_show(ctx, &show, out)
+}
+
+fn print_show(ctx: &Ctx, show: &Show, out: &mut dyn Write) -> anyhow::Result<Outcome> {
+    let stats = show.stats;
     if ctx.json {
-        json(out, &show)?;
+        json(out, show)?;
         return Ok(Outcome::Clean);
     }
     let dash = || "-".to_owned();
@@ -389,40 +499,46 @@ fn show(ctx: &Ctx, layer: &str, out: &mut dyn Write) -> anyhow::Result<Outcome> 
     Ok(Outcome::Clean)
 }
 
+/// One line of `ci store diff`.
+#[derive(Serialize, serde::Deserialize)]
+struct DiffRow {
+    path: String,
+    change: strata_store::ChangeKind,
+    old_kind: Option<Kind>,
+    new_kind: Option<Kind>,
+}
+
 fn diff(ctx: &Ctx, a: &str, b: &str, out: &mut dyn Write) -> anyhow::Result<Outcome> {
-    #[derive(Serialize)]
-    struct Row {
-        path: RelPath,
-        change: strata_store::ChangeKind,
-        old_kind: Option<Kind>,
-        new_kind: Option<Kind>,
-    }
     let store = ctx.open_read()?;
     let (a, b) = (ctx.resolve(&store, a)?, ctx.resolve(&store, b)?);
-    let changes = store.diff(&a, &b)?;
+    let rows: Vec<DiffRow> = store
+        .diff(&a, &b)?
+        .into_iter()
+        .map(|c| DiffRow {
+            old_kind: c.old.as_ref().map(Entry::kind),
+            new_kind: c.new_kind(),
+            change: c.kind,
+            path: c.path.to_string(),
+        })
+        .collect();
+    print_diff(ctx, &rows, out)
+}
+
+fn print_diff(ctx: &Ctx, rows: &[DiffRow], out: &mut dyn Write) -> anyhow::Result<Outcome> {
     if ctx.json {
-        let rows: Vec<Row> = changes
-            .into_iter()
-            .map(|c| Row {
-                old_kind: c.old.as_ref().map(Entry::kind),
-                new_kind: c.new_kind(),
-                change: c.kind,
-                path: c.path,
-            })
-            .collect();
         json(out, &rows)?;
         return Ok(Outcome::Clean);
     }
-    for c in &changes {
+    for c in rows {
         // The side that exists after the change, or the removed one.
-        let is_dir = c.new.as_ref().or(c.old.as_ref()).map(Entry::kind) == Some(Kind::Dir);
-        writeln!(
-            out,
-            "{} {}{}",
-            c.letter(),
-            c.path,
-            if is_dir { "/" } else { "" }
-        )?;
+        let is_dir = c.new_kind.or(c.old_kind) == Some(Kind::Dir);
+        let letter = match c.change {
+            strata_store::ChangeKind::Added => 'A',
+            strata_store::ChangeKind::Removed => 'D',
+            strata_store::ChangeKind::Modified => 'M',
+            strata_store::ChangeKind::TypeChanged => 'T',
+        };
+        writeln!(out, "{letter} {}{}", c.path, if is_dir { "/" } else { "" })?;
     }
     Ok(Outcome::Clean)
 }

@@ -116,10 +116,14 @@ impl Server {
         store.sync()?;
         let shutdown = CancellationToken::new();
         let watchers = sources::start(&mgr, &shutdown)?;
+        let tokens = Arc::new(auth::Tokens::new(store.root(), config.auth));
+        if let Some(root) = store.root() {
+            tokens.set_local(auth::write_local_token(root)?);
+        }
         let state = api::AppState {
             mgr,
             hub,
-            tokens: Arc::new(auth::Tokens::new(store.root(), config.auth)),
+            tokens,
             store: store.clone(),
             metrics: Arc::new(metrics::Metrics::new()),
             shutdown,
@@ -165,6 +169,9 @@ impl Server {
         let _ = state.store.sync();
         if let Some(p) = &self.address_file {
             let _ = std::fs::remove_file(p);
+            if let Some(dir) = p.parent() {
+                let _ = std::fs::remove_file(dir.join("local-token"));
+            }
         }
         result
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use crate::{Batch, Digest, Entry, Error, Kind, Name, RelPath, Result, Store, Tree};
 
 /// How a path differs between two layers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeKind {

@@ -574,3 +574,58 @@ fn sigterm_cancels_running_runs_and_exits_zero() {
     let ps = Command::new("pgrep").args(["-f", "sleep 60"]).output().unwrap();
     assert!(ps.stdout.is_empty(), "no task process is left");
 }
+
+#[test]
+fn ci_through_the_server_says_what_ci_says_locally() {
+    let env = workspace(&[
+        ("BUILD.star", "local_source(name = \"src\", path = \"src\")\ntask(name = \"up\", deps = [\":src\"], script = \"tr a-z A-Z < $CI_IN/src/a.txt > A.txt; echo made it\")\n"),
+        ("src/a.txt", "hello\n"),
+    ]);
+    let tok = token(&env, "ci", false);
+    let server = Server::start(&env, &["."], &[]);
+    let via = |args: &[&str]| {
+        let mut cmd = env.command(args);
+        cmd.env("CI_SERVER", &server.url).env("CI_TOKEN", &tok);
+        env.output(cmd)
+    };
+    // A plain `ci build` finds the server that owns the store and goes through it.
+    let plain = env.ci(["build", "//..."]).success();
+    assert!(plain.stderr_str().contains("owns the store"), "{}", plain.stderr_str());
+    assert_eq!(plain.stderr_str().matches("owns the store").count(), 1, "said once");
+    let remote = via(&["--json", "build", "//..."]).success();
+    assert!(remote.stdout_str().contains("\"summary\""));
+    // Reads: the same bytes through the API as from the store.
+    let out = env.ci(["--json", "run", "show", "latest"]).success().json()["tasks"]["//:up"]["output"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for args in [
+        vec!["runs"],
+        vec!["--json", "runs"],
+        vec!["run", "show", "latest"],
+        vec!["--json", "run", "show", "latest"],
+        vec!["logs", "latest", "//:up"],
+        vec!["explain", "//:up"],
+        vec!["store", "ls", "-r", &out],
+        vec!["--json", "store", "ls", &out],
+        vec!["store", "cat", &out, "A.txt"],
+        vec!["store", "show", &out],
+        vec!["store", "ls", "//:up"],
+    ] {
+        let local = env.ci(&args).success();
+        let remote = via(&args).success();
+        assert_eq!(remote.stdout_str(), local.stdout_str(), "`ci {}` through the server", args.join(" "));
+    }
+    // Exit codes: a failing task is 1, a malformed BUILD.star 2, both ways.
+    write(env.work(), "BUILD.star", "task(name = \"bad\", script = \"exit 7\")\n");
+    let local_fail = env.ci(["--server", "", "build"]).code();
+    let remote_fail = via(&["build"]).code();
+    assert_eq!(remote_fail, Some(1));
+    assert_eq!(local_fail, Some(1));
+    write(env.work(), "BUILD.star", "task(name = \"bad\", script = \n");
+    let remote_bad = via(&["build"]);
+    assert_eq!(remote_bad.code(), Some(2), "{}", remote_bad.stderr_str());
+    assert!(remote_bad.stderr_str().contains("BUILD.star:"), "located: {}", remote_bad.stderr_str());
+    drop(server);
+    assert_eq!(env.ci(["build"]).code(), Some(2));
+}
