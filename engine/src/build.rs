@@ -23,6 +23,9 @@ use crate::record::{new_run_id, now_ms, RunRecord, TaskRecord, TaskState};
 use crate::scratch::{Scratch, SlotPaths};
 use crate::{BuildError, Graph, Label};
 
+mod plan;
+pub use plan::Prediction;
+
 /// How often a running build saves its run record (with the tasks ended so
 /// far): a build killed outright still shows what it did in `ci runs`, and
 /// each save (a log sync) makes every record before it durable.
@@ -152,9 +155,19 @@ struct Sched<'a> {
 
 /// The result of an input: what a dependant needs.
 #[derive(Clone, Debug)]
-struct Done {
-    output: Digest,
-    context: BTreeMap<String, String>,
+pub(crate) struct Done {
+    pub(crate) output: Digest,
+    pub(crate) context: BTreeMap<String, String>,
+}
+
+/// A command's action, resolved ([`Engine::command_action`]).
+pub(crate) struct CommandAction {
+    pub(crate) pre: ActionPreimage,
+    pub(crate) executor: Arc<dyn Executor>,
+    pub(crate) image: Option<String>,
+    pub(crate) argv: Vec<String>,
+    pub(crate) context: BTreeMap<String, String>,
+    pub(crate) input_labels: BTreeMap<String, String>,
 }
 
 impl Engine {
@@ -576,21 +589,15 @@ impl Engine {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn run_command(
+    /// Everything that goes into a command's action key, from its resolved
+    /// inputs: what `run_command` runs and what `plan` predicts with.
+    pub(crate) async fn command_action(
         &self,
         task: &Task,
         r: &model::Run,
         inputs: &[(Label, Done)],
-        scratch: &Arc<Scratch>,
         opts: &BuildOptions,
-        run_id: &str,
-        cancel: CancellationToken,
-        rec: &mut TaskRecord,
-    ) -> Result<(), BuildError> {
-        let inner = &self.inner;
-        let store = &inner.store;
-        let label = task.label.to_string();
+    ) -> Result<CommandAction, BuildError> {
         let executor = self.executor_for(r, opts)?;
         let image = match &r.image {
             Some(i) => Some(executor.resolve_image(i).await?),
@@ -629,13 +636,74 @@ impl Engine {
                 serde_json::to_string(&services).unwrap_or_default(),
             );
         }
-        let key = pre.key();
-        rec.key = Some(key);
         let input_labels: BTreeMap<String, String> = task
             .deps
             .iter()
             .map(|d| (d.mount.clone(), d.label.to_string()))
             .collect();
+        Ok(CommandAction {
+            pre,
+            executor,
+            image,
+            argv,
+            context,
+            input_labels,
+        })
+    }
+
+    /// A merge's action key preimage and the labels of its sides.
+    pub(crate) fn merge_action(
+        m: &model::Merge,
+        inputs: &[(Label, Done)],
+    ) -> (ActionPreimage, BTreeMap<String, String>) {
+        let by_label: BTreeMap<&Label, &Done> = inputs.iter().map(|(l, d)| (l, d)).collect();
+        let base = by_label[&m.base].output;
+        let sides: Vec<Digest> = m.sides.iter().map(|s| by_label[s].output).collect();
+        let mut pre = ActionPreimage::new("merge", "store");
+        pre.base = Some(base);
+        pre.context = Self::inherited_context(inputs);
+        for (i, s) in sides.iter().enumerate() {
+            pre.inputs.insert(format!("side{i:03}"), *s);
+        }
+        pre.extra.insert(
+            "on_conflict".into(),
+            format!("{:?}", m.on_conflict).to_lowercase(),
+        );
+        let input_labels: BTreeMap<String, String> = m
+            .sides
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("side{i:03}"), s.to_string()))
+            .collect();
+        (pre, input_labels)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_command(
+        &self,
+        task: &Task,
+        r: &model::Run,
+        inputs: &[(Label, Done)],
+        scratch: &Arc<Scratch>,
+        opts: &BuildOptions,
+        run_id: &str,
+        cancel: CancellationToken,
+        rec: &mut TaskRecord,
+    ) -> Result<(), BuildError> {
+        let inner = &self.inner;
+        let store = &inner.store;
+        let label = task.label.to_string();
+        let CommandAction {
+            pre,
+            executor,
+            image,
+            argv,
+            context,
+            input_labels,
+        } = self.command_action(task, r, inputs, opts).await?;
+        let base = pre.base;
+        let key = pre.key();
+        rec.key = Some(key);
         let cacheable = r.pure && !r.effects;
 
         let mut cached_output = None;
@@ -1153,27 +1221,12 @@ impl Engine {
         let by_label: BTreeMap<&Label, &Done> = inputs.iter().map(|(l, d)| (l, d)).collect();
         let base = by_label[&m.base].output;
         let sides: Vec<Digest> = m.sides.iter().map(|s| by_label[s].output).collect();
-        let mut pre = ActionPreimage::new("merge", "store");
-        pre.base = Some(base);
-        pre.context = Self::inherited_context(inputs);
-        for (i, s) in sides.iter().enumerate() {
-            pre.inputs.insert(format!("side{i:03}"), *s);
-        }
         let policy = match m.on_conflict {
             OnConflict::Fail => MergePolicy::Fail,
             OnConflict::Ours => MergePolicy::Ours,
             OnConflict::Theirs => MergePolicy::Theirs,
         };
-        pre.extra.insert(
-            "on_conflict".into(),
-            format!("{:?}", m.on_conflict).to_lowercase(),
-        );
-        let input_labels: BTreeMap<String, String> = m
-            .sides
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (format!("side{i:03}"), s.to_string()))
-            .collect();
+        let (pre, input_labels) = Self::merge_action(m, inputs);
         if self.try_cache(&label, &pre, &input_labels, run_id, rec)? {
             return Ok(());
         }
@@ -1230,16 +1283,8 @@ impl Engine {
         }
     }
 
-    async fn run_local_source(
-        &self,
-        task: &Task,
-        s: &model::LocalSource,
-        scratch: &Scratch,
-        cancel: &CancellationToken,
-        run_id: &str,
-        rec: &mut TaskRecord,
-    ) -> Result<(), BuildError> {
-        let label = task.label.to_string();
+    /// Where a local source's directory is and how it is ingested.
+    pub(crate) fn local_source_ingest(&self, label: &str, s: &model::LocalSource) -> (PathBuf, IngestOptions) {
         let dir = self.workspace_root().join(&s.path);
         let mut exclude = s.exclude.clone();
         // Never ingest the store itself when it lives in the workspace.
@@ -1255,18 +1300,41 @@ impl Engine {
                 }
             }
         }
-        let store = self.inner.store.clone();
         let opts = IngestOptions {
             ignore_files: true,
             exclude,
             lineage: Some(Lineage {
                 parent: None,
-                task: Some(label.clone()),
+                task: Some(label.to_owned()),
                 how: "source".into(),
                 created: now_ms() / 1000,
             }),
             ..IngestOptions::default()
         };
+        (dir, opts)
+    }
+
+    /// The preimage of a local source whose directory ingested as `layer`.
+    pub(crate) fn local_source_preimage(s: &model::LocalSource, layer: Digest) -> ActionPreimage {
+        let mut pre = ActionPreimage::new("local_source", "store");
+        pre.base = Some(layer);
+        pre.extra.insert("path".into(), s.path.clone());
+        pre.extra.insert("exclude".into(), s.exclude.join("\n"));
+        pre
+    }
+
+    async fn run_local_source(
+        &self,
+        task: &Task,
+        s: &model::LocalSource,
+        scratch: &Scratch,
+        cancel: &CancellationToken,
+        run_id: &str,
+        rec: &mut TaskRecord,
+    ) -> Result<(), BuildError> {
+        let label = task.label.to_string();
+        let (dir, opts) = self.local_source_ingest(&label, s);
+        let store = self.inner.store.clone();
         let Some(token) = self.job(scratch, cancel, rec).await else {
             cancelled(rec);
             return Ok(());
@@ -1275,10 +1343,7 @@ impl Engine {
             .await
             .map_err(|e| BuildError::Join(e.to_string()))??;
         drop(token);
-        let mut pre = ActionPreimage::new("local_source", "store");
-        pre.base = Some(report.layer);
-        pre.extra.insert("path".into(), s.path.clone());
-        pre.extra.insert("exclude".into(), s.exclude.join("\n"));
+        let pre = Self::local_source_preimage(s, report.layer);
         if self.try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)? {
             return Ok(());
         }

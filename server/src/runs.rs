@@ -158,6 +158,26 @@ impl Manager {
         Ok(loader.load_patterns(patterns)?)
     }
 
+    /// What building `patterns` of workspace `name` would do, task by task
+    /// (blocking: it loads, ingests sources and resolves git refs).
+    pub fn plan(
+        &self,
+        name: &str,
+        patterns: &[Pattern],
+    ) -> ApiResult<BTreeMap<String, strata_engine::Prediction>> {
+        let ws = self.load(name, patterns)?;
+        let targets = expand(&ws, patterns)?;
+        let mut engine = Engine::new(self.store.clone(), ws, EventSink::none());
+        if let Some(d) = &self.docker {
+            engine = engine.with_docker(d.clone());
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ApiError::internal(format!("Cannot start a runtime: {e}")))?;
+        Ok(rt.block_on(engine.plan(&targets, &BuildOptions::default()))?)
+    }
+
     /// Runs queued or running now.
     pub fn queue_len(&self) -> usize {
         self.active.lock().values().filter(|a| a.queued).count()

@@ -629,3 +629,39 @@ fn ci_through_the_server_says_what_ci_says_locally() {
     drop(server);
     assert_eq!(env.ci(["build"]).code(), Some(2));
 }
+
+#[test]
+fn the_plan_predicts_what_the_build_then_does() {
+    let env = hello();
+    let tok = token(&env, "ci", false);
+    let server = Server::start(&env, &["."], &[]);
+    let name = server.get("/api/v1/workspaces").json()[0]["name"].as_str().unwrap().to_owned();
+    let plan = |server: &Server| server.get(&format!("/api/v1/workspaces/{name}/plan?targets=//...")).json()["tasks"].clone();
+    let cached = |run: &Value| -> BTreeMap<String, bool> {
+        run["tasks"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v["cached"] == true)).collect()
+    };
+    let predicted = |p: &Value| -> BTreeMap<String, bool> {
+        p.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v["will_cache"] == true)).collect()
+    };
+    let first = plan(&server);
+    assert!(first.as_object().unwrap().values().all(|p| p["will_cache"] == false), "{first:#}");
+    assert_eq!(first["//:greeting"]["reason"], "it has not run in this workspace before");
+    assert_eq!(first["//:stamped"]["reason"], "its input `//:greeting` will run first");
+    let run = server.wait_run(&start_run(&server, &name, json!({}), &tok));
+    assert_eq!(predicted(&first), cached(&run));
+
+    let second = plan(&server);
+    assert!(second.as_object().unwrap().values().all(|p| p["will_cache"] == true), "{second:#}");
+    let run = server.wait_run(&start_run(&server, &name, json!({}), &tok));
+    assert_eq!(predicted(&second), cached(&run));
+
+    write(env.work(), "src/name.txt", "strata\n");
+    let third = plan(&server);
+    assert_eq!(third["//:src"]["will_cache"], false);
+    let why = third["//:greeting"]["reason"].as_str().unwrap();
+    assert!(why.contains("src"), "the reason names the changed input: {why}");
+    assert_eq!(third["//:stamped"]["reason"], "its input `//:greeting` will run first");
+    let run = server.wait_run(&start_run(&server, &name, json!({}), &tok));
+    assert_eq!(run["state"], "failed", "the test task checks for WORLD");
+    assert_eq!(predicted(&third), cached(&run));
+}

@@ -54,6 +54,7 @@ pub const HOOK_BODY_LIMIT: usize = 25 << 20;
         workspaces::list_workspaces,
         workspaces::graph,
         workspaces::explain,
+        workspaces::plan,
         runs::start_run,
         runs::start_inline_run,
         runs::validate,
@@ -97,6 +98,7 @@ pub fn router(state: AppState) -> Router {
         .route("/workspaces", get(workspaces::list_workspaces))
         .route("/workspaces/{ws}/graph", get(workspaces::graph))
         .route("/workspaces/{ws}/explain/{label}", get(workspaces::explain))
+        .route("/workspaces/{ws}/plan", get(workspaces::plan))
         .route("/workspaces/{ws}/runs", post(runs::start_run))
         .route("/runs", get(runs::list_runs).post(runs::start_inline_run))
         .route("/validate", post(runs::validate))

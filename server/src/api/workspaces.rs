@@ -248,3 +248,39 @@ pub async fn explain(
     .map_err(|e| ApiError::internal(e.to_string()))??;
     Ok(Json(out))
 }
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PlanQuery {
+    /// Targets, comma-separated (default `//...`).
+    pub targets: Option<String>,
+}
+
+/// What a build would do, before it runs.
+#[derive(Serialize, ToSchema)]
+pub struct Plan {
+    /// By label: whether the task will come from the cache, and if not, why.
+    pub tasks: std::collections::BTreeMap<String, strata_engine::Prediction>,
+}
+
+#[utoipa::path(get, path = "/api/v1/workspaces/{ws}/plan", tag = "workspaces",
+    params(("ws" = String, Path, description = "The workspace's name"), PlanQuery),
+    responses((status = 200, body = Plan), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn plan(
+    State(state): State<AppState>,
+    ApiPath(ws): ApiPath<String>,
+    super::ApiQuery(q): super::ApiQuery<PlanQuery>,
+) -> ApiResult<Json<Plan>> {
+    let targets: Vec<String> = q
+        .targets
+        .map(|t| t.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default();
+    let patterns = crate::runs::parse_patterns(&targets)?;
+    state.mgr.workspace(&ws)?;
+    let mgr = state.mgr.clone();
+    let tasks = tokio::task::spawn_blocking(move || mgr.plan(&ws, &patterns))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok(Json(Plan { tasks }))
+}
