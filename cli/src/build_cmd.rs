@@ -849,3 +849,74 @@ pub fn graph(args: GraphArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
     print!("{}", render_graph(&loaded.ws, &targets, format));
     Ok(Outcome::Clean)
 }
+
+#[derive(Args)]
+pub struct AnalyzeArgs {
+    /// A run id, a unique prefix, or `latest` [default: `latest`]
+    run: Option<String>,
+    #[command(flatten)]
+    ws: WsArgs,
+}
+
+/// `ci analyze`: the critical path of a run, parallelism per level, pure
+/// tasks that never hit the cache, impure tasks on the critical path.
+pub fn analyze(args: AnalyzeArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
+    let (loaded, _) = load(&args.ws, &[])?;
+    let store = open_read(ctx, Some(&loaded.ws))?;
+    let run = RunRecord::load(&store, args.run.as_deref().unwrap_or("latest"))?;
+    let history = RunRecord::list(&store)?;
+    let a = strata_engine::analyze::analyze(&loaded.ws, &run, &history);
+    if ctx.json {
+        println!("{}", serde_json::to_string_pretty(&a)?);
+        return Ok(Outcome::Clean);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "run {}: {} wall, {} tasks, parallelism {:.2}",
+        a.run,
+        secs(a.duration_ms),
+        run.tasks.len(),
+        a.parallelism
+    )?;
+    writeln!(out, "critical path ({}):", secs(a.critical_ms))?;
+    for p in &a.critical_path {
+        let note = if p.cached {
+            " (cached)"
+        } else if p.state != TaskState::Succeeded {
+            " (not succeeded)"
+        } else {
+            ""
+        };
+        writeln!(out, "  {:>9}  {}{note}", secs(p.duration_ms), p.label)?;
+    }
+    writeln!(out, "levels:")?;
+    for l in &a.levels {
+        writeln!(
+            out,
+            "  {:>3}: {:>4} tasks, {:>4} executed, {:>9} of work",
+            l.level,
+            l.tasks,
+            l.executed,
+            secs(l.duration_ms)
+        )?;
+    }
+    if a.never_cached.is_empty() {
+        writeln!(out, "pure tasks that never hit the cache: none")?;
+    } else {
+        writeln!(out, "pure tasks that never hit the cache, though their inputs did not change (`ci explain` says what changes):")?;
+        for n in &a.never_cached {
+            writeln!(out, "  {} (ran in {} runs)", n.label, n.runs)?;
+        }
+    }
+    if a.impure_on_critical_path.is_empty() {
+        writeln!(out, "impure tasks on the critical path: none")?;
+    } else {
+        writeln!(out, "impure tasks on the critical path: {}", a.impure_on_critical_path.join(", "))?;
+    }
+    if !a.unknown_tasks.is_empty() {
+        writeln!(out, "tasks the pipeline no longer has (left out): {}", a.unknown_tasks.join(", "))?;
+    }
+    writeln!(out, "unused inputs: not known (input access is not traced for builds yet)")?;
+    Ok(Outcome::Clean)
+}

@@ -83,6 +83,8 @@ enum Command {
     Explain(build_cmd::ExplainArgs),
     /// Print the build graph as DOT, Mermaid or JSON
     Graph(build_cmd::GraphArgs),
+    /// Analyse a run: critical path, parallelism, tasks that never hit the cache
+    Analyze(build_cmd::AnalyzeArgs),
     #[command(flatten)]
     Mount(mount_cmd::MountCommand),
     /// Serve workspaces over HTTP: the API, live events, tokens and triggers
@@ -241,6 +243,7 @@ fn main() -> ExitCode {
         Command::Logs(args) => build_cmd::logs(args, &ctx),
         Command::Explain(args) => build_cmd::explain(args, &ctx),
         Command::Graph(args) => build_cmd::graph(args, &ctx),
+        Command::Analyze(args) => build_cmd::analyze(args, &ctx),
         Command::Mount(cmd) => mount_cmd::run(cmd, &ctx),
         Command::Serve(args) => serve_cmd::run(args, &ctx),
     };

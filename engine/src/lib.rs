@@ -12,6 +12,7 @@
 //! loading only reads `ci.toml`, `BUILD.star` and loaded `.star` files (and checks that
 //! local source directories exist).
 
+pub mod analyze;
 mod build;
 mod build_error;
 pub mod error;

@@ -63,6 +63,7 @@ pub const HOOK_BODY_LIMIT: usize = 25 << 20;
         runs::cancel_run,
         runs::rerun_run,
         runs::task_log,
+        runs::analysis,
         events::run_events,
         events::feed,
         layers::show_layer,
@@ -105,6 +106,7 @@ pub fn router(state: AppState) -> Router {
         .route("/runs/{id}", get(runs::get_run))
         .route("/runs/{id}/cancel", post(runs::cancel_run))
         .route("/runs/{id}/rerun", post(runs::rerun_run))
+        .route("/runs/{id}/analysis", get(runs::analysis))
         .route("/runs/{id}/events", get(events::run_events))
         .route("/runs/{id}/tasks/{label}/log", get(runs::task_log))
         .route("/events", get(events::feed))

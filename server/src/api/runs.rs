@@ -489,3 +489,31 @@ fn log_page(bytes: &[u8], offset: u64, limit: u64, complete: bool) -> Response {
     h.insert("x-next-offset", (end as u64).into());
     res.into_response()
 }
+
+#[utoipa::path(get, path = "/api/v1/runs/{id}/analysis", tag = "runs",
+    params(("id" = String, Path, description = "A run id, a unique prefix, or `latest`")),
+    responses((status = 200, body = strata_engine::analyze::Analysis), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn analysis(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<strata_engine::analyze::Analysis>> {
+    let run = load_run(&state, id).await?;
+    let Some(ws) = run.workspace.clone() else {
+        return Err(ApiError::conflict(format!(
+            "Run `{}` did not come from a workspace this server serves: there is no graph to analyse it over",
+            run.id
+        )));
+    };
+    state.mgr.workspace(&ws)?;
+    let mgr = state.mgr.clone();
+    let store = state.store.clone();
+    let a = tokio::task::spawn_blocking(move || -> ApiResult<_> {
+        let model = mgr.load(&ws, &[strata_engine::Pattern::Recursive(String::new())])?;
+        let history = RunRecord::list(&store)?;
+        Ok(strata_engine::analyze::analyze(&model, &run, &history))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok(Json(a))
+}
