@@ -338,8 +338,21 @@ pub async fn load_run(state: &AppState, id: String) -> ApiResult<RunRecord> {
 pub async fn get_run(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
-) -> ApiResult<Json<RunRecord>> {
-    Ok(Json(load_run(&state, id).await?))
+) -> ApiResult<Response> {
+    check_run_id(&id)?;
+    // A full id is one point lookup, and the record is served as stored
+    // (the engine's JSON), never decoded and encoded again.
+    let store = state.store.clone();
+    let exact = id.clone();
+    let stored = tokio::task::spawn_blocking(move || store.run(&exact))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let json = match stored {
+        Some(entry) => entry.record.get().to_owned(),
+        None => serde_json::to_string(&load_run(&state, id).await?)
+            .map_err(|e| ApiError::internal(e.to_string()))?,
+    };
+    Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
 }
 
 #[derive(Serialize, ToSchema)]
