@@ -188,7 +188,7 @@ export const api = {
   graph: (ws: string) => get<Graph>(`/workspaces/${enc(ws)}/graph`),
   explain: (ws: string, label: string) => get<Explain>(`/workspaces/${enc(ws)}/explain/${enc(label)}`),
   plan: (ws: string, targets: string[]) =>
-    get<Plan>(`/workspaces/${enc(ws)}/plan?${targets.map((t) => `targets=${enc(t)}`).join('&')}`),
+    get<Plan>(`/workspaces/${enc(ws)}/plan${targets.length ? `?targets=${enc(targets.join(','))}` : ''}`),
   runs: (q: Record<string, string | number | undefined>) => {
     const qs = Object.entries(q).filter(([, v]) => v !== undefined && v !== '')
       .map(([k, v]) => `${k}=${enc(String(v))}`).join('&');

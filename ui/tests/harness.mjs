@@ -98,7 +98,43 @@ export async function api(server, method, path, body, tok) {
   return text ? JSON.parse(text) : null;
 }
 
-/** Waits until a run has ended, from its event stream (no sleeps). */
+/**
+ * Waits until a run has ended, from its event stream (no sleeps). `feed`
+ * listens to the global feed instead (no log lines: for runs with big logs);
+ * it must be opened before the run starts.
+ */
+export function feedWaiter(server) {
+  const ctl = new AbortController();
+  const ended = new Map();
+  const waiters = new Map();
+  (async () => {
+    const res = await fetch(`${server.url}/api/v1/events`, { signal: ctl.signal });
+    const reader = res.body.getReader();
+    const dec = new TextDecoder();
+    let buf = '';
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buf += dec.decode(value, { stream: true });
+      let i;
+      while ((i = buf.indexOf('\n\n')) >= 0) {
+        const block = buf.slice(0, i); buf = buf.slice(i + 2);
+        if (!/^event: ?run_finished$/m.test(block)) continue;
+        const data = JSON.parse(block.split('\n').filter((l) => l.startsWith('data:')).map((l) => l.slice(5).trim()).join('\n'));
+        ended.set(data.run, true);
+        waiters.get(data.run)?.();
+      }
+    }
+  })().catch(() => {});
+  return {
+    async wait(id) {
+      if (!ended.has(id)) await new Promise((r) => waiters.set(id, r));
+      return api(server, 'GET', `/api/v1/runs/${encodeURIComponent(id)}`);
+    },
+    close() { ctl.abort(); },
+  };
+}
+
 export async function waitRun(server, id) {
   const res = await fetch(`${server.url}/api/v1/runs/${encodeURIComponent(id)}/events`);
   const reader = res.body.getReader();
