@@ -1,29 +1,50 @@
-// Screenshots of each view for docs/ (run by hand: node tests/shoot.mjs OUTDIR).
-import { startServer, stopServer, token, startRun, waitRun, browser, api } from './harness.mjs';
+// Screenshots of each view for docs/ (by hand: node tests/shoot.mjs OUTDIR).
+import { writeFileSync, mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { startServer, stopServer, token, startRun, waitRun, browser } from './harness.mjs';
+
 const out = process.argv[2] ?? '/tmp/shots';
-import { mkdirSync } from 'node:fs';
 mkdirSync(out, { recursive: true });
-const srv = await startServer(['hello', 'cproject']);
+const colours = {
+  name: 'colours',
+  files: {
+    'ci.toml': '[build]\nexecutor = "host"\n',
+    'BUILD.star': `task(name = "compile", script = """
+for i in $(seq 1 40); do printf '\\\\033[32m  CC\\\\033[0m src/unit_%02d.c\\\\n' $i; done
+printf '\\\\033[33mwarning:\\\\033[0m unused variable \\\\033[1mtmp\\\\033[0m in unit_07.c\\\\n'
+printf '\\\\033[1;32mok\\\\033[0m 40 units\\\\n'
+mkdir -p bin && echo binary > bin/app
+""")\n`,
+  },
+};
+const srv = await startServer(['hello', 'cproject', colours]);
 const tok = token(srv, 'shots');
-const r1 = await waitRun(srv, await startRun(srv, tok, 'hello'));
-const r2 = await waitRun(srv, await startRun(srv, tok, 'cproject'));
-console.log(r1.state, r2.state, srv.url);
+await waitRun(srv, await startRun(srv, tok, 'hello'));
+await waitRun(srv, await startRun(srv, tok, 'cproject'));
+await waitRun(srv, await startRun(srv, tok, 'colours'));
+const cached = await waitRun(srv, await startRun(srv, tok, 'cproject'));
+writeFileSync(join(srv.roots[0], 'src', 'name.txt'), 'mars\n');
+const failed = await waitRun(srv, await startRun(srv, tok, 'hello'));
+const col = (await (await fetch(`${srv.url}/api/v1/runs?workspace=colours`)).json()).runs[0];
 const b = await browser();
 const p = await b.page();
-const shot = async (path, name, f) => {
+await p.goto(srv.url + '/healthz');
+await p.evaluate((t) => sessionStorage.setItem('strata.token', t), tok);
+const shot = async (path, name, size = { width: 1440, height: 900 }) => {
+  await p.setViewportSize(size);
   await p.goto(srv.url + path);
-  await p.waitForTimeout(800);
-  if (f) await f();
+  await p.waitForTimeout(1200);
   await p.screenshot({ path: `${out}/${name}.png` });
 };
-await shot('/', 'wall');
-await shot('/tv', 'tv');
-await shot(`/runs/${r2.id}`, 'run');
-await shot(`/runs/${r2.id}?task=${encodeURIComponent('//build:objects')}`, 'task-log');
-await shot(`/runs/${r2.id}?task=${encodeURIComponent('//release:dist')}&tab=files`, 'task-files');
-await shot('/runs', 'history');
-await shot('/designer/cproject', 'designer');
-await shot('/workspaces/cproject', 'workspace');
+await shot('/', 'dashboard-wall');
+await shot('/tv', 'dashboard-tv', { width: 1920, height: 1080 });
+await shot(`/runs/${cached.id}`, 'dashboard-run');
+await shot(`/runs/${col.id}?task=${encodeURIComponent('//:compile')}`, 'dashboard-log');
+await shot(`/runs/${cached.id}?task=${encodeURIComponent('//release:dist')}&tab=files`, 'dashboard-files');
+await shot(`/runs/${failed.id}?task=${encodeURIComponent('//:greeting')}&tab=diff`, 'dashboard-diff');
+await shot('/runs', 'dashboard-history');
+await shot('/workspaces/cproject', 'dashboard-workspace');
+await shot('/designer/cproject', 'dashboard-designer');
 console.log(b.errors.join('\n'));
 await b.close();
 await stopServer(srv);

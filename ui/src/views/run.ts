@@ -70,7 +70,7 @@ export function runView(root: HTMLElement, params: Record<string, string>, query
         actions.append(h('button', { class: 'danger', 'data-testid': 'cancel', onclick: (async () => {
           try { await api.cancel(r.id); } catch (e) { note(e); }
         }) as EventListener }, 'Cancel run'));
-      } else if (r.workspace) {
+      } else if (r.workspace && r.state !== 'succeeded') {
         actions.append(h('button', { 'data-testid': 'rerun', onclick: (async () => {
           try { const a = await api.rerun(r.id); navigate(`/runs/${encodeURIComponent(a.id)}`); } catch (e) { note(e); }
         }) as EventListener }, 'Rerun what failed'));
