@@ -33,7 +33,7 @@ pub struct BuildArgs {
     #[command(flatten)]
     ws: WsArgs,
     /// Tasks run at once [default: `jobs` in ci.toml, else the number of cores]
-    #[arg(short, long)]
+    #[arg(short, long, value_parser = parse_jobs)]
     jobs: Option<usize>,
     /// Go on with independent tasks after a failure
     #[arg(short, long)]
@@ -56,7 +56,8 @@ pub struct RerunArgs {
     run: String,
     #[command(flatten)]
     ws: WsArgs,
-    #[arg(short, long)]
+    /// Tasks run at once [default: `jobs` in ci.toml, else the number of cores]
+    #[arg(short, long, value_parser = parse_jobs)]
     jobs: Option<usize>,
     #[arg(short, long)]
     keep_going: bool,
@@ -100,6 +101,15 @@ pub struct GraphArgs {
     /// `dot`, `mermaid` or `json` (`--json` is `--format json`)
     #[arg(long, default_value = "dot")]
     format: String,
+}
+
+/// `-j N`: at least 1 (as `jobs` in ci.toml).
+fn parse_jobs(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("0 would run nothing; give at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{text}` is not a number of tasks")),
+    }
 }
 
 /// A loaded workspace and the package the user stands in.

@@ -183,9 +183,12 @@ impl Task {
             .chain(self.transform.iter())
             .chain(merge.map(|m| &m.base))
             .chain(merge.into_iter().flat_map(|m| m.sides.iter()));
+        // Kept in first-seen order; a set of what was seen keeps a task with
+        // thousands of deps linear (a `Vec::contains` made it quadratic).
         let mut out: Vec<&Label> = Vec::new();
+        let mut seen: std::collections::HashSet<&Label> = std::collections::HashSet::new();
         for label in all {
-            if !out.contains(&label) {
+            if seen.insert(label) {
                 out.push(label);
             }
         }

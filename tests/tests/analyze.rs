@@ -31,14 +31,6 @@ fn analyze_finds_the_critical_path_and_tasks_that_never_hit() {
     build_file(&env, "two");
     env.ci(["build"]).success();
     let a: Value = env.ci(["--json", "analyze"]).success().json();
-    let path: Vec<&str> = a["critical_path"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["label"].as_str().unwrap())
-        .collect();
-    assert!(path.ends_with(&["//:deploy"]), "{a:#}");
-    assert_eq!(a["impure_on_critical_path"], serde_json::json!(["//:deploy"]));
     let never: Vec<&str> = a["never_cached"]
         .as_array()
         .unwrap()
@@ -55,6 +47,7 @@ fn analyze_finds_the_critical_path_and_tasks_that_never_hit() {
     let path1: Vec<&str> = a1["critical_path"].as_array().unwrap().iter().map(|p| p["label"].as_str().unwrap()).collect();
     assert_eq!(path1, ["//:a", "//:slow", "//:deploy"], "{a1:#}");
     assert!(a1["critical_ms"].as_u64().unwrap() >= 400);
+    assert_eq!(a1["impure_on_critical_path"], serde_json::json!(["//:deploy"]));
     let human = env.ci(["analyze", &id]).success().stdout_str();
     assert!(human.contains("critical path") && human.contains("//:slow"), "{human}");
 }

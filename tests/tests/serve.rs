@@ -555,7 +555,15 @@ fn a_killed_server_leaves_an_interrupted_run_that_a_rerun_finishes() {
 
 #[test]
 fn sigterm_cancels_running_runs_and_exits_zero() {
-    let env = workspace(&[("BUILD.star", "task(name = \"sleepy\", script = \"sleep 60\")\n")]);
+    let env = Env::new();
+    let marker = env.root().join("marker");
+    write(env.work(), "ci.toml", "name = \"app\"\n[build]\nexecutor = \"host\"\n");
+    // The marker names this test's task among every process on the machine.
+    write(
+        env.work(),
+        "BUILD.star",
+        &format!("task(name = \"sleepy\", script = \"sleep 60; echo {}\")\n", marker.display()),
+    );
     let tok = token(&env, "ci", false);
     let server = Server::start(&env, &["."], &[]);
     let id = start_run(&server, "app", json!({}), &tok);
@@ -571,8 +579,17 @@ fn sigterm_cancels_running_runs_and_exits_zero() {
     assert!(started.elapsed() < Duration::from_secs(30));
     let run = env.ci(["--json", "run", "show", &id]).success().json();
     assert_eq!(run["state"], "cancelled");
-    let ps = Command::new("pgrep").args(["-f", "sleep 60"]).output().unwrap();
-    assert!(ps.stdout.is_empty(), "no task process is left");
+    assert_eq!(run["tasks"]["//:sleepy"]["state"], "cancelled");
+    let needle = marker.display().to_string();
+    let left = || {
+        let ps = Command::new("pgrep").args(["-f", &needle]).output().unwrap();
+        !ps.stdout.is_empty()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while left() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!left(), "no task process is left");
 }
 
 #[test]

@@ -120,11 +120,39 @@ impl Loader {
         if let Some(ws) = entry.as_deref().and_then(|p| cache::lookup(p, self)) {
             return Ok(ws);
         }
-        let (ws, reads) = self.evaluate(patterns)?;
+        let (ws, reads) = self.evaluate_on_big_stack(patterns)?;
         if let Some(path) = entry {
             cache::store(&path, reads, &ws);
         }
         Ok(ws)
+    }
+
+    /// [`Loader::evaluate`] on a thread of its own with a large stack:
+    /// deeply nested expressions, long `load()` chains and recursive
+    /// structures recurse in the parser and evaluator, and on a default
+    /// (2 MiB, or 8 MiB main) stack they overflowed and aborted the process —
+    /// `ci graph`, or a whole `ci serve`.
+    fn evaluate_on_big_stack(
+        &self,
+        patterns: &[Pattern],
+    ) -> Result<(Workspace, cache::Reads), LoadError> {
+        const STACK: usize = 512 << 20;
+        std::thread::scope(|scope| {
+            let worker = std::thread::Builder::new()
+                .name("starlark".into())
+                .stack_size(STACK)
+                .spawn_scoped(scope, || self.evaluate(patterns));
+            match worker {
+                Ok(handle) => handle.join().unwrap_or_else(|_| {
+                    Err(LoadError::Starlark {
+                        location: None,
+                        message: "Evaluating the pipeline failed unexpectedly".to_owned(),
+                    })
+                }),
+                // No thread to be had: evaluate here, as before.
+                Err(_) => self.evaluate(patterns),
+            }
+        })
     }
 
     /// Evaluates and validates; also says what was read, for the cache.

@@ -1,0 +1,53 @@
+//! Hostile pipelines (issue 10, part of): deep nesting and long chains
+//! that overflowed the stack and aborted `ci` (exit 134) now load; usage
+//! errors are usage errors.
+
+use strata_tests::*;
+
+fn workspace(build: &str) -> Env {
+    let env = Env::new();
+    write(env.work(), "ci.toml", "[build]\nexecutor = \"host\"\n");
+    write(env.work(), "BUILD.star", build);
+    env
+}
+
+#[test]
+fn deep_nesting_loads_instead_of_overflowing_the_stack() {
+    let parens = format!("x = {}1{}\n", "(".repeat(700), ")".repeat(700));
+    let lists = format!("y = {}1{}\n", "[".repeat(320), "]".repeat(320));
+    let sum = format!("z = {}\n", vec!["1"; 400].join(" + "));
+    let ifs: String = (0..300)
+        .map(|i| format!("{}if True:\n", "    ".repeat(i)))
+        .collect::<String>()
+        + &format!("{}pass\n", "    ".repeat(300));
+    let body = format!("{parens}{lists}{sum}def f():\n{}\ntask(name = \"t\", cmd = [\"true\"])\n", indent(&ifs));
+    let env = workspace(&body);
+    let out = env.ci(["graph", "--format", "json"]);
+    assert_ne!(out.code(), Some(134), "aborted: {}", out.stderr_str());
+    out.success();
+
+    // A chain of 600 `load()`s.
+    let env = workspace("load(\"//:l0.star\", \"v\")\ntask(name = \"t\", cmd = [\"true\"])\n");
+    for i in 0..600 {
+        let text = if i == 599 {
+            "v = 1\n".to_owned()
+        } else {
+            format!("load(\"//:l{}.star\", w = \"v\")\nv = w\n", i + 1)
+        };
+        write(env.work(), &format!("l{i}.star"), text);
+    }
+    let out = env.ci(["graph"]);
+    assert_ne!(out.code(), Some(134), "aborted: {}", out.stderr_str());
+    out.success();
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
+}
+
+#[test]
+fn zero_jobs_is_a_usage_error() {
+    let env = workspace("task(name = \"t\", cmd = [\"true\"])\n");
+    let out = env.ci(["build", "-j", "0"]).failure(2);
+    assert!(out.stderr_str().contains("at least 1"), "{}", out.stderr_str());
+}
