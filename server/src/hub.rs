@@ -88,6 +88,11 @@ impl Hub {
     /// Records one event of `run`. `name` is its kind; `json` the event.
     /// Log lines (`task_log`) stay off the global feed.
     pub fn record(&self, run: &str, name: &str, json: String) {
+        // Every stored event says when it happened (ms since the epoch).
+        let json = match json.strip_prefix('{') {
+            Some(rest) => format!("{{\"at_ms\":{},{rest}", crate::runs::now_ms()),
+            None => json,
+        };
         let line = self.line(run);
         let mut l = line.lock();
         let seq = l.next;

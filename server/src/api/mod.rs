@@ -73,6 +73,7 @@ pub const HOOK_BODY_LIMIT: usize = 25 << 20;
         layers::diff,
         layers::archive,
         hooks::deliver,
+        whoami,
         health,
         metrics_text,
     ),
@@ -117,6 +118,7 @@ pub fn router(state: AppState) -> Router {
         .route("/layers/{layer}/diff/{other}", get(layers::diff))
         .route("/layers/{layer}/archive", get(layers::archive))
         .route("/openapi.json", get(openapi))
+        .route("/whoami", get(whoami))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT));
     let hooks = Router::new()
@@ -182,6 +184,37 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
         .metrics
         .observe_request(&method, &route, res.status().as_u16(), started.elapsed());
     res
+}
+
+/// Who the caller is, so a client shows only what it may do.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct WhoAmI {
+    /// The token's name; `None` without a token.
+    pub name: Option<String>,
+    /// `anonymous`, `read` or `write`.
+    pub access: String,
+    /// `writes` (reads are open) or `all` (reads need a token too).
+    pub auth: String,
+}
+
+#[utoipa::path(get, path = "/api/v1/whoami", tag = "server",
+    responses((status = 200, body = WhoAmI), (status = 401, body = ErrorBody)))]
+async fn whoami(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Result<axum::Json<WhoAmI>, ApiError> {
+    let caller = state.tokens.caller(&headers)?;
+    Ok(axum::Json(WhoAmI {
+        access: match &caller {
+            None => "anonymous",
+            Some(c) if c.read_only => "read",
+            Some(_) => "write",
+        }
+        .to_owned(),
+        name: caller.map(|c| c.name),
+        auth: match state.tokens.mode() {
+            crate::auth::AuthMode::Writes => "writes",
+            crate::auth::AuthMode::All => "all",
+        }
+        .to_owned(),
+    }))
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "server",
