@@ -319,6 +319,10 @@ impl Engine {
         let mut state: Vec<TaskState> = vec![TaskState::Pending; order.len()];
         let mut running: JoinSet<(usize, TaskRecord)> = JoinSet::new();
         let mut last_save = Instant::now();
+        // The periodic save (a sync of the index's log, up to hundreds of ms
+        // on a busy disk) runs on a blocking thread: this thread keeps
+        // reading the tasks' output and sending events meanwhile.
+        let mut saving: Option<tokio::task::JoinHandle<Result<(), BuildError>>> = None;
         let mut stopping = false;
         let mut sched = Sched {
             order: &order,
@@ -408,10 +412,18 @@ impl Engine {
                 run_cancel.cancel();
             }
             self.settle_state(i, rec, &mut sched);
-            if last_save.elapsed() >= RUN_SAVE_EVERY {
-                sched.run.save(&inner.store)?;
+            if last_save.elapsed() >= RUN_SAVE_EVERY && saving.as_ref().is_none_or(|h| h.is_finished()) {
+                if let Some(done) = saving.take() {
+                    done.await.map_err(|e| BuildError::Join(e.to_string()))??;
+                }
+                let (record, store) = (sched.run.clone(), inner.store.clone());
+                saving = Some(tokio::task::spawn_blocking(move || record.save(&store)));
                 last_save = Instant::now();
             }
+        }
+        // A progress save still under way must land before the final one.
+        if let Some(done) = saving.take() {
+            done.await.map_err(|e| BuildError::Join(e.to_string()))??;
         }
         // Whatever never became ready waited on something that did not succeed.
         for (i, label) in order.iter().enumerate() {
