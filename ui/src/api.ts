@@ -98,7 +98,21 @@ export interface TreeEntry {
 
 export interface Listing { layer: string; path: string; entries: TreeEntry[]; truncated: boolean }
 export interface LayerDiff { from: string; to: string; changes: { path: string; change: string; old_kind: string | null; new_kind: string | null }[] }
-export interface Plan { tasks: Record<string, { will_cache: boolean; reason: string | null }> }
+export interface Prediction { will_cache: boolean; reason: string | null; key?: string | null }
+export interface Plan { tasks: Record<string, Prediction> }
+
+export interface Analysis {
+  run: string;
+  duration_ms: number;
+  critical_path: { label: string; duration_ms: number; cached: boolean; state: State }[];
+  critical_ms: number;
+  parallelism: number;
+  levels: { level: number; tasks: number; executed: number; duration_ms: number }[];
+  never_cached: { label: string; runs: number }[];
+  impure_on_critical_path: string[];
+  unknown_tasks: string[];
+  traced?: boolean;
+}
 
 /** An answer that was not 2xx: the server's `{"error": {code, message}}`. */
 export class ApiError extends Error {
@@ -166,21 +180,17 @@ export async function post<T>(path: string, body: unknown): Promise<T> {
 
 export type Access = 'anonymous' | 'read-only' | 'write' | 'invalid';
 
-/**
- * What the current token may do, asked without changing anything: a write
- * to a workspace that cannot exist answers 401 (no or bad token), 403
- * (read-only) or 404 (a write token: it got past the check).
- */
-export async function access(): Promise<Access> {
-  const t = token();
-  const res = await fetch('/api/v1/workspaces/%00probe%00/runs', {
-    method: 'POST',
-    headers: headers({ 'Content-Type': 'application/json' }),
-    body: '{}',
-  });
-  if (res.status === 403) return 'read-only';
-  if (res.status === 401) return t ? 'invalid' : 'anonymous';
-  return 'write';
+export interface WhoAmI { name: string | null; access: 'anonymous' | 'read' | 'write'; auth: 'writes' | 'all' }
+
+/** What the current token may do, as `GET /api/v1/whoami` says (401: a token it refuses). */
+export async function whoami(): Promise<{ access: Access; name: string | null; auth: WhoAmI['auth'] | null }> {
+  try {
+    const w = await get<WhoAmI>('/whoami');
+    return { access: w.access === 'read' ? 'read-only' : w.access, name: w.name, auth: w.auth };
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 401) return { access: token() ? 'invalid' : 'anonymous', name: null, auth: null };
+    throw e;
+  }
 }
 
 export const api = {
@@ -195,6 +205,7 @@ export const api = {
     return get<{ runs: RunSummary[]; next: string | null }>(`/runs${qs ? `?${qs}` : ''}`);
   },
   run: (id: string) => get<RunRecord>(`/runs/${enc(id)}`),
+  analysis: (id: string) => get<Analysis>(`/runs/${enc(id)}/analysis`),
   start: (ws: string, targets: string[]) => post<{ id: string }>(`/workspaces/${enc(ws)}/runs`, { targets }),
   cancel: (id: string) => post<{ id: string; cancelled: boolean }>(`/runs/${enc(id)}/cancel`, {}),
   rerun: (id: string) => post<{ id: string }>(`/runs/${enc(id)}/rerun`, {}),

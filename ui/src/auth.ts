@@ -1,17 +1,28 @@
 // Who the user is to this server: the token typed once per browser session
-// (kept in sessionStorage, nowhere else) and what it may do. Buttons that
-// change something are drawn only for a write token.
+// (kept in sessionStorage, nowhere else) and what it may do, as
+// `GET /api/v1/whoami` says. Buttons that change something are drawn only
+// for a write token.
 
-import { access, setToken, token, type Access } from './api';
+import { setToken, token, whoami, type Access } from './api';
 import { h } from './dom';
 
 let current: Access = 'anonymous';
+let name: string | null = null;
+let readsNeedToken = false;
 const listeners = new Set<(a: Access) => void>();
 
 export function currentAccess(): Access { return current; }
 
 export async function refreshAccess(): Promise<Access> {
-  try { current = await access(); } catch { current = token() ? 'invalid' : 'anonymous'; }
+  try {
+    const w = await whoami();
+    current = w.access;
+    name = w.name;
+    readsNeedToken = w.auth === 'all';
+  } catch {
+    current = token() ? 'invalid' : 'anonymous';
+    name = null;
+  }
   listeners.forEach((f) => f(current));
   return current;
 }
@@ -29,7 +40,8 @@ export function tokenControl(): HTMLElement {
   const draw = () => {
     box.replaceChildren();
     if (token()) {
-      const what = { write: 'token: can start runs', 'read-only': 'token: read-only', invalid: 'token refused', anonymous: '' }[current];
+      const who = name ? ` (${name})` : '';
+      const what = { write: `token${who}: can start runs`, 'read-only': `token${who}: read-only`, invalid: 'token refused', anonymous: '' }[current];
       box.append(
         h('span', { class: `who who-${current}`, 'data-testid': 'access' }, what),
         h('button', { class: 'small', onclick: (() => { setToken(null); void refreshAccess(); }) as EventListener }, 'Forget token'));
@@ -44,6 +56,7 @@ export function tokenControl(): HTMLElement {
         void refreshAccess();
       }
     });
+    if (readsNeedToken) box.append(h('span', { class: 'who who-read-only', 'data-testid': 'access' }, 'this server needs a token to read'));
     box.append(form);
   };
   onAccess(draw);

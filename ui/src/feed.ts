@@ -3,6 +3,7 @@
 // they are told to refetch what they show, since the feed is live only.
 
 import { Sse } from './sse';
+import { observeServerTime } from './util';
 
 export interface FeedEvent {
   kind: string; // run_queued, run_started, task_started, task_finished, note, run_finished
@@ -38,6 +39,7 @@ function ensure(): void {
       }
       let parsed: any;
       try { parsed = JSON.parse(m.data); } catch { return; }
+      observeServerTime(parsed.data?.at_ms);
       const ev: FeedEvent = { kind: m.event, run: String(parsed.run), seq: Number(parsed.seq), data: parsed.data ?? {} };
       listeners.forEach((l) => l.event(ev));
     },

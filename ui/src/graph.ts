@@ -271,6 +271,18 @@ export class GraphView {
     }
   }
 
+  private marked = new Set<string>();
+
+  /** Marks nodes (the critical path) with the class `crit`. */
+  mark(labels: Iterable<string>): void {
+    const old = this.marked;
+    this.marked = new Set(labels);
+    for (const l of new Set([...old, ...this.marked])) {
+      const n = this.nodesEl.get(l);
+      if (n) this.paint(l, n);
+    }
+  }
+
   setStatus(label: string, st: NodeStatus): void {
     this.status.set(label, st);
     const n = this.nodesEl.get(label);
@@ -280,7 +292,7 @@ export class GraphView {
 
   private paint(label: string, n: { g: SVGGElement; detail: SVGTextElement; badge: SVGTextElement; badgeBox: SVGRectElement }): void {
     const st = this.status.get(label);
-    n.g.setAttribute('class', `node st-${st?.state ?? 'pending'}${label === this.selected ? ' selected' : ''}`);
+    n.g.setAttribute('class', `node st-${st?.state ?? 'pending'}${label === this.selected ? ' selected' : ''}${this.marked.has(label) ? ' crit' : ''}`);
     n.detail.textContent = st ? st.detail : 'pending';
     const badge = st?.badge ?? '';
     n.badge.textContent = badge.length > 18 ? badge.slice(0, 17) + '…' : badge;

@@ -52,11 +52,3 @@ export function graphNodes(g: Graph | null, labels: Iterable<string>): { nodes: 
   const edges = (g?.edges ?? []).filter((e) => set.has(e.from) && set.has(e.to));
   return { nodes, edges };
 }
-
-/** Whether a task of the model is pure (memoized): the only ones a prediction is about. */
-export function isPure(g: Graph | null, label: string): boolean {
-  const k = g?.tasks[label]?.kind;
-  if (!k) return false;
-  if (k.run) return k.run.pure !== false && !k.run.effects;
-  return !!k.merge;
-}

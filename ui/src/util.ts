@@ -48,3 +48,21 @@ export function targetsText(t: string[], n = 3): string {
   if (!t.length) return '//...';
   return t.length > n ? `${t.slice(0, n).join(' ')} +${t.length - n} more` : t.join(' ');
 }
+
+/**
+ * The server's clock, as its events tell it: every stored event carries
+ * `at_ms`, so an elapsed time is the server's now minus the server's start,
+ * whatever the page's own clock says. The offset is the largest
+ * `at_ms - Date.now()` seen (an event is never received before it happened,
+ * so the largest is the closest to the truth; replayed old events do not
+ * lower it).
+ */
+let skew: number | null = null;
+export function observeServerTime(atMs: unknown): void {
+  if (typeof atMs !== 'number' || !Number.isFinite(atMs)) return;
+  const d = atMs - Date.now();
+  if (skew === null || d > skew) skew = d;
+}
+export function serverNow(): number {
+  return Date.now() + (skew ?? 0);
+}

@@ -56,11 +56,49 @@ task(
   },
 };
 
+// Two sources, each with its own cone, and an impure task at the end: a
+// change to `a/x.txt` re-runs the cone of `//:a`, the cone of `//:b` comes
+// from the cache, `//:stamp` runs every time.
+const predictWs = {
+  name: 'predict',
+  files: {
+    'ci.toml': '[build]\nexecutor = "host"\n',
+    'a/x.txt': 'one\n',
+    'b/y.txt': 'two\n',
+    'BUILD.star': `
+local_source(name = "a", path = "a")
+local_source(name = "b", path = "b")
+task(name = "ca", deps = {"a": ":a"}, script = 'tr a-z A-Z < "$CI_IN/a/x.txt" > ca.txt')
+task(name = "cb", deps = {"b": ":b"}, script = 'tr a-z A-Z < "$CI_IN/b/y.txt" > cb.txt')
+task(name = "link", deps = {"a": ":ca", "b": ":cb"}, script = 'cat "$CI_IN/a/ca.txt" "$CI_IN/b/cb.txt" > all.txt')
+task(name = "docs", deps = {"b": ":cb"}, script = 'cp "$CI_IN/b/cb.txt" doc.txt')
+task(name = "stamp", deps = {"l": ":link"}, script = 'date +%s%N > stamp.txt', pure = False)
+`,
+  },
+};
+
+// A run with one slow task on a chain and fast ones beside it.
+const timingWs = {
+  name: 'timing',
+  files: {
+    'ci.toml': '[build]\nexecutor = "host"\njobs = 4\n',
+    'src/a.txt': 'a\n',
+    'BUILD.star': `
+local_source(name = "src", path = "src")
+task(name = "slow", deps = [":src"], script = 'sleep 1.5; cp "$CI_IN/src/a.txt" slow.txt')
+task(name = "fast1", deps = [":src"], script = 'echo 1 > f1')
+task(name = "fast2", deps = [":src"], script = 'echo 2 > f2')
+task(name = "after_slow", deps = {"s": ":slow"}, script = 'cp "$CI_IN/s/slow.txt" x')
+task(name = "join", deps = {"a": ":after_slow", "b": ":fast1", "c": ":fast2"}, script = 'echo > j')
+`,
+  },
+};
+
 let srv, b, write, readOnly;
 
 before(async () => {
   execFileSync('mkfifo', [fifo]);
-  srv = await startServer(['hello', hostileWs, 'cproject']);
+  srv = await startServer(['hello', hostileWs, 'cproject', predictWs, timingWs]);
   write = token(srv, 'ui-test');
   readOnly = token(srv, 'ui-reader', true);
   b = await browser();
@@ -117,19 +155,37 @@ test('the wall shows every workspace and its latest run as the API says', async 
   noErrors();
 });
 
+// The page's own clock an hour ahead: elapsed times must come from the
+// server's clock (the events' at_ms), so they still read in seconds.
+const SKEW_MS = 3_600_000;
+async function skewClock(p) {
+  await p.addInitScript((skew) => { const real = Date.now; Date.now = () => real() + skew; }, SKEW_MS);
+}
+
 test('a task goes from running to succeeded on screen without a reload, on the wall and in the run view', async () => {
   const wall = await page();
+  await skewClock(wall);
   await wall.goto(srv.url + '/');
   await wall.getByTestId('tile-hostile').waitFor();
   await wall.waitForFunction(() => document.querySelector('[data-testid="feed-status"]')?.textContent?.includes('live'));
   const id = await startRun(srv, write, 'hostile', ['//:wait']);
   const p = await page();
+  await skewClock(p);
   await p.goto(`${srv.url}/runs/${enc(id)}`);
   const node = p.locator('g.node[data-label="//:wait"]');
   await p.waitForFunction(() => document.querySelector('g.node[data-label="//:wait"]')?.classList.contains('st-running'));
-  assert.match(await node.locator('.node-detail').textContent(), /running/);
+  // Elapsed by the server's clock: seconds, not the hour the page's clock is ahead.
+  await p.waitForFunction(() => /^running \d+(\.\d)? ?(ms|s)$/.test(document.querySelector('g.node[data-label="//:wait"] .node-detail')?.textContent ?? ''));
+  assert.doesNotMatch(await p.getByTestId('run-state').locator('xpath=..').textContent(), / h /);
+  // The waterfall draws it running, from its start on the server's clock.
+  await p.getByTestId('view-waterfall').click();
+  await p.waitForFunction(() => document.querySelector('[data-testid="wf-row"][data-label="//:wait"]')?.getAttribute('data-state') === 'running');
+  assert.match(await p.locator('[data-testid="wf-row"][data-label="//:wait"] .wf-dur').textContent(), /^running \d+(\.\d)? ?(ms|s)$/);
+  await p.getByTestId('view-graph').click();
   // The wall saw it start from the feed.
   await wall.waitForFunction((rid) => [...document.querySelectorAll('[data-testid="running-run"]')].some((e) => e.textContent.includes(rid)), id);
+  await wall.waitForFunction(() => [...document.querySelectorAll('.running-tasks li')].some((li) => /\/\/:wait \d+(\.\d)? ?(ms|s)$/.test(li.textContent)));
+  assert.doesNotMatch(await wall.locator('[data-testid="running-run"] .elapsed').first().textContent(), /h|m /);
   await wall.waitForFunction(() => document.querySelector('[data-testid="tile-hostile"] [data-testid="tile-state"]')?.textContent === 'running');
   // Release the task; the page changes by itself.
   const fd = openSync(fifo, 'w');
@@ -303,6 +359,87 @@ test('the designer flags a broken edit as you type', async () => {
   value.deps = [{ mount: 'app', label: '//:nowhere' }];
   await json.fill(JSON.stringify(value));
   await p.waitForFunction(() => document.querySelector('[data-testid="problems"]')?.textContent?.includes('//:nowhere'));
+  await p.close();
+  noErrors();
+});
+
+test('the workspace view\u2019s predictions match what the run started from the page then does', async () => {
+  const ws = srv.roots[3]; // predict
+  const first = await waitRun(srv, await startRun(srv, write, 'predict'));
+  assert.equal(first.state, 'succeeded');
+  writeFileSync(join(ws, 'a', 'x.txt'), 'uno\n');
+  const graph = await api(srv, 'GET', '/api/v1/workspaces/predict/graph');
+  const p = await page(write);
+  await p.goto(`${srv.url}/workspaces/predict`);
+  // Every task of the pipeline gets a prediction on the page.
+  await p.waitForFunction((n) => document.querySelectorAll('[data-testid="prediction"]').length === n, graph.order.length);
+  const said = Object.fromEntries(await p.locator('[data-testid="prediction"]').evaluateAll((els) =>
+    els.map((e) => [e.getAttribute('data-label'), e.querySelector('[data-testid="prediction-text"]').textContent])));
+  assert.deepEqual(Object.keys(said).sort(), [...graph.order].sort());
+  for (const [l, text] of Object.entries(said)) assert.match(text, /^(will be cached|will run: .+)$/, `${l}: ${text}`);
+  // The graph's nodes carry the same words.
+  for (const l of graph.order) {
+    const title = await p.locator(`g.node[data-label="${l}"] title`).textContent();
+    assert.ok(title.includes(said[l]), `${l}: the node says ${title}, the list ${said[l]}`);
+  }
+  // The changed source's cone will run, each for a reason that names the change.
+  assert.match(said['//:a'], /^will run: .*changed/);
+  assert.match(said['//:ca'], /^will run: .*`\/\/:a`/);
+  assert.match(said['//:link'], /^will run: .*`\/\/:ca`/);
+  assert.match(said['//:stamp'], /^will run: /);
+  for (const l of ['//:b', '//:cb', '//:docs']) assert.equal(said[l], 'will be cached', l);
+  // Start the run from the page; what came from the cache is what the page said.
+  await p.getByTestId('start').click();
+  await p.waitForURL(/\/runs\/[^/?]+/);
+  const id = decodeURIComponent(new URL(p.url()).pathname.split('/').pop());
+  const run = await waitRun(srv, id);
+  assert.equal(run.state, 'succeeded');
+  const cached = Object.entries(run.tasks).filter(([, t]) => t.cached).map(([l]) => l).sort();
+  const predicted = Object.entries(said).filter(([, t]) => t === 'will be cached').map(([l]) => l).sort();
+  assert.deepEqual(cached, predicted);
+  assert.deepEqual(Object.keys(run.tasks).sort(), Object.keys(said).sort(), 'the run built what was predicted');
+  await p.waitForFunction(() => document.querySelector('[data-testid="run-state"]')?.textContent === 'succeeded');
+  writeFileSync(join(ws, 'a', 'x.txt'), 'one\n');
+  await p.close();
+  noErrors();
+});
+
+test('the waterfall shows the critical path the analysis endpoint returns, the slow task on it', async () => {
+  const run = await waitRun(srv, await startRun(srv, write, 'timing'));
+  assert.equal(run.state, 'succeeded');
+  const analysis = await api(srv, 'GET', `/api/v1/runs/${enc(run.id)}/analysis`);
+  const want = analysis.critical_path.map((s) => s.label);
+  assert.ok(want.includes('//:slow'), `the slow task is on the critical path: ${want}`);
+  const p = await page();
+  await p.goto(`${srv.url}/runs/${enc(run.id)}`);
+  await p.getByTestId('view-waterfall').click();
+  await p.waitForURL(/view=waterfall/);
+  await p.waitForFunction((n) => document.querySelectorAll('[data-testid="wf-row"]').length === n, Object.keys(run.tasks).length);
+  await p.waitForFunction((n) => document.querySelectorAll('[data-testid="wf-row"].crit').length === n, want.length);
+  const rows = await p.locator('[data-testid="wf-row"].crit').evaluateAll((els) => els.map((e) => e.getAttribute('data-label')));
+  assert.deepEqual(rows.sort(), [...want].sort());
+  // The chain in words, in order.
+  const chain = await p.locator('[data-testid="critical-path"] a[data-label]').evaluateAll((els) => els.map((e) => e.getAttribute('data-label')));
+  assert.deepEqual(chain, want);
+  // The slow task's bar is the longest, and starts after its source ended.
+  const width = async (l) => (await p.locator(`[data-testid="wf-row"][data-label="${l}"] .wf-bar`).boundingBox()).width;
+  const slow = await width('//:slow');
+  for (const l of ['//:fast1', '//:fast2', '//:after_slow', '//:join']) assert.ok(slow > 4 * await width(l), `//:slow is longer than ${l}`);
+  // The figures in words.
+  const par = await p.getByTestId('analysis-parallelism').textContent();
+  assert.ok(par.includes(analysis.parallelism.toFixed(1)), par);
+  assert.match(await p.getByTestId('analysis-never-cached').textContent(), /None/);
+  assert.match(await p.getByTestId('analysis-impure').textContent(), /None/);
+  // "Only the critical path" keeps its rows; a row opens the task panel.
+  await p.getByTestId('wf-only-critical').check();
+  await p.waitForFunction((n) => document.querySelectorAll('[data-testid="wf-row"]').length === n, want.length);
+  await p.locator('[data-testid="wf-row"][data-label="//:slow"]').click();
+  await p.waitForURL(/task=%2F%2F%3Aslow/);
+  // The graph view marks the same nodes.
+  await p.getByTestId('view-graph').click();
+  await p.waitForFunction((n) => document.querySelectorAll('g.node.crit').length === n, want.length);
+  const nodes = await p.locator('g.node.crit').evaluateAll((els) => els.map((e) => e.getAttribute('data-label')));
+  assert.deepEqual(nodes.sort(), [...want].sort());
   await p.close();
   noErrors();
 });

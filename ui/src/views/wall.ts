@@ -5,7 +5,7 @@
 import { api, type RunSummary, type State, type Workspace } from '../api';
 import { h, fill } from '../dom';
 import { onFeed, onFeedStatus, type FeedEvent } from '../feed';
-import { dur, ago, everySecond, isFinal, targetsText } from '../util';
+import { dur, ago, everySecond, isFinal, serverNow, targetsText } from '../util';
 
 interface LiveRun {
   id: string;
@@ -17,7 +17,7 @@ interface LiveRun {
   tasks: number; // total, when known
   done: number;
   failedTasks: string[];
-  running: Map<string, number>; // label -> started (client clock)
+  running: Map<string, number>; // label -> started (server clock: the event's at_ms)
 }
 
 export function wallView(root: HTMLElement, params: Record<string, string>): () => void {
@@ -75,8 +75,9 @@ export function wallView(root: HTMLElement, params: Record<string, string>): () 
   function onEvent(e: FeedEvent): void {
     let r = runs.get(e.run);
     const d = e.data;
+    const at = typeof d.at_ms === 'number' ? d.at_ms : serverNow();
     if (!r) {
-      r = { id: e.run, workspace: d.workspace ?? null, state: 'queued', started_ms: Date.now(), duration_ms: 0, targets: d.targets ?? [],
+      r = { id: e.run, workspace: d.workspace ?? null, state: 'queued', started_ms: at, duration_ms: 0, targets: d.targets ?? [],
         tasks: 0, done: 0, failedTasks: [], running: new Map() };
       runs.set(e.run, r);
       if (e.kind !== 'run_queued') {
@@ -86,8 +87,8 @@ export function wallView(root: HTMLElement, params: Record<string, string>): () 
     }
     switch (e.kind) {
       case 'run_queued': r.state = 'queued'; break;
-      case 'run_started': r.state = 'running'; r.tasks = d.tasks ?? r.tasks; r.started_ms = Date.now(); break;
-      case 'task_started': r.state = 'running'; r.running.set(d.label, Date.now()); break;
+      case 'run_started': r.state = 'running'; r.tasks = d.tasks ?? r.tasks; r.started_ms = at; break;
+      case 'task_started': r.state = 'running'; r.running.set(d.label, at); break;
       case 'task_finished':
         r.running.delete(d.label);
         r.done++;
@@ -109,7 +110,7 @@ export function wallView(root: HTMLElement, params: Record<string, string>): () 
   }
 
   function elapsed(r: LiveRun): number {
-    return r.state === 'running' || r.state === 'queued' ? Date.now() - r.started_ms : r.duration_ms;
+    return r.state === 'running' || r.state === 'queued' ? Math.max(0, serverNow() - r.started_ms) : r.duration_ms;
   }
 
   function draw(): void {
@@ -137,7 +138,7 @@ export function wallView(root: HTMLElement, params: Record<string, string>): () 
             h('a', { href: `/runs/${encodeURIComponent(r.id)}`, 'data-link': '', class: 'run-id' }, r.workspace ?? 'inline', ' · ', r.id),
             h('span', { class: 'elapsed' }, dur(elapsed(r))),
             h('ul', { class: 'running-tasks' }, [...r.running].slice(0, 8).map(([l, t]) =>
-              h('li', null, h('span', { class: 'dot st-running' }), l, ' ', h('span', { class: 'muted' }, dur(Date.now() - t)))),
+              h('li', null, h('span', { class: 'dot st-running' }), l, ' ', h('span', { class: 'muted' }, dur(Math.max(0, serverNow() - t))))),
               r.running.size > 8 ? h('li', { class: 'muted' }, `and ${r.running.size - 8} more`) : null)))
             : h('p', { class: 'muted' }, 'Nothing is running.')),
         h('section', { class: 'panel' }, h('h2', null, `Queue (${queued.length})`),
