@@ -51,7 +51,8 @@ export class Sse {
       if (this.stopped) return;
       this.opts.onDown?.(why);
       await new Promise((r) => setTimeout(r, this.delay));
-      this.delay = Math.min(this.delay * 2, 10_000);
+      // Capped low: a wall screen should be back within seconds of its server.
+      this.delay = Math.min(this.delay * 2, 4_000);
     }
   }
 

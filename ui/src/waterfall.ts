@@ -143,10 +143,12 @@ export class Waterfall {
         }
         const barStart = t.start + t.queued;
         track.append(css(h('div', { class: `wf-bar st-${t.state}${crit ? ' crit' : ''}` }), { left: pct(barStart), width: pct(work) }));
-        const endPct = ((barStart + work) / this.span) * 100;
+        const startPct = (barStart / this.span) * 100, endPct = ((barStart + work) / this.span) * 100;
         const label = `${t.state === 'running' ? 'running ' : ''}${dur(work)}`;
-        // The duration beside the bar, or inside its end when the bar reaches the right edge.
-        track.append(css(h('span', { class: endPct > 85 ? 'wf-dur inside' : 'wf-dur' }, label), endPct > 85 ? { right: `${100 - endPct}%` } : { left: `${endPct}%` }));
+        // The duration after the bar; before it when the bar ends near the right edge.
+        track.append(endPct > 82
+          ? css(h('span', { class: 'wf-dur before' }, label), { right: `${100 - startPct}%` })
+          : css(h('span', { class: 'wf-dur' }, label), { left: `${endPct}%` }));
         text = `${t.state}; started at ${dur(t.start)}${t.queued ? `, waited ${dur(t.queued)} for a job slot` : ''}, ${t.state === 'running' ? 'running for' : 'took'} ${dur(work)}`;
       }
       const row = h('div', {

@@ -51,6 +51,20 @@ await p.waitForFunction((n) => document.querySelectorAll('g.node').length >= n, 
 console.log(`  collapse and expand every stage: ${Date.now() - start} ms`);
 
 start = Date.now();
+await p.goto(`${srv.url}/runs/${encodeURIComponent(run.id)}?view=waterfall`);
+await p.waitForFunction(() => document.querySelector('[data-testid="critical-path"]') && document.querySelectorAll('[data-testid="wf-row"]').length > 10, null, { timeout: 120_000, polling: 20 });
+console.log(`waterfall, ${N + 1} tasks: rows and analysis ${Date.now() - start} ms; rows in the DOM: ${await p.locator('[data-testid="wf-row"]').count()}; ${await metrics()}`);
+start = Date.now();
+await p.mouse.move(900, 700); // over the waterfall's rows
+for (let i = 0; i < 20; i++) await p.mouse.wheel(0, 2000);
+await p.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
+console.log(`  20 wheel scrolls: ${Date.now() - start} ms`);
+start = Date.now();
+await p.getByTestId('wf-only-critical').check();
+await p.waitForFunction(() => [...document.querySelectorAll('[data-testid="wf-row"]')].every((r) => r.classList.contains('crit')));
+console.log(`  only the critical path (${await p.locator('[data-testid="wf-row"]').count()} rows): ${Date.now() - start} ms`);
+
+start = Date.now();
 await p.goto(`${srv.url}/runs/${encodeURIComponent(run.id)}?task=${encodeURIComponent('//:biglog')}`);
 await p.waitForFunction(() => document.querySelectorAll('.log-row').length > 10, null, { timeout: 120_000, polling: 20 });
 const first = Date.now() - start;

@@ -8,7 +8,7 @@ import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, writeFileSync, rmSync, readdirSync, statSync, cpSync, unlinkSync, openSync, closeSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
-import { startServer, stopServer, restartServer, token, api, startRun, waitRun, browser, ciBin, repo } from './harness.mjs';
+import { startServer, stopServer, startAgain, token, api, startRun, waitRun, browser, ciBin, repo } from './harness.mjs';
 
 const HOSTILE = '<img src=x onerror=alert(1)>';
 const fifoDir = mkdtempSync(join(tmpdir(), 'strata-fifo-'));
@@ -350,11 +350,18 @@ for (const fixture of ['hello', 'cproject']) {
 }
 
 test('the designer flags a broken edit as you type', async () => {
+  const graph = await api(srv, 'GET', '/api/v1/workspaces/hello/graph');
   const p = await page();
   await p.goto(`${srv.url}/designer/hello`);
+  // The whole model is loaded (the list is redrawn until then), and the first check has answered.
+  await p.waitForFunction((n) => document.querySelectorAll('[data-testid="designer-tasks"] li').length === n, graph.order.length);
+  await p.waitForFunction(() => /No problems found/.test(document.querySelector('[data-testid="problems"]')?.textContent ?? '')
+    && !/checking with the server/.test(document.querySelector('[data-testid="problems"]')?.textContent ?? ''));
   await p.locator('[data-testid="designer-tasks"] li a', { hasText: '//:test' }).click();
+  await p.waitForFunction(() => document.querySelector('[data-testid="task-json"]')?.value.includes('//:test'));
   const json = p.getByTestId('task-json');
   await p.locator('details', { has: json }).locator('summary').click();
+  await json.waitFor({ state: 'visible' });
   const value = JSON.parse(await json.inputValue());
   value.deps = [{ mount: 'app', label: '//:nowhere' }];
   await json.fill(JSON.stringify(value));
@@ -449,7 +456,10 @@ test('the wall recovers by itself when the server restarts', async () => {
   const p = await page();
   await p.goto(srv.url + '/');
   await p.waitForFunction(() => document.querySelector('[data-testid="feed-status"]')?.textContent?.includes('live'));
-  await restartServer(srv, ['--listen', `127.0.0.1:${port}`]);
+  await stopServer(srv, false);
+  // The page saw the server go, before it comes back (else "live" below could be the old connection).
+  await p.waitForFunction(() => document.querySelector('[data-testid="feed-status"]')?.textContent?.includes('reconnecting'));
+  await startAgain(srv, ['--listen', `127.0.0.1:${port}`]);
   // Reconnected, and a run started after the restart shows without a reload.
   await p.waitForFunction(() => document.querySelector('[data-testid="feed-status"]')?.textContent?.includes('live'), null, { timeout: 30_000 });
   const id = await startRun(srv, write, 'cproject', ['//build:objects']);

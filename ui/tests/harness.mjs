@@ -71,6 +71,11 @@ export async function restartServer(server, listen = []) {
   await launch(server, listen);
 }
 
+/** Starts a server stopped with `stopServer(server, false)` again, over the same store. */
+export async function startAgain(server, listen = []) {
+  await launch(server, listen);
+}
+
 export async function stopServer(server, clean = true) {
   if (server.proc && server.proc.exitCode === null) {
     const done = new Promise((r) => server.proc.once('exit', r));
@@ -159,7 +164,7 @@ export async function browser() {
   const ctx = await chromium.launchPersistentContext(profile, {
     executablePath: CHROMIUM,
     headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run', '--disable-background-networking',
       '--disable-component-update', '--disable-sync'],
     viewport: { width: 1440, height: 900 },
   });

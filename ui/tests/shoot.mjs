@@ -17,22 +17,43 @@ mkdir -p bin && echo binary > bin/app
 """)\n`,
   },
 };
-const srv = await startServer(['hello', 'cproject', colours]);
+const timing = {
+  name: 'timing',
+  files: {
+    'ci.toml': '[build]\nexecutor = "host"\njobs = 3\n',
+    'src/a.txt': 'a\n',
+    'BUILD.star': `
+local_source(name = "src", path = "src")
+task(name = "fetch_deps", deps = [":src"], script = 'sleep 0.4; echo deps > d')
+task(name = "compile", deps = {"src": ":src", "deps": ":fetch_deps"}, script = 'sleep 1.2; echo o > o')
+task(name = "lint", deps = [":src"], script = 'sleep 0.3; echo ok > l')
+task(name = "docs", deps = [":src"], script = 'sleep 0.5; echo d > d')
+task(name = "unit_tests", deps = {"o": ":compile"}, script = 'sleep 0.6; echo ok > t')
+task(name = "integration", deps = {"o": ":compile"}, script = 'sleep 0.9; echo ok > t')
+task(name = "package", deps = {"o": ":compile", "d": ":docs"}, script = 'sleep 0.2; echo p > p')
+task(name = "upload", deps = {"p": ":package", "t": ":integration", "u": ":unit_tests"}, script = 'sleep 0.3; echo up', pure = False)
+`,
+  },
+};
+const srv = await startServer(['hello', 'cproject', colours, timing]);
 const tok = token(srv, 'shots');
 await waitRun(srv, await startRun(srv, tok, 'hello'));
 await waitRun(srv, await startRun(srv, tok, 'cproject'));
 await waitRun(srv, await startRun(srv, tok, 'colours'));
 const cached = await waitRun(srv, await startRun(srv, tok, 'cproject'));
+const timed = await waitRun(srv, await startRun(srv, tok, 'timing'));
 writeFileSync(join(srv.roots[0], 'src', 'name.txt'), 'mars\n');
 const failed = await waitRun(srv, await startRun(srv, tok, 'hello'));
+writeFileSync(join(srv.roots[1], 'src', 'README.txt'), 'A changed README.\n');
 const col = (await (await fetch(`${srv.url}/api/v1/runs?workspace=colours`)).json()).runs[0];
 const b = await browser();
 const p = await b.page();
 await p.goto(srv.url + '/healthz');
 await p.evaluate((t) => sessionStorage.setItem('strata.token', t), tok);
-const shot = async (path, name, size = { width: 1440, height: 900 }) => {
+const shot = async (path, name, size = { width: 1440, height: 900 }, ready = null) => {
   await p.setViewportSize(size);
   await p.goto(srv.url + path);
+  if (ready) await p.waitForSelector(ready);
   await p.waitForTimeout(1200);
   await p.screenshot({ path: `${out}/${name}.png` });
 };
@@ -43,7 +64,9 @@ await shot(`/runs/${col.id}?task=${encodeURIComponent('//:compile')}`, 'dashboar
 await shot(`/runs/${cached.id}?task=${encodeURIComponent('//release:dist')}&tab=files`, 'dashboard-files');
 await shot(`/runs/${failed.id}?task=${encodeURIComponent('//:greeting')}&tab=diff`, 'dashboard-diff');
 await shot('/runs', 'dashboard-history');
-await shot('/workspaces/cproject', 'dashboard-workspace');
+await shot('/workspaces/cproject', 'dashboard-workspace', undefined, '[data-testid="prediction"]');
+await shot(`/runs/${timed.id}?view=waterfall`, 'dashboard-waterfall', undefined, '[data-testid="critical-path"]');
+await shot(`/runs/${timed.id}?view=waterfall&task=${encodeURIComponent('//:compile')}`, 'dashboard-waterfall-task', undefined, '[data-testid="critical-path"]');
 await shot('/designer/cproject', 'dashboard-designer');
 console.log(b.errors.join('\n'));
 await b.close();

@@ -67,12 +67,18 @@ export function analysisPanel(a: Analysis, onSelect: (label: string) => void): H
   const impure = h('div', { class: 'fact', 'data-testid': 'analysis-impure' },
     h('h3', null, 'Tasks that run every time, on the critical path'),
     a.impure_on_critical_path.length
-      ? [h('p', null, `${a.impure_on_critical_path.length === 1 ? 'This task is' : 'These tasks are'} impure or ${a.impure_on_critical_path.length === 1 ? 'has' : 'have'} outside effects, so ${a.impure_on_critical_path.length === 1 ? 'it is' : 'they are'} never cached and hold up every run:`),
+      ? [h('p', null, `${a.impure_on_critical_path.length === 1 ? 'This task is' : 'These tasks are'} impure or ${a.impure_on_critical_path.length === 1 ? 'has' : 'have'} outside effects, so ${a.impure_on_critical_path.length === 1 ? 'it is never cached and holds' : 'they are never cached and hold'} up every run:`),
         some(a.impure_on_critical_path, (l) => labelLink(l, onSelect))]
       : h('p', null, 'None: nothing on the critical path is forced to run every time.'));
 
-  return h('section', { class: 'analysis', 'data-testid': 'analysis' }, critical, parallel, never, impure,
+  const grid = h('section', { class: 'analysis', 'data-testid': 'analysis' }, critical, parallel, never, impure,
     a.unknown_tasks.length ? h('div', { class: 'banner info wide' },
       `${a.unknown_tasks.length} task${a.unknown_tasks.length === 1 ? ' of this run is' : 's of this run are'} no longer in the pipeline and left out of the analysis: `,
       a.unknown_tasks.slice(0, 5).join(', '), a.unknown_tasks.length > 5 ? ` and ${a.unknown_tasks.length - 5} more` : '') : null);
+  // One line that stays when the cards are folded away (more room for the rows).
+  const gist = [`critical path ${dur(a.critical_ms)} of ${dur(wall)}`, `parallelism ${p.toFixed(1)}`,
+    a.never_cached.length ? `${a.never_cached.length} never cached` : '',
+    a.impure_on_critical_path.length ? `${a.impure_on_critical_path.length} impure task${a.impure_on_critical_path.length === 1 ? '' : 's'} on it` : '']
+    .filter(Boolean).join(' · ');
+  return h('details', { open: true, 'data-testid': 'analysis-details' }, h('summary', null, h('strong', null, 'Analysis'), ' ', h('span', { class: 'muted' }, gist)), grid);
 }
