@@ -327,6 +327,7 @@ fn store_exit_code(e: &strata_store::Error) -> u8 {
         | E::MissingTree(_)
         | E::MissingBlob(_)
         | E::ReadOnly { .. }
+        | E::ArchiveStaging { .. }
         | E::Walk { .. } => 3,
     }
 }

@@ -7,8 +7,11 @@
 //!
 //! Import checks every entry before anything is recorded: blobs are staged and
 //! only published once the whole archive has been read and accepted, so a
-//! refused archive leaves the store as it was.
+//! refused archive leaves the store as it was. Headers are read here rather
+//! than by the `tar` crate's iterator, so that every size is checked against
+//! [`ArchiveLimits`] before the bytes are read.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 
@@ -24,6 +27,10 @@ use crate::{
 const ZSTD_LEVEL: i32 = 3;
 /// Symlink hops followed when checking where a symlink leads.
 const MAX_HOPS: usize = 40;
+/// Size of a tar header and the unit of tar data.
+const BLOCK: usize = 512;
+/// Longest part of a name from an archive quoted in an error message.
+const QUOTE_MAX: usize = 100;
 
 /// What an export wrote.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -41,6 +48,47 @@ pub struct ImportOptions {
     /// Accept absolute symlinks and symlinks leading out of the layer's root
     /// (as in a root filesystem). Off by default.
     pub allow_escaping_symlinks: bool,
+}
+
+/// How much an import reads and keeps, at most. Each limit is checked
+/// before the bytes it bounds are read or kept, so a hostile archive costs at
+/// most about these amounts of memory, disk and time before it is refused.
+/// The defaults fit any real layer; raise a limit for a trusted archive that
+/// needs more. `docs/FORMAT.md` (Archives) states the same limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchiveLimits {
+    /// Longest entry path or link target in bytes, GNU long names and PAX
+    /// `path`/`linkpath` included (Linux `PATH_MAX`). Default 4096.
+    pub max_path_bytes: u64,
+    /// Most components in one entry path. Default 256.
+    pub max_depth: u64,
+    /// Largest PAX extended header (`x` or `g`) in bytes. Default 1 MiB.
+    pub max_extension_bytes: u64,
+    /// Most entries: every header of the archive, extension headers
+    /// included, and every directory implied by a deeper path. Default
+    /// 1,000,000.
+    pub max_entries: u64,
+    /// Most bytes of data of all headers together (file contents, extension
+    /// headers and any data attached to other entries): what staging may
+    /// write to disk. Default 64 GiB.
+    pub max_total_bytes: u64,
+    /// Most bytes of paths and symlink targets the importer keeps in memory
+    /// while it checks the archive (each path counted twice, as it is kept
+    /// twice). Default 256 MiB.
+    pub max_total_path_bytes: u64,
+}
+
+impl Default for ArchiveLimits {
+    fn default() -> ArchiveLimits {
+        ArchiveLimits {
+            max_path_bytes: 4096,
+            max_depth: 256,
+            max_extension_bytes: 1 << 20,
+            max_entries: 1_000_000,
+            max_total_bytes: 64 << 30,
+            max_total_path_bytes: 256 << 20,
+        }
+    }
 }
 
 /// What an import recorded.
@@ -118,18 +166,36 @@ impl Store {
         Ok(())
     }
 
-    /// Reads a zstd-compressed tar from `input` and records it as a layer.
-    ///
-    /// Refuses the whole archive, recording nothing, when any entry is unsafe
-    /// or not representable: `..`, absolute paths, symlinks leading out of the
-    /// root, devices and FIFOs, hard links to anything but an earlier file of
-    /// the archive, duplicate paths, paths through a file or symlink, and names
-    /// the format forbids. `archive` names the input in error messages.
+    /// Reads a zstd-compressed tar from `input` and records it as a layer,
+    /// within the default [`ArchiveLimits`]; see [`Store::import_limited`].
     pub fn import(
         &self,
         input: &mut dyn Read,
         archive: &str,
         opts: &ImportOptions,
+    ) -> Result<ImportReport> {
+        self.import_limited(input, archive, opts, &ArchiveLimits::default())
+    }
+
+    /// Reads a zstd-compressed tar from `input` and records it as a layer.
+    ///
+    /// Refuses the whole archive with [`Error::BadArchive`], recording
+    /// nothing, when any entry is unsafe or not representable: `..`, absolute
+    /// paths, symlinks leading out of the root, devices and FIFOs, hard links
+    /// to anything but an earlier file of the archive, duplicate paths, paths
+    /// through a file or symlink, names the format forbids, or anything over
+    /// one of `limits` (the message names the limit). A stream that is not a
+    /// well-formed tar in zstd is [`Error::ArchiveIo`]; a store that cannot
+    /// stage the files (a full disk) is [`Error::ArchiveStaging`]. Either way
+    /// whatever was staged is removed. `archive` names the input in error
+    /// messages; names taken from the archive are quoted at most 100 bytes
+    /// long.
+    pub fn import_limited(
+        &self,
+        input: &mut dyn Read,
+        archive: &str,
+        opts: &ImportOptions,
+        limits: &ArchiveLimits,
     ) -> Result<ImportReport> {
         if let Some(name) = &opts.ref_name {
             check_ref_name(name)?;
@@ -138,75 +204,253 @@ impl Store {
         let _hold = self.hold();
         let refuse = |entry: &[u8], reason: String| Error::BadArchive {
             archive: archive.to_owned(),
-            entry: String::from_utf8_lossy(entry).into_owned(),
+            entry: quote(entry),
             reason,
         };
         let ioerr = |source: io::Error| Error::ArchiveIo {
             archive: archive.to_owned(),
             source,
         };
-        let dec = zstd::Decoder::new(input).map_err(ioerr)?;
-        let mut ar = tar::Archive::new(dec);
-        let mut nodes: HashMap<RelPath, Node> = HashMap::new();
-        let mut order: Vec<RelPath> = Vec::new();
+        let broken = |what: &str| ioerr(io::Error::new(io::ErrorKind::InvalidData, what));
+        let mut dec = zstd::Decoder::new(input).map_err(ioerr)?;
+        // Paths as bytes (`a/b`, no `./`), each kept once in `nodes` and
+        // once in `order`: what `max_total_path_bytes` bounds.
+        let mut nodes: HashMap<Vec<u8>, Node> = HashMap::new();
+        let mut order: Vec<Vec<u8>> = Vec::new();
+        // Dropped on any error: that removes every staged file.
         let mut staged: Vec<Box<dyn StagedBlob>> = Vec::new();
+        let mut entries: u64 = 0;
+        let mut data_bytes: u64 = 0;
+        let mut path_bytes: u64 = 0;
+        let mut ext = Extensions::default();
+        let mut block = [0u8; BLOCK];
 
-        for entry in ar.entries().map_err(ioerr)? {
-            let mut entry = entry.map_err(ioerr)?;
-            let raw = entry.path_bytes().into_owned();
-            let et = entry.header().entry_type();
-            if et == tar::EntryType::XGlobalHeader {
-                continue; // Archive-wide metadata (e.g. a commit id): nothing to store.
-            }
-            let path = match entry_path(&raw) {
-                Ok(Some(p)) => p,
-                Ok(None) if et.is_dir() => continue, // "./": the root itself.
-                Ok(None) => {
-                    return Err(refuse(&raw, "names the root but is not a directory".into()))
+        // The tar stream, header by header. The `tar` crate's own iterator
+        // reads GNU long names and PAX headers whole before anyone can look
+        // at their size, so headers are read here, each size checked first.
+        loop {
+            if !read_block(&mut dec, &mut block).map_err(ioerr)? || block.iter().all(|b| *b == 0) {
+                if ext.any() {
+                    return Err(broken(
+                        "the archive ends after an extension header, before the entry it describes",
+                    ));
                 }
-                Err(reason) => return Err(refuse(&raw, reason)),
+                break;
+            }
+            let header = tar::Header::from_byte_slice(&block);
+            if !checksum_matches(header).map_err(ioerr)? {
+                return Err(broken("a header's checksum does not match its contents"));
+            }
+            let et = header.entry_type();
+            let own_name = header.path_bytes();
+            let header_size = header.entry_size().map_err(ioerr)?;
+            entries += 1;
+            if entries > limits.max_entries {
+                return Err(refuse(&own_name, too_many_entries(limits)));
+            }
+            let mut count_data = |name: &[u8], size: u64| {
+                match data_bytes.checked_add(size) {
+                Some(total) if total <= limits.max_total_bytes => {
+                    data_bytes = total;
+                    Ok(())
+                }
+                _ => Err(refuse(
+                    name,
+                    format!(
+                        "has {size} bytes of data, which takes the archive over the limit of {} bytes (`ArchiveLimits::max_total_bytes`)",
+                        limits.max_total_bytes
+                    ),
+                )),
+            }
             };
-            // Every ancestor must be (or become) a directory.
-            let mut anc = path.parent();
-            let mut ancestors = Vec::new();
-            while let Some(a) = anc {
-                if a.is_root() {
-                    break;
+
+            match et {
+                tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {
+                    let is_name = et == tar::EntryType::GNULongName;
+                    // The name and the NUL that ends it.
+                    if header_size > limits.max_path_bytes.saturating_add(1) {
+                        let head = read_head(&mut dec, header_size).map_err(ioerr)?;
+                        return Err(Error::BadArchive {
+                            archive: archive.to_owned(),
+                            entry: quote_len(&head, header_size),
+                            reason: format!(
+                                "is a GNU long {} of {header_size} bytes, longer than the limit of {} bytes (`ArchiveLimits::max_path_bytes`)",
+                                if is_name { "name" } else { "link target" },
+                                limits.max_path_bytes
+                            ),
+                        });
+                    }
+                    count_data(&own_name, header_size)?;
+                    let slot = if is_name {
+                        &mut ext.long_name
+                    } else {
+                        &mut ext.long_link
+                    };
+                    if slot.is_some() {
+                        return Err(broken("two GNU long-name headers describe the same entry"));
+                    }
+                    let mut data = read_data(&mut dec, header_size).map_err(ioerr)?;
+                    if data.last() == Some(&0) {
+                        data.pop();
+                    }
+                    *slot = Some(data);
+                    continue;
                 }
-                ancestors.push(a.clone());
-                anc = a.parent();
+                tar::EntryType::XHeader | tar::EntryType::XGlobalHeader => {
+                    if header_size > limits.max_extension_bytes {
+                        return Err(refuse(
+                            &own_name,
+                            format!(
+                                "is a PAX extended header of {header_size} bytes, larger than the limit of {} bytes (`ArchiveLimits::max_extension_bytes`)",
+                                limits.max_extension_bytes
+                            ),
+                        ));
+                    }
+                    count_data(&own_name, header_size)?;
+                    let data = read_data(&mut dec, header_size).map_err(ioerr)?;
+                    if et == tar::EntryType::XGlobalHeader {
+                        continue; // Archive-wide metadata (e.g. a commit id): nothing to store.
+                    }
+                    if ext.pax.is_some() {
+                        return Err(broken("two PAX extended headers describe the same entry"));
+                    }
+                    ext.pax = Some(data);
+                    continue;
+                }
+                _ => {}
             }
-            for a in ancestors.iter().rev() {
-                match nodes.get(a) {
-                    Some(Node::Dir) => {}
+
+            let ext = std::mem::take(&mut ext);
+            let pax = match &ext.pax {
+                Some(data) => Pax::parse(data).map_err(|reason| refuse(&own_name, reason))?,
+                None => Pax::default(),
+            };
+            let raw: &[u8] = match (&ext.long_name, pax.path) {
+                (Some(long), _) => long,
+                (None, Some(path)) => path,
+                (None, None) => &own_name,
+            };
+            if raw.len() as u64 > limits.max_path_bytes {
+                return Err(refuse(
+                    raw,
+                    format!(
+                        "has a path of {} bytes, longer than the limit of {} bytes (`ArchiveLimits::max_path_bytes`)",
+                        raw.len(),
+                        limits.max_path_bytes
+                    ),
+                ));
+            }
+            let size = pax.size.unwrap_or(header_size);
+            count_data(raw, size)?;
+            let path = match entry_path(raw) {
+                Ok(Some(p)) => p,
+                Ok(None) if et.is_dir() => {
+                    skip_data(&mut dec, size).map_err(ioerr)?;
+                    continue; // "./": the root itself.
+                }
+                Ok(None) => {
+                    return Err(refuse(raw, "names the root but is not a directory".into()))
+                }
+                Err(reason) => return Err(refuse(raw, reason)),
+            };
+            let depth = path.components().len() as u64;
+            if depth > limits.max_depth {
+                return Err(refuse(
+                    raw,
+                    format!(
+                        "has a path of {depth} components, deeper than the limit of {} (`ArchiveLimits::max_depth`)",
+                        limits.max_depth
+                    ),
+                ));
+            }
+            let key = path.to_bytes();
+            let mut keep = |bytes: usize| {
+                match path_bytes.checked_add(bytes as u64) {
+                Some(total) if total <= limits.max_total_path_bytes => {
+                    path_bytes = total;
+                    Ok(())
+                }
+                _ => Err(refuse(
+                    raw,
+                    format!(
+                        "takes the paths and link targets of the archive over the limit of {} bytes (`ArchiveLimits::max_total_path_bytes`)",
+                        limits.max_total_path_bytes
+                    ),
+                )),
+            }
+            };
+            // Every ancestor must be (or become) a directory. A known path's
+            // ancestors are all known directories, so the walk up stops at
+            // the first known one.
+            let mut missing = Vec::new();
+            let mut end = key.len();
+            while let Some(slash) = key[..end].iter().rposition(|b| *b == b'/') {
+                match nodes.get(&key[..slash]) {
+                    Some(Node::Dir) => break,
                     Some(other) => {
                         return Err(refuse(
-                            &raw,
-                            format!("lies inside `{a}`, which is a {}", other.what()),
+                            raw,
+                            format!(
+                                "lies inside `{}`, which is a {}",
+                                quote(&key[..slash]),
+                                other.what()
+                            ),
                         ))
                     }
-                    None => {
-                        nodes.insert(a.clone(), Node::Dir);
-                        order.push(a.clone());
-                    }
+                    None => missing.push(slash),
                 }
+                end = slash;
             }
-            if let Some(existing) = nodes.get(&path) {
+            for slash in missing.into_iter().rev() {
+                entries += 1;
+                if entries > limits.max_entries {
+                    return Err(refuse(raw, too_many_entries(limits)));
+                }
+                keep(2 * slash)?;
+                nodes.insert(key[..slash].to_vec(), Node::Dir);
+                order.push(key[..slash].to_vec());
+            }
+            if let Some(existing) = nodes.get(&key) {
                 if !(et.is_dir() && matches!(existing, Node::Dir)) {
                     return Err(refuse(
-                        &raw,
+                        raw,
                         format!("appears twice (first as a {})", existing.what()),
                     ));
                 }
+                skip_data(&mut dec, size).map_err(ioerr)?;
                 continue;
             }
-            let mode = entry.header().mode().map_err(ioerr)?;
+            if pax.sparse {
+                return Err(refuse(
+                    raw,
+                    "is a sparse file, which is not supported".into(),
+                ));
+            }
+            let link: Option<&[u8]> = match (&ext.long_link, pax.linkpath) {
+                (Some(long), _) => Some(long),
+                (None, Some(path)) => Some(path),
+                (None, None) => None,
+            };
+            let link = link
+                .map(Cow::Borrowed)
+                .or_else(|| header.link_name_bytes())
+                .unwrap_or_default();
+            if link.len() as u64 > limits.max_path_bytes {
+                return Err(refuse(
+                    raw,
+                    format!(
+                        "has a link target of {} bytes, longer than the limit of {} bytes (`ArchiveLimits::max_path_bytes`)",
+                        link.len(),
+                        limits.max_path_bytes
+                    ),
+                ));
+            }
+            keep(2 * key.len())?;
+            let mode = header.mode().map_err(ioerr)?;
             let node = match et {
                 tar::EntryType::Directory => Node::Dir,
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
-                    let mut w = self.blobs.writer()?;
-                    io::copy(&mut entry, &mut w).map_err(ioerr)?;
-                    let blob = w.finish()?;
+                    let blob = self.stage_file(&mut dec, size, archive)?;
                     let file = Entry::File {
                         digest: blob.digest(),
                         size: blob.size(),
@@ -216,75 +460,71 @@ impl Store {
                     Node::File(file)
                 }
                 tar::EntryType::Symlink => {
-                    let target = entry
-                        .link_name_bytes()
-                        .map(|t| t.into_owned())
-                        .unwrap_or_default();
-                    let target = Target::new(target).map_err(|e| match e {
+                    let target = Target::new(link.into_owned()).map_err(|e| match e {
                         Error::BadName { reason, .. } => refuse(
-                            &raw,
+                            raw,
                             format!("is a symlink whose target is invalid: {reason}"),
                         ),
                         other => other,
                     })?;
+                    keep(target.as_bytes().len())?;
                     Node::Symlink(target)
                 }
                 tar::EntryType::Link => {
-                    let target = entry
-                        .link_name_bytes()
-                        .map(|t| t.into_owned())
-                        .unwrap_or_default();
-                    let target_path = match entry_path(&target) {
-                        Ok(Some(p)) => p,
-                        _ => {
-                            return Err(refuse(
-                                &raw,
-                                format!(
+                    let target = match entry_path(&link) {
+                        Ok(Some(p)) => p.to_bytes(),
+                        _ => return Err(refuse(
+                            raw,
+                            format!(
                                 "is a hard link to `{}`, which is not a path inside the archive",
-                                String::from_utf8_lossy(&target)
+                                quote(&link)
                             ),
-                            ))
-                        }
+                        )),
                     };
-                    match nodes.get(&target_path) {
+                    match nodes.get(&target) {
                         Some(Node::File(f)) => Node::File(f.clone()),
                         _ => {
                             return Err(refuse(
-                                &raw,
-                                format!("is a hard link to `{target_path}`, which is not an earlier file of the archive"),
+                                raw,
+                                format!(
+                                    "is a hard link to `{}`, which is not an earlier file of the archive",
+                                    quote(&target)
+                                ),
                             ))
                         }
                     }
                 }
-                tar::EntryType::Char => return Err(refuse(&raw, "is a character device".into())),
-                tar::EntryType::Block => return Err(refuse(&raw, "is a block device".into())),
-                tar::EntryType::Fifo => return Err(refuse(&raw, "is a FIFO".into())),
+                tar::EntryType::Char => return Err(refuse(raw, "is a character device".into())),
+                tar::EntryType::Block => return Err(refuse(raw, "is a block device".into())),
+                tar::EntryType::Fifo => return Err(refuse(raw, "is a FIFO".into())),
                 tar::EntryType::GNUSparse => {
                     return Err(refuse(
-                        &raw,
+                        raw,
                         "is a sparse file, which is not supported".into(),
                     ))
                 }
                 other => {
                     return Err(refuse(
-                        &raw,
+                        raw,
                         format!(
                             "has the unsupported entry type `{}`",
-                            other.as_byte() as char
+                            quote(&[other.as_byte()])
                         ),
                     ))
                 }
             };
-            nodes.insert(path.clone(), node);
-            order.push(path);
+            if !matches!(node, Node::File(_)) || et == tar::EntryType::Link {
+                skip_data(&mut dec, size).map_err(ioerr)?;
+            }
+            nodes.insert(key.clone(), node);
+            order.push(key);
         }
 
         // Read to the end: that checks the zstd checksum, and refuses data after
         // the end of the tar (zero padding is normal; anything else is not).
-        let mut rest = ar.into_inner();
         let mut buf = [0u8; 8192];
         loop {
-            let n = rest.read(&mut buf).map_err(ioerr)?;
+            let n = dec.read(&mut buf).map_err(ioerr)?;
             if n == 0 {
                 break;
             }
@@ -301,9 +541,10 @@ impl Store {
                 if let Some(Node::Symlink(t)) = nodes.get(path) {
                     if escapes(&nodes, path, t) {
                         return Err(refuse(
-                            &path.to_bytes(),
+                            path,
                             format!(
-                                "is a symlink to `{t}`, which leads outside the archive's root"
+                                "is a symlink to `{}`, which leads outside the archive's root",
+                                quote(t.as_bytes())
                             ),
                         ));
                     }
@@ -314,16 +555,18 @@ impl Store {
         let mut builder = TreeBuilder::new();
         for path in &order {
             match &nodes[path] {
-                Node::Dir => builder.add_dir(path),
-                Node::File(e) => builder.add(path, e.clone())?,
+                Node::Dir => builder.add_dir(&RelPath::parse(path)?),
+                Node::File(e) => builder.add(&RelPath::parse(path)?, e.clone())?,
                 Node::Symlink(target) => builder.add(
-                    path,
+                    &RelPath::parse(path)?,
                     Entry::Symlink {
                         target: target.clone(),
                     },
                 )?,
             }
         }
+        drop(nodes);
+        drop(order);
         // Accepted: publish the blobs, make them durable, then record.
         let mut new_blobs = 0;
         for blob in staged {
@@ -359,6 +602,207 @@ impl Store {
             new_blobs,
         })
     }
+
+    /// Copies the `size` bytes of one file (and the padding after them) from
+    /// the tar stream into a staged blob. A read that fails is the archive's
+    /// fault ([`Error::ArchiveIo`]); a write that fails (a full disk) is the
+    /// store's ([`Error::ArchiveStaging`]). On either, the partial blob is
+    /// removed.
+    fn stage_file(
+        &self,
+        r: &mut impl Read,
+        size: u64,
+        archive: &str,
+    ) -> Result<Box<dyn StagedBlob>> {
+        let mut w = self.blobs.writer()?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut left = size;
+        while left > 0 {
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = match r.read(&mut buf[..want]) {
+                Ok(0) => {
+                    return Err(Error::ArchiveIo {
+                        archive: archive.to_owned(),
+                        source: io::ErrorKind::UnexpectedEof.into(),
+                    })
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(Error::ArchiveIo {
+                        archive: archive.to_owned(),
+                        source,
+                    })
+                }
+            };
+            w.write_all(&buf[..n])
+                .map_err(|source| Error::ArchiveStaging {
+                    archive: archive.to_owned(),
+                    source,
+                })?;
+            left -= n as u64;
+        }
+        w.flush().map_err(|source| Error::ArchiveStaging {
+            archive: archive.to_owned(),
+            source,
+        })?;
+        skip(r, padding(size)).map_err(|source| Error::ArchiveIo {
+            archive: archive.to_owned(),
+            source,
+        })?;
+        w.finish()
+    }
+}
+
+/// Extension headers read so far for the next entry.
+#[derive(Default)]
+struct Extensions {
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+    pax: Option<Vec<u8>>,
+}
+
+impl Extensions {
+    fn any(&self) -> bool {
+        self.long_name.is_some() || self.long_link.is_some() || self.pax.is_some()
+    }
+}
+
+/// The records of a PAX extended header that change what an entry is.
+#[derive(Default)]
+struct Pax<'a> {
+    path: Option<&'a [u8]>,
+    linkpath: Option<&'a [u8]>,
+    size: Option<u64>,
+    /// A `GNU.sparse.*` record: the entry's data is a sparse map.
+    sparse: bool,
+}
+
+impl<'a> Pax<'a> {
+    /// Refuses malformed records and a record given twice (two readers could
+    /// otherwise disagree on which one counts).
+    fn parse(data: &'a [u8]) -> std::result::Result<Pax<'a>, String> {
+        let mut pax = Pax::default();
+        for record in tar::PaxExtensions::new(data) {
+            let record = record.map_err(|_| "has a malformed PAX extended header".to_string())?;
+            let key = record.key_bytes();
+            let value = record.value_bytes();
+            let twice = || format!("has the PAX record `{}` twice", quote(key));
+            match key {
+                b"path" => {
+                    if pax.path.replace(value).is_some() {
+                        return Err(twice());
+                    }
+                }
+                b"linkpath" => {
+                    if pax.linkpath.replace(value).is_some() {
+                        return Err(twice());
+                    }
+                }
+                b"size" => {
+                    let size = std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .ok_or_else(|| format!("has the invalid PAX size `{}`", quote(value)))?;
+                    if pax.size.replace(size).is_some() {
+                        return Err(twice());
+                    }
+                }
+                k if k.starts_with(b"GNU.sparse.") => pax.sparse = true,
+                _ => {}
+            }
+        }
+        Ok(pax)
+    }
+}
+
+fn too_many_entries(limits: &ArchiveLimits) -> String {
+    format!(
+        "takes the archive over the limit of {} entries (`ArchiveLimits::max_entries`, which counts extension headers and implied directories)",
+        limits.max_entries
+    )
+}
+
+/// How a name from an archive appears in messages: whole up to 100 bytes,
+/// else its first 100 bytes and its length, so that a hostile name cannot
+/// make a message large.
+fn quote(bytes: &[u8]) -> String {
+    quote_len(bytes, bytes.len() as u64)
+}
+
+/// [`quote`] for a name of `len` bytes of which only `head` was read.
+fn quote_len(head: &[u8], len: u64) -> String {
+    if len <= QUOTE_MAX as u64 && head.len() as u64 == len {
+        String::from_utf8_lossy(head).into_owned()
+    } else {
+        let head = &head[..head.len().min(QUOTE_MAX)];
+        format!("{}… ({len} bytes)", String::from_utf8_lossy(head))
+    }
+}
+
+/// Whether a header's stored checksum matches its bytes (the checksum field
+/// counted as spaces).
+fn checksum_matches(header: &tar::Header) -> io::Result<bool> {
+    let bytes = header.as_bytes();
+    let sum: u32 = bytes[..148]
+        .iter()
+        .chain(&bytes[156..])
+        .map(|b| u32::from(*b))
+        .sum::<u32>()
+        + 8 * u32::from(b' ');
+    Ok(header.cksum()? == sum)
+}
+
+/// Reads one header block; `false` at the end of the input.
+fn read_block(r: &mut impl Read, block: &mut [u8; BLOCK]) -> io::Result<bool> {
+    let mut n = 0;
+    while n < BLOCK {
+        match r.read(&mut block[n..]) {
+            Ok(0) if n == 0 => return Ok(false),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Bytes after `size` bytes of data, up to the next header.
+fn padding(size: u64) -> u64 {
+    (BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64
+}
+
+fn skip(r: &mut impl Read, n: u64) -> io::Result<()> {
+    if io::copy(&mut r.take(n), &mut io::sink())? < n {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Skips an entry's data and its padding.
+fn skip_data(r: &mut impl Read, size: u64) -> io::Result<()> {
+    skip(r, size)?;
+    skip(r, padding(size))
+}
+
+/// Reads an extension header's data (the caller has checked `size` against
+/// its limit) and skips the padding.
+fn read_data(r: &mut impl Read, size: u64) -> io::Result<Vec<u8>> {
+    let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    r.take(size).read_to_end(&mut data)?;
+    if (data.len() as u64) < size {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    skip(r, padding(size))?;
+    Ok(data)
+}
+
+/// The first bytes of a name too long to read, for the message.
+fn read_head(r: &mut impl Read, size: u64) -> io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    r.take(size.min(QUOTE_MAX as u64)).read_to_end(&mut head)?;
+    Ok(head)
 }
 
 enum Node {
@@ -421,11 +865,12 @@ fn entry_path(raw: &[u8]) -> std::result::Result<Option<RelPath>, String> {
 /// Whether the symlink at `link` with `target` leads outside the root,
 /// following the archive's own symlinks on the way (as a kernel would inside
 /// a chroot, except that `..` at the root is an escape, not the root).
-fn escapes(nodes: &HashMap<RelPath, Node>, link: &RelPath, target: &Target) -> bool {
-    let mut cur: Vec<Name> = link
-        .parent()
-        .map(|p| p.components().to_vec())
-        .unwrap_or_default();
+fn escapes(nodes: &HashMap<Vec<u8>, Node>, link: &[u8], target: &Target) -> bool {
+    // The directory reached so far, as a key of `nodes` (`a/b`).
+    let mut cur: Vec<u8> = match link.iter().rposition(|b| *b == b'/') {
+        Some(slash) => link[..slash].to_vec(),
+        None => Vec::new(),
+    };
     let mut todo: VecDeque<Vec<u8>> = VecDeque::new();
     let push_front = |todo: &mut VecDeque<Vec<u8>>, t: &[u8]| {
         for part in t.split(|b| *b == b'/').rev() {
@@ -441,21 +886,27 @@ fn escapes(nodes: &HashMap<RelPath, Node>, link: &RelPath, target: &Target) -> b
         match part.as_slice() {
             b"" | b"." => {}
             b".." => {
-                if cur.pop().is_none() {
+                if cur.is_empty() {
                     return true;
                 }
+                let parent = cur.iter().rposition(|b| *b == b'/').unwrap_or(0);
+                cur.truncate(parent);
             }
             name => {
-                let Ok(name) = Name::new(name) else {
+                if Name::new(name).is_err() {
                     return true;
-                };
-                cur.push(name);
-                if let Some(Node::Symlink(t)) = nodes.get(&RelPath::from_names(cur.clone())) {
+                }
+                let before = cur.len();
+                if !cur.is_empty() {
+                    cur.push(b'/');
+                }
+                cur.extend_from_slice(name);
+                if let Some(Node::Symlink(t)) = nodes.get(&cur) {
                     hops += 1;
                     if hops > MAX_HOPS {
                         return false; // A loop: the kernel stops it with ELOOP.
                     }
-                    cur.pop();
+                    cur.truncate(before);
                     if t.as_bytes().starts_with(b"/") {
                         return true;
                     }

@@ -69,6 +69,8 @@ pub enum Error {
     #[error("`{path}` is not a directory")]
     NotADirectory { path: PathBuf },
 
+    /// `entry` and any name in `reason` are quoted at most 100 bytes long
+    /// (then `… (N bytes)`), whatever the archive holds.
     #[error("Refused archive `{archive}`: entry `{entry}` {reason}; nothing was imported")]
     BadArchive {
         archive: String,
@@ -78,6 +80,15 @@ pub enum Error {
 
     #[error("Cannot read archive `{archive}`; nothing was imported")]
     ArchiveIo {
+        archive: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The store could not stage an archive's files (e.g. a full disk);
+    /// what was staged has been removed.
+    #[error("Cannot stage the files of archive `{archive}` in the store; nothing was imported")]
+    ArchiveStaging {
         archive: String,
         #[source]
         source: std::io::Error,

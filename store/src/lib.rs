@@ -22,7 +22,7 @@ mod path;
 mod records;
 mod tree;
 
-pub use archive::{ExportReport, ImportOptions, ImportReport};
+pub use archive::{ArchiveLimits, ExportReport, ImportOptions, ImportReport};
 pub use blob::{hash_reader, Adopted, Blob, BlobStore};
 pub use checkout::CheckoutReport;
 pub use diff::{Change, ChangeKind, MergeOutcome, MergePolicy};

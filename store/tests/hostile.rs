@@ -13,7 +13,7 @@ mod common;
 use std::io::Write;
 
 use common::*;
-use strata_store::{Digest, Entry, Error, ImportOptions, RelPath, Store};
+use strata_store::{ArchiveLimits, BlobStore, Digest, Entry, Error, ImportOptions, RelPath, Store};
 use tar::{EntryType, Header};
 
 // ---------------------------------------------------------------------------
@@ -182,6 +182,21 @@ fn entry(s: impl AsRef<[u8]>) -> Expect {
     Expect::Entry(String::from_utf8_lossy(s.as_ref()).into_owned())
 }
 
+/// How a refusal names an entry longer than 100 bytes: its first 100 bytes
+/// and its length.
+fn quoted_name(name: &[u8]) -> String {
+    assert!(name.len() > 100);
+    format!(
+        "{}… ({} bytes)",
+        String::from_utf8_lossy(&name[..100]),
+        name.len()
+    )
+}
+
+fn quoted(name: &[u8]) -> Expect {
+    Expect::Entry(quoted_name(name))
+}
+
 fn seeded(new: Backend) -> TestStore {
     let t = new();
     let seed = t.ingest_spec(
@@ -338,7 +353,7 @@ fn component_longer_than_255_bytes() {
     refused(
         "long-component",
         &zst(&ok().file(&name, b"x").finish()),
-        entry(&name),
+        quoted(&name),
     );
 }
 
@@ -347,7 +362,7 @@ fn gnu_long_name_with_dot_dot() {
     let mut name = vec![b'a'; 120];
     name.extend_from_slice(b"/../../x");
     let a = ok().file(&name, b"escaped").finish();
-    refused("gnu-long-name", &zst(&a), entry(&name));
+    refused("gnu-long-name", &zst(&a), quoted(&name));
 }
 
 #[test]
@@ -692,6 +707,530 @@ fn trailing_garbage_after_the_zstd_frame() {
 }
 
 // ---------------------------------------------------------------------------
+// Limits: refused before the bytes they bound are read or kept
+// ---------------------------------------------------------------------------
+
+/// A part of a tar stream made on the fly: bytes, or one byte repeated.
+enum Part {
+    Bytes(Vec<u8>),
+    Repeat(u8, u64),
+}
+
+/// A tar stream of any size generated as it is read, never held whole;
+/// counts the bytes the importer pulled through the compressor.
+struct Lazy {
+    parts: std::collections::VecDeque<Part>,
+    pulled: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::io::Read for Lazy {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = loop {
+            match self.parts.front_mut() {
+                None => return Ok(0),
+                Some(Part::Bytes(b)) if b.is_empty() => {}
+                Some(Part::Repeat(_, 0)) => {}
+                Some(Part::Bytes(b)) => {
+                    let n = b.len().min(buf.len());
+                    buf[..n].copy_from_slice(&b[..n]);
+                    b.drain(..n);
+                    break n;
+                }
+                Some(Part::Repeat(byte, left)) => {
+                    let n = (*left).min(buf.len() as u64) as usize;
+                    buf[..n].fill(*byte);
+                    *left -= n as u64;
+                    break n;
+                }
+            }
+            self.parts.pop_front();
+        };
+        self.pulled
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// One raw header block (name ≤ 100 bytes) declaring `size` bytes of data.
+fn header(ty: EntryType, name: &[u8], size: u64) -> Vec<u8> {
+    let mut h = Header::new_gnu();
+    h.set_entry_type(ty);
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_mtime(1);
+    set_bytes(&mut h.as_gnu_mut().unwrap().name, name);
+    h.set_cksum();
+    h.as_bytes().to_vec()
+}
+
+fn pad(size: u64) -> Part {
+    Part::Repeat(0, (512 - size % 512) % 512)
+}
+
+/// Imports the lazily made, zstd-compressed stream into each backend and
+/// checks the refusal: the entry named as `want_entry`, the reason naming
+/// `limit`, a short message, at most `max_pulled` bytes of the tar read, and
+/// the store as it was.
+fn refused_lazily(
+    case: &str,
+    make: impl Fn() -> Vec<Part>,
+    limits: &ArchiveLimits,
+    want_entry: &str,
+    limit: &str,
+    max_pulled: u64,
+) {
+    for new in [memory as Backend, rocksdb] {
+        let t = seeded(new);
+        let before = t.counts();
+        let pulled = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let lazy = Lazy {
+            parts: make().into(),
+            pulled: pulled.clone(),
+        };
+        let mut input = zstd::stream::read::Encoder::new(lazy, 1).unwrap();
+        let err = match t.import_limited(&mut input, case, &ImportOptions::default(), limits) {
+            Ok(r) => panic!("[{}] {case}: accepted as layer {}", t.kind, r.layer),
+            Err(e) => e,
+        };
+        let message = err.to_string();
+        match &err {
+            Error::BadArchive { entry, reason, .. } => {
+                assert_eq!(entry, want_entry, "[{}] {case}: {message}", t.kind);
+                assert!(
+                    reason.contains(&format!("`ArchiveLimits::{limit}`")),
+                    "[{}] {case}: the reason names the limit: {message}",
+                    t.kind
+                );
+            }
+            other => panic!("[{}] {case}: wrong error: {}", t.kind, chain(other)),
+        }
+        assert!(
+            message.len() < 500,
+            "[{}] {case}: a message of {} bytes",
+            t.kind,
+            message.len()
+        );
+        let pulled = pulled.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            pulled <= max_pulled,
+            "[{}] {case}: read {pulled} bytes of the tar before refusing",
+            t.kind
+        );
+        assert_eq!(t.counts(), before, "[{}] {case}: nothing recorded", t.kind);
+        let left = t.staging_leftovers();
+        assert!(
+            left.is_empty(),
+            "[{}] {case}: left in tmp/: {left:?}",
+            t.kind
+        );
+        t.assert_verified();
+    }
+}
+
+const GIB_1_5: u64 = 3 << 29;
+/// What the compressor reads ahead of the importer, at most (with room).
+const READ_AHEAD: u64 = 4 << 20;
+
+#[test]
+fn gnu_long_name_of_1_5_gib() {
+    let size = GIB_1_5 + 1;
+    let make = || {
+        vec![
+            Part::Bytes(header(EntryType::GNULongName, b"././@LongLink", size)),
+            Part::Repeat(b'a', GIB_1_5),
+            Part::Bytes(vec![0]),
+            pad(size),
+            Part::Bytes(header(EntryType::Regular, b"short", 0)),
+            Part::Repeat(0, 1024),
+        ]
+    };
+    let want = format!("{}… ({size} bytes)", "a".repeat(100));
+    let limits = ArchiveLimits::default();
+    refused_lazily(
+        "gnu-long-name-huge",
+        make,
+        &limits,
+        &want,
+        "max_path_bytes",
+        READ_AHEAD,
+    );
+}
+
+#[test]
+fn gnu_long_link_of_1_5_gib() {
+    let size = GIB_1_5 + 1;
+    let make = || {
+        vec![
+            Part::Bytes(header(EntryType::GNULongLink, b"././@LongLink", size)),
+            Part::Repeat(b'l', GIB_1_5),
+            Part::Bytes(vec![0]),
+            pad(size),
+            Part::Bytes(header(EntryType::Symlink, b"link", 0)),
+            Part::Repeat(0, 1024),
+        ]
+    };
+    let want = format!("{}… ({size} bytes)", "l".repeat(100));
+    let limits = ArchiveLimits::default();
+    refused_lazily(
+        "gnu-long-link-huge",
+        make,
+        &limits,
+        &want,
+        "max_path_bytes",
+        READ_AHEAD,
+    );
+}
+
+#[test]
+fn pax_path_of_1_5_gib() {
+    // One record: "<len> path=aaaa…\n", where <len> counts itself.
+    let body = GIB_1_5 + " path=\n".len() as u64;
+    let len = body + (body + 10).to_string().len() as u64;
+    assert_eq!(len.to_string().len(), (body + 10).to_string().len());
+    let make = move || {
+        vec![
+            Part::Bytes(header(EntryType::XHeader, b"PaxHeaders/huge", len)),
+            Part::Bytes(format!("{len} path=").into_bytes()),
+            Part::Repeat(b'p', GIB_1_5),
+            Part::Bytes(b"\n".to_vec()),
+            pad(len),
+            Part::Bytes(header(EntryType::Regular, b"short", 0)),
+            Part::Repeat(0, 1024),
+        ]
+    };
+    let limits = ArchiveLimits::default();
+    refused_lazily(
+        "pax-path-huge",
+        make,
+        &limits,
+        "PaxHeaders/huge",
+        "max_extension_bytes",
+        READ_AHEAD,
+    );
+}
+
+#[test]
+fn paths_longer_than_4096_bytes() {
+    // In a PAX header well within its own limit.
+    let long = vec![b'p'; 5000];
+    let a = ok().pax(&[("path", &long)]).file(b"short", b"x").finish();
+    refused("pax-path-5000", &zst(&a), quoted(&long));
+    // In a GNU long name: refused at the long-name header.
+    let long = vec![b'g'; 4097];
+    let a = ok().file(&long, b"x").finish();
+    refused(
+        "gnu-long-name-4097",
+        &zst(&a),
+        quoted(&[&long[..], b"\0"].concat()),
+    );
+    // A PAX link target.
+    let target = vec![b't'; 4097];
+    let a = ok()
+        .pax(&[("linkpath", &target)])
+        .symlink(b"l", b"x")
+        .finish();
+    refused("pax-linkpath-4097", &zst(&a), entry("l"));
+}
+
+#[test]
+fn five_thousand_components() {
+    let path = [&b"a/".repeat(4999)[..], b"f"].concat();
+    let a = ok().file(&path, b"deep").finish();
+    // Refused at the GNU long-name header, whose data ends with a NUL.
+    refused(
+        "5000-components",
+        &zst(&a),
+        quoted(&[&path[..], b"\0"].concat()),
+    );
+}
+
+#[test]
+fn deeper_than_the_limit() {
+    let path = [&b"d/".repeat(256)[..], b"f"].concat(); // 257 components
+    let a = ok().file(&path, b"deep").finish();
+    refused("257-components", &zst(&a), quoted(&path));
+    let limits = ArchiveLimits::default();
+    let t = memory();
+    match t.import_limited(
+        &mut &zst(&a)[..],
+        "deep",
+        &ImportOptions::default(),
+        &limits,
+    ) {
+        Err(Error::BadArchive { reason, .. }) => {
+            assert!(reason.contains("`ArchiveLimits::max_depth`"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Raised, the limit lets the same archive in.
+    let raised = ArchiveLimits {
+        max_depth: 300,
+        ..ArchiveLimits::default()
+    };
+    t.import_limited(
+        &mut &zst(&a)[..],
+        "deep",
+        &ImportOptions::default(),
+        &raised,
+    )
+    .unwrap_or_else(|e| panic!("{}", chain(&e)));
+}
+
+#[test]
+fn zstd_bomb_one_huge_file() {
+    // 1 TiB of zeros declared: over the default total before a byte is staged.
+    let size = 1u64 << 40;
+    let make = move || {
+        vec![
+            Part::Bytes(header(EntryType::Regular, b"bomb", size)),
+            Part::Repeat(0, size),
+            Part::Repeat(0, 1024),
+        ]
+    };
+    let limits = ArchiveLimits::default();
+    refused_lazily(
+        "bomb-1tib",
+        make,
+        &limits,
+        "bomb",
+        "max_total_bytes",
+        READ_AHEAD,
+    );
+}
+
+#[test]
+fn zstd_bomb_many_files() {
+    // 64 KiB files of zeros, 4,096 of them (256 MiB); a 1 MiB limit stops the
+    // import after 16 staged files, which must be removed.
+    let make = || {
+        let mut parts = Vec::new();
+        for i in 0..4096 {
+            parts.push(Part::Bytes(header(
+                EntryType::Regular,
+                format!("f{i}").as_bytes(),
+                64 << 10,
+            )));
+            parts.push(Part::Repeat(0, 64 << 10));
+        }
+        parts.push(Part::Repeat(0, 1024));
+        parts
+    };
+    let limits = ArchiveLimits {
+        max_total_bytes: 1 << 20,
+        ..ArchiveLimits::default()
+    };
+    refused_lazily(
+        "bomb-many",
+        make,
+        &limits,
+        "f16",
+        "max_total_bytes",
+        (1 << 20) + READ_AHEAD,
+    );
+}
+
+#[test]
+fn more_entries_than_the_limit() {
+    let limits = ArchiveLimits {
+        max_entries: 50,
+        ..ArchiveLimits::default()
+    };
+    let make = || {
+        let mut parts = Vec::new();
+        for i in 0..1000 {
+            parts.push(Part::Bytes(header(
+                EntryType::Regular,
+                format!("f{i}").as_bytes(),
+                0,
+            )));
+        }
+        parts.push(Part::Repeat(0, 1024));
+        parts
+    };
+    refused_lazily("entries", make, &limits, "f50", "max_entries", READ_AHEAD);
+    // Implied directories count: one file 60 directories deep.
+    let path = [&b"d/".repeat(60)[..], b"f"].concat();
+    let make = move || {
+        vec![
+            Part::Bytes(header(
+                EntryType::GNULongName,
+                b"././@LongLink",
+                path.len() as u64,
+            )),
+            Part::Bytes(path.clone()),
+            pad(path.len() as u64),
+            Part::Bytes(header(EntryType::Regular, b"f", 0)),
+            Part::Repeat(0, 1024),
+        ]
+    };
+    let want = quoted_name(&[&b"d/".repeat(60)[..], b"f"].concat());
+    refused_lazily(
+        "implied-dirs",
+        make,
+        &limits,
+        &want,
+        "max_entries",
+        READ_AHEAD,
+    );
+}
+
+#[test]
+fn more_path_bytes_than_the_limit() {
+    let limits = ArchiveLimits {
+        max_total_path_bytes: 10_000,
+        ..ArchiveLimits::default()
+    };
+    let make = || {
+        let mut parts = Vec::new();
+        for i in 0..1000 {
+            let name = format!("{i:0>99}");
+            parts.push(Part::Bytes(header(EntryType::Regular, name.as_bytes(), 0)));
+        }
+        parts.push(Part::Repeat(0, 1024));
+        parts
+    };
+    // Each path is kept twice: 198 bytes a file, the 51st is over.
+    refused_lazily(
+        "path-bytes",
+        make,
+        &limits,
+        &format!("{:0>99}", 50),
+        "max_total_path_bytes",
+        READ_AHEAD,
+    );
+}
+
+#[test]
+fn pax_records_given_twice() {
+    let a = ok()
+        .pax(&[("path", b"one"), ("path", b"two")])
+        .file(b"short", b"x")
+        .finish();
+    // Named as its own header names it.
+    refused("pax-path-twice", &zst(&a), entry("short"));
+    let a = ok()
+        .pax(&[("size", b"1"), ("size", b"2")])
+        .file(b"short", b"x")
+        .finish();
+    refused("pax-size-twice", &zst(&a), entry("short"));
+}
+
+#[test]
+fn pax_sparse_file() {
+    let a = ok()
+        .pax(&[("GNU.sparse.major", b"1"), ("GNU.sparse.minor", b"0")])
+        .file(b"GNUSparseFile.0/s", &[0; 512])
+        .finish();
+    refused("pax-sparse", &zst(&a), entry("GNUSparseFile.0/s"));
+}
+
+/// A blob store that runs out of room: writes fail with ENOSPC once
+/// `room` bytes have been written in all.
+struct FullDisk {
+    inner: strata_store::blob::memory::MemoryBlobStore,
+    room: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+struct FullWriter {
+    inner: Box<dyn strata_store::blob::BlobWriter>,
+    room: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Write for FullWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let left = self
+            .room
+            .fetch_sub(buf.len() as i64, std::sync::atomic::Ordering::SeqCst);
+        if left < buf.len() as i64 {
+            return Err(std::io::Error::from_raw_os_error(libc_enospc()));
+        }
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn libc_enospc() -> i32 {
+    28 // ENOSPC on Linux
+}
+
+impl strata_store::blob::BlobWriter for FullWriter {
+    fn finish(self: Box<Self>) -> strata_store::Result<Box<dyn strata_store::blob::StagedBlob>> {
+        self.inner.finish()
+    }
+}
+
+impl strata_store::BlobStore for FullDisk {
+    fn writer(&self) -> strata_store::Result<Box<dyn strata_store::blob::BlobWriter>> {
+        Ok(Box::new(FullWriter {
+            inner: self.inner.writer()?,
+            room: self.room.clone(),
+        }))
+    }
+    fn contains(&self, d: &Digest) -> strata_store::Result<bool> {
+        self.inner.contains(d)
+    }
+    fn open(&self, d: &Digest) -> strata_store::Result<Option<Box<dyn strata_store::Blob>>> {
+        self.inner.open(d)
+    }
+    fn file_path(&self, d: &Digest) -> Option<std::path::PathBuf> {
+        self.inner.file_path(d)
+    }
+    fn for_each(
+        &self,
+        f: &mut dyn FnMut(Digest, u64) -> strata_store::Result<()>,
+    ) -> strata_store::Result<()> {
+        self.inner.for_each(f)
+    }
+    fn delete(&self, d: &Digest) -> strata_store::Result<u64> {
+        self.inner.delete(d)
+    }
+    fn sync(&self) -> strata_store::Result<()> {
+        self.inner.sync()
+    }
+    fn put_hashed(&self, d: &Digest, bytes: &[u8]) -> strata_store::Result<bool> {
+        self.inner.put_hashed(d, bytes)
+    }
+}
+
+#[test]
+fn disk_full_while_staging() {
+    let inner = strata_store::blob::memory::MemoryBlobStore::new();
+    let room = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(100_000));
+    let store = Store::from_parts(
+        std::sync::Arc::new(FullDisk {
+            inner: inner.clone(),
+            room,
+        }),
+        std::sync::Arc::new(strata_store::meta::memory::MemoryMetaStore::new()),
+    );
+    let mut a = ok();
+    for i in 0..10 {
+        a = a.file(format!("f{i}").as_bytes(), &pseudo_random(30_000, i));
+    }
+    let a = zst(&a.finish());
+    let before = Counts::of(&store);
+    match store.import(&mut &a[..], "full", &ImportOptions::default()) {
+        Err(Error::ArchiveStaging { archive, source }) => {
+            assert_eq!(archive, "full");
+            assert_eq!(source.raw_os_error(), Some(28), "{source}");
+        }
+        Err(e) => panic!("wrong error: {}", chain(&e)),
+        Ok(r) => panic!("accepted as {}", r.layer),
+    }
+    assert_eq!(Counts::of(&store), before, "nothing recorded");
+    let mut blobs = 0;
+    inner
+        .for_each(&mut |_, _| {
+            blobs += 1;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(blobs, 0, "nothing staged was published");
+}
+
+// ---------------------------------------------------------------------------
 // Positive controls
 // ---------------------------------------------------------------------------
 
@@ -788,6 +1327,29 @@ fn accepts_escaping_symlinks_when_allowed() {
         ..Default::default()
     };
     accepted("escaping-allowed", &zst(&a), &opts, &want);
+}
+
+#[test]
+fn accepts_a_pax_size_over_the_header_size_and_the_deepest_path() {
+    // The PAX `size` record is the entry's size (the header's is 0 here).
+    let deep = [&b"d/".repeat(255)[..], b"f"].concat(); // 256 components
+    let a = RawTar::new()
+        .pax(&[("size", b"5")])
+        .entry_with(EntryType::Regular, b"sized", b"", b"hello", |h| {
+            h.set_size(0)
+        })
+        .file(b"after", b"after")
+        .file(&deep, b"deep")
+        .finish();
+    let mut nested = Dir::new().file("f", "deep");
+    for _ in 0..254 {
+        nested = Dir::new().dir("d", nested);
+    }
+    let want = Dir::new()
+        .file("sized", "hello")
+        .file("after", "after")
+        .dir("d", nested);
+    accepted("pax-size", &zst(&a), &ImportOptions::default(), &want);
 }
 
 #[test]
