@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """SSE clients for bench/serve.sh (standard library only).
 
-  serve-clients.py delay URL RUN_ID            one client; prints p50/p99 of the delay
-                                               (ms) from a task printing its clock to
-                                               the line reaching the client
+  serve-clients.py delay URL RUN_ID GO_FILE    one client; creates GO_FILE once connected
+                                               (the task waits for it), then prints p50/p99
+                                               of the delay (ms) from the task printing its
+                                               clock to the line reaching the client
   serve-clients.py many URL RUN_ID N           N clients at once; prints how many saw
                                                the run's `end` and the events each got
 """
@@ -41,9 +42,12 @@ def stream(url, path):
             data.append(value)
 
 
-def delay(url, run):
+def delay(url, run, go):
     delays = []
     for name, data in stream(url, f"/api/v1/runs/{run}/events"):
+        if go is not None:
+            open(go, "w").close()
+            go = None
         now = time.time_ns()
         if name == "task_log":
             line = json.loads(data)["line"]
@@ -86,7 +90,7 @@ def many(url, run, n):
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "delay":
-        delay(sys.argv[2], sys.argv[3])
+        delay(sys.argv[2], sys.argv[3], sys.argv[4])
     elif mode == "many":
         many(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:

@@ -10,9 +10,9 @@
 #      of a finished N-task run, and a layer listing (GET /api/v1/layers/{l}/tree?recursive=true),
 #      each beside nginx serving the same answer as a static file (what a user would
 #      otherwise put in front of a JSON dump); p50, p99, requests/s.
-#   2. delay from an engine event to an SSE client: one task prints its clock
-#      (`date +%s%N`) 200 times; a client following the run measures when each line
-#      arrives (p50, p99, max).
+#   2. delay from an engine event to an SSE client: one task waits until the client is
+#      connected, then prints its clock (`date +%s%N`) 200 times; the client measures
+#      when each line arrives (p50, p99, max).
 #   3. server memory with C SSE clients following a live N-task run: the server's peak
 #      RSS (VmHWM) and RSS at the end, and whether every client received every event.
 # Prints a markdown table and the machine facts on stdout; progress on stderr.
@@ -60,7 +60,10 @@ mkdir -p "$WS"
 printf 'name = "bench"\n[build]\nexecutor = "host"\n' >"$WS/ci.toml"
 cat >"$WS/BUILD.star" <<STAR
 [task(name = "t%d" % i, script = "mkdir -p out/d%d; echo %d > out/d%d/f; echo task %d" % (i % 50, i, i % 50, i)) for i in range($TASKS)]
-task(name = "clock", pure = False, script = "for i in \$(seq 200); do echo clock \$(date +%s%N); sleep 0.01; done")
+STAR
+mkdir -p "$WS/clock"
+cat >"$WS/clock/BUILD.star" <<STAR
+task(name = "clock", pure = False, script = "while [ ! -e $WORK/go ]; do sleep 0.01; done; for i in \$(seq 200); do echo clock \$(date +%s%N); sleep 0.01; done")
 STAR
 
 TOKEN=$(cd "$WS" && "$CI_BIN" serve token create bench)
@@ -82,7 +85,7 @@ wait_run() { curl -sfN "$URL/api/v1/runs/$1/events" >/dev/null; }
 
 start_server
 log "server at $URL; a $TASKS-task run to read"
-RUN=$(start_run '"//..."')
+RUN=$(start_run '"//:all"')
 wait_run "$RUN"
 LAYER=$(curl -sf "$URL/api/v1/runs/$RUN" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["tasks"]["//:t1"]["output"])')
 # A layer worth listing: every task's output side by side is one tree per task; list the biggest.
@@ -124,8 +127,8 @@ L_CI=$(bench_wrk "$URL/api/v1/layers/$LAYER/tree?recursive=true")
 L_NGINX=$(bench_wrk "http://127.0.0.1:$NGINX_PORT/tree/listing")
 
 log "event delay: a task prints its clock 200 times"
-CLOCK=$(start_run '"//:clock"')
-DELAY=$(python3 "$ROOT/bench/serve-clients.py" delay "$URL" "$CLOCK")
+CLOCK=$(start_run '"//clock:clock"')
+DELAY=$(python3 "$ROOT/bench/serve-clients.py" delay "$URL" "$CLOCK" "$WORK/go")
 
 log "memory: $CLIENTS SSE clients on a live $TASKS-task run"
 # A fresh store, so the run executes every task again.
@@ -134,7 +137,7 @@ rm -rf "$CI_STORE"
 TOKEN=$(cd "$WS" && "$CI_BIN" serve token create bench)
 start_server
 RSS_IDLE=$(awk '/^VmRSS/ { print $2 }' "/proc/$SERVER_PID/status")
-LIVE=$(start_run '"//..."')
+LIVE=$(start_run '"//:all"')
 MANY=$(python3 "$ROOT/bench/serve-clients.py" many "$URL" "$LIVE" "$CLIENTS" | tail -1)
 HWM=$(awk '/^VmHWM/ { print $2 }' "/proc/$SERVER_PID/status")
 RSS_END=$(awk '/^VmRSS/ { print $2 }' "/proc/$SERVER_PID/status")

@@ -127,6 +127,7 @@ impl Server {
             store: store.clone(),
             metrics: Arc::new(metrics::Metrics::new()),
             shutdown,
+            run_cache: Default::default(),
         };
         let address_file = store.root().map(|r| auth::serve_dir(r).join("address"));
         if let (Some(path), Ok(addr)) = (&address_file, listener.local_addr()) {

@@ -36,6 +36,34 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the server stops: live streams end.
     pub shutdown: CancellationToken,
+    /// The JSON of ended runs (they never change), by id.
+    pub run_cache: Arc<RunCache>,
+}
+
+/// A bounded cache of ended runs' records as served: derived from the
+/// store, never the only copy of anything.
+#[derive(Default)]
+pub struct RunCache {
+    inner: parking_lot::Mutex<(std::collections::HashMap<String, bytes::Bytes>, usize)>,
+}
+
+impl RunCache {
+    /// At most this many bytes are kept; past it the cache starts over.
+    const MAX_BYTES: usize = 64 << 20;
+
+    pub fn get(&self, id: &str) -> Option<bytes::Bytes> {
+        self.inner.lock().0.get(id).cloned()
+    }
+
+    pub fn put(&self, id: String, json: bytes::Bytes) {
+        let mut g = self.inner.lock();
+        if g.1 + json.len() > Self::MAX_BYTES {
+            g.0.clear();
+            g.1 = 0;
+        }
+        g.1 += json.len();
+        g.0.insert(id, json);
+    }
 }
 
 /// Request bodies over this are refused with 413.

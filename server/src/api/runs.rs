@@ -340,6 +340,9 @@ pub async fn get_run(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
     check_run_id(&id)?;
+    if let Some(json) = state.run_cache.get(&id) {
+        return Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response());
+    }
     // A full id is one point lookup, and the record is served as stored
     // (the engine's JSON), never decoded and encoded again.
     let store = state.store.clone();
@@ -348,9 +351,26 @@ pub async fn get_run(
         .await
         .map_err(|e| ApiError::internal(e.to_string()))??;
     let json = match stored {
-        Some(entry) => entry.record.get().to_owned(),
-        None => serde_json::to_string(&load_run(&state, id).await?)
-            .map_err(|e| ApiError::internal(e.to_string()))?,
+        Some(entry) => {
+            let json = bytes::Bytes::from(entry.record.get().to_owned());
+            // An ended run never changes again: keep its answer.
+            #[derive(Deserialize)]
+            struct StateOnly {
+                state: TaskState,
+            }
+            if entry
+                .record
+                .decode::<StateOnly>()
+                .is_ok_and(|s| s.state.is_final())
+            {
+                state.run_cache.put(id, json.clone());
+            }
+            json
+        }
+        None => bytes::Bytes::from(
+            serde_json::to_string(&load_run(&state, id).await?)
+                .map_err(|e| ApiError::internal(e.to_string()))?,
+        ),
     };
     Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
 }
