@@ -580,7 +580,38 @@ fn checkout(ctx: &Ctx, layer: &str, dir: &Path, out: &mut dyn Write) -> anyhow::
     Ok(Outcome::Clean)
 }
 
+/// `ci store export LAYER -o PATH`. `-` is stdout. A regular file (or a
+/// path where nothing is yet) is replaced atomically: written beside it,
+/// synced, renamed over it, keeping its mode. Anything else that exists (a
+/// FIFO, a device) is written in place, so a FIFO streams and a device's
+/// error (ENOSPC from `/dev/full`) is the command's. Symlinks are followed:
+/// the file they lead to is what gets written.
 fn export(ctx: &Ctx, layer: &str, output: &Path, out: &mut dyn Write) -> anyhow::Result<Outcome> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    /// Where writing to `path` lands: symlinks followed (a dangling one to
+    /// the path it names), as `open` would.
+    fn through_links(path: &Path) -> anyhow::Result<PathBuf> {
+        let mut path = path.to_owned();
+        for _ in 0..40 {
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    let target = fs::read_link(&path)
+                        .with_context(|| format!("Cannot read the symlink `{}`", path.display()))?;
+                    path = match path.parent() {
+                        Some(dir) => dir.join(target),
+                        None => target,
+                    };
+                }
+                _ => return Ok(path),
+            }
+        }
+        Err(usage(format!(
+            "`{}` is a loop of symlinks; name a file, or `-` for stdout",
+            path.display()
+        )))
+    }
+
     let to_stdout = output == Path::new("-");
     if to_stdout && ctx.json {
         return Err(usage(
@@ -589,38 +620,99 @@ fn export(ctx: &Ctx, layer: &str, output: &Path, out: &mut dyn Write) -> anyhow:
     }
     let store = ctx.open_read()?;
     let root = ctx.resolve(&store, layer)?;
+    let shown = output.display();
     let report = if to_stdout {
         store.export(&root, out)?
     } else {
-        // Written beside the target and renamed, so FILE is never half-written.
-        let mut tmp = output.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let write = || -> anyhow::Result<_> {
-            let file =
-                File::create(&tmp).with_context(|| format!("Cannot create `{}`", tmp.display()))?;
-            let mut w = BufWriter::new(file);
-            let report = store.export(&root, &mut w)?;
-            let file = w
-                .into_inner()
-                .map_err(|e| e.into_error())
-                .with_context(|| format!("Cannot write `{}`", tmp.display()))?;
-            file.sync_all()
-                .with_context(|| format!("Cannot write `{}`", tmp.display()))?;
-            fs::rename(&tmp, output).with_context(|| {
-                format!(
-                    "Cannot rename `{}` to `{}`",
-                    tmp.display(),
-                    output.display()
-                )
-            })?;
-            Ok(report)
-        };
-        match write() {
-            Ok(report) => report,
+        let target = through_links(output)?;
+        let existing = match fs::metadata(&target) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
+                return Err(anyhow::Error::new(e).context(format!("Cannot inspect `{shown}`")))
+            }
+        };
+        match existing {
+            Some(m) if m.is_dir() => {
+                return Err(usage(format!(
+                    "`{shown}` is a directory; name a file in it, or `-` for stdout"
+                )))
+            }
+            Some(m) if !m.is_file() => {
+                // A FIFO or a device: written in place, never replaced.
+                let file = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&target)
+                    .with_context(|| format!("Cannot open `{shown}` for writing"))?;
+                let mut w = BufWriter::new(file);
+                let report = store
+                    .export(&root, &mut w)
+                    .with_context(|| format!("Cannot export to `{shown}`"))?;
+                w.into_inner()
+                    .map_err(|e| e.into_error())
+                    .with_context(|| format!("Cannot write `{shown}`"))?;
+                report
+            }
+            existing => {
+                // Written beside the target and renamed, so the file is never
+                // half-written; the name is unique to this process.
+                let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+                    return Err(usage(format!(
+                        "`{shown}` does not name a file; name a file, or `-` for stdout"
+                    )));
+                };
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
+                let mut tmp_name = OsString::from(".");
+                tmp_name.push(name);
+                tmp_name.push(format!(".{}.tmp", std::process::id()));
+                let tmp = dir.join(tmp_name);
+                let write = || -> anyhow::Result<_> {
+                    let _ = fs::remove_file(&tmp); // Left by a crashed process with our pid.
+                    let file = fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&tmp)
+                        .with_context(|| format!("Cannot create `{}`", tmp.display()))?;
+                    if let Some(m) = &existing {
+                        file.set_permissions(fs::Permissions::from_mode(m.mode() & 0o7777))
+                            .with_context(|| {
+                                format!("Cannot set the mode of `{}`", tmp.display())
+                            })?;
+                    }
+                    let mut w = BufWriter::new(file);
+                    let report = store
+                        .export(&root, &mut w)
+                        .with_context(|| format!("Cannot export to `{}`", tmp.display()))?;
+                    let file = w
+                        .into_inner()
+                        .map_err(|e| e.into_error())
+                        .with_context(|| format!("Cannot write `{}`", tmp.display()))?;
+                    file.sync_all()
+                        .with_context(|| format!("Cannot write `{}`", tmp.display()))?;
+                    fs::rename(&tmp, &target).with_context(|| {
+                        format!(
+                            "Cannot rename `{}` to `{}`",
+                            tmp.display(),
+                            target.display()
+                        )
+                    })?;
+                    // The rename itself made durable; a failure here loses nothing written.
+                    if let Ok(d) = File::open(dir) {
+                        let _ = d.sync_all();
+                    }
+                    Ok(report)
+                };
+                match write() {
+                    Ok(report) => report,
+                    Err(e) => {
+                        let _ = fs::remove_file(&tmp);
+                        return Err(e);
+                    }
+                }
             }
         }
     };

@@ -606,6 +606,139 @@ fn import_refuses_bad_archives() {
     env.ci_stdin(["store", "import", "-"], b"").failure(2);
 }
 
+/// The archive of layer `d`, as `-o -` writes it.
+fn archive_of(env: &Env, d: &str) -> Vec<u8> {
+    env.ci(["store", "export", d, "-o", "-"])
+        .success()
+        .stdout()
+        .to_vec()
+}
+
+#[test]
+fn export_streams_into_a_fifo() {
+    use std::os::unix::fs::FileTypeExt;
+    let env = Env::new();
+    let d = sample(&env, "a");
+    let want = archive_of(&env, &d);
+    mkfifo(env.work(), "pipe");
+    let pipe = env.path("pipe");
+    // Held open for writing too, so that the reader's open never waits and
+    // its end of file comes only once this is dropped: a `ci` that never
+    // writes into the FIFO makes the test fail, not hang.
+    let keeper = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pipe)
+        .unwrap();
+    let reader = {
+        let pipe = pipe.clone();
+        std::thread::spawn(move || fs::read(pipe).unwrap())
+    };
+    env.ci(["store", "export", &d, "-o", "pipe"]).success();
+    drop(keeper);
+    let got = reader.join().unwrap();
+    assert!(
+        got == want,
+        "the FIFO carried {} bytes, not the {} of the archive",
+        got.len(),
+        want.len()
+    );
+    assert!(
+        fs::symlink_metadata(&pipe).unwrap().file_type().is_fifo(),
+        "the FIFO is still a FIFO"
+    );
+}
+
+#[test]
+fn export_to_a_full_device_fails_with_its_error() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let env = Env::new();
+    let d = sample(&env, "a");
+    let full = std::path::Path::new("/dev/full");
+    let before = fs::symlink_metadata(full).expect("this machine has /dev/full");
+    assert!(before.file_type().is_char_device());
+    env.ci(["store", "export", &d, "-o", "/dev/full"])
+        .failure(3)
+        .mentions("/dev/full")
+        .mentions("No space left on device");
+    let after = fs::symlink_metadata(full).unwrap();
+    assert!(
+        after.file_type().is_char_device() && after.rdev() == before.rdev(),
+        "/dev/full is still the device"
+    );
+    assert!(
+        fs::read_dir("/dev").unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".full")),
+        "nothing staged beside the device"
+    );
+}
+
+#[test]
+fn export_through_a_symlink_writes_its_target() {
+    let env = Env::new();
+    let d = sample(&env, "a");
+    let want = archive_of(&env, &d);
+    write(env.work(), "real.tar.zst", "old contents");
+    symlink(env.work(), "link.tar.zst", "real.tar.zst");
+    env.ci(["store", "export", &d, "-o", "link.tar.zst"])
+        .success();
+    let link = fs::symlink_metadata(env.path("link.tar.zst")).unwrap();
+    assert!(
+        link.file_type().is_symlink(),
+        "the symlink is still a symlink"
+    );
+    assert_eq!(
+        fs::read_link(env.path("link.tar.zst")).unwrap(),
+        std::path::Path::new("real.tar.zst")
+    );
+    assert!(fs::read(env.path("real.tar.zst")).unwrap() == want);
+    // A dangling symlink: its target is created.
+    symlink(env.work(), "dangling.tar.zst", "made.tar.zst");
+    env.ci(["store", "export", &d, "-o", "dangling.tar.zst"])
+        .success();
+    assert!(fs::symlink_metadata(env.path("dangling.tar.zst"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(fs::read(env.path("made.tar.zst")).unwrap() == want);
+}
+
+#[test]
+fn export_replaces_a_regular_file_atomically() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    let d = sample(&env, "a");
+    let want = archive_of(&env, &d);
+    fs::create_dir(env.path("out")).unwrap();
+    write(&env.path("out"), "a.tar.zst", "old contents");
+    fs::set_permissions(env.path("out/a.tar.zst"), fs::Permissions::from_mode(0o640)).unwrap();
+    // A second name for the old file: replaced, not rewritten, it keeps
+    // the old bytes.
+    fs::hard_link(env.path("out/a.tar.zst"), env.path("out/old")).unwrap();
+    let old_ino = fs::metadata(env.path("out/a.tar.zst")).unwrap().ino();
+    env.ci(["store", "export", &d, "-o", "out/a.tar.zst"])
+        .success();
+    let new = fs::metadata(env.path("out/a.tar.zst")).unwrap();
+    assert!(fs::read(env.path("out/a.tar.zst")).unwrap() == want);
+    assert_ne!(new.ino(), old_ino, "a new file renamed into place");
+    assert_eq!(new.permissions().mode() & 0o777, 0o640, "the mode is kept");
+    assert_eq!(fs::read(env.path("out/old")).unwrap(), b"old contents");
+    let mut names: Vec<String> = fs::read_dir(env.path("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a.tar.zst", "old"], "nothing left beside it");
+    // A directory is not replaced.
+    env.ci(["store", "export", &d, "-o", "out"])
+        .failure(2)
+        .mentions("directory");
+    assert!(env.path("out").is_dir());
+}
+
 // ---- resolving layers ----
 
 #[test]
