@@ -473,13 +473,15 @@ impl Store {
                 tar::EntryType::Link => {
                     let target = match entry_path(&link) {
                         Ok(Some(p)) => p.to_bytes(),
-                        _ => return Err(refuse(
-                            raw,
-                            format!(
+                        _ => {
+                            return Err(refuse(
+                                raw,
+                                format!(
                                 "is a hard link to `{}`, which is not a path inside the archive",
                                 quote(&link)
                             ),
-                        )),
+                            ))
+                        }
                     };
                     match nodes.get(&target) {
                         Some(Node::File(f)) => Node::File(f.clone()),
@@ -688,17 +690,10 @@ impl<'a> Pax<'a> {
             let key = record.key_bytes();
             let value = record.value_bytes();
             let twice = || format!("has the PAX record `{}` twice", quote(key));
+            // The guards record the value; they match only on a repeat.
             match key {
-                b"path" => {
-                    if pax.path.replace(value).is_some() {
-                        return Err(twice());
-                    }
-                }
-                b"linkpath" => {
-                    if pax.linkpath.replace(value).is_some() {
-                        return Err(twice());
-                    }
-                }
+                b"path" if pax.path.replace(value).is_some() => return Err(twice()),
+                b"linkpath" if pax.linkpath.replace(value).is_some() => return Err(twice()),
                 b"size" => {
                     let size = std::str::from_utf8(value)
                         .ok()
