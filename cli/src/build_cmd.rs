@@ -48,6 +48,10 @@ pub struct BuildArgs {
     /// (the file becomes its `payload.json`, or a timer's `tick.json`)
     #[arg(long, value_name = "LABEL=FILE")]
     payload: Vec<String>,
+    /// After the build, build again whenever a `local_source` with `watch = True`
+    /// (or, when none has it, any local source) changes; Ctrl-C stops
+    #[arg(long)]
+    watch: bool,
 }
 
 #[derive(Args)]
@@ -205,6 +209,9 @@ pub fn build(args: BuildArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
         let id = reply.json()?["id"].as_str().unwrap_or_default().to_owned();
         return follow_remote(ctx, remote, id);
     }
+    if args.watch {
+        return watch(args, ctx);
+    }
     let (loaded, targets) = load(&args.ws, &args.targets)?;
     let _ = &loaded.current;
     let executor = match &args.executor {
@@ -226,6 +233,133 @@ pub fn build(args: BuildArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
         ..BuildOptions::default()
     };
     run_build(ctx, loaded.ws, targets, opts)
+}
+
+/// `ci build --watch`: build, then build again after each change in the
+/// watched sources' directories (300 ms of quiet), until interrupted.
+fn watch(mut args: BuildArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
+    use notify::Watcher as _;
+    args.watch = false;
+    // Changes arrive on a channel; the wait for them also ends at Ctrl-C or
+    // SIGTERM (a build catches its own).
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("Cannot start the async runtime")?;
+    let next = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<PathBuf>, quiet: Option<Duration>| {
+        rt.block_on(async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let got = async {
+                match quiet {
+                    Some(d) => tokio::time::timeout(d, rx.recv()).await.ok().flatten().map(Some).unwrap_or(None),
+                    None => rx.recv().await,
+                }
+            };
+            tokio::select! {
+                p = got => Ok(p),
+                _ = tokio::signal::ctrl_c() => Err(()),
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => Err(()),
+            }
+        })
+    };
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if !matches!(ev.kind, notify::EventKind::Access(_)) {
+                for p in ev.paths {
+                    let _ = tx.send(p);
+                }
+            }
+        }
+    })
+    .context("Cannot watch files (inotify)")?;
+    let mut watched: Vec<PathBuf> = Vec::new();
+    loop {
+        // Each round loads the pipeline again: an edit of BUILD.star counts too.
+        let (loaded, _) = load(&args.ws, &args.targets)?;
+        let root = loaded.ws.root.clone().unwrap_or_else(|| PathBuf::from("."));
+        let sources: Vec<(&Label, &strata_engine::model::LocalSource)> = loaded
+            .ws
+            .tasks
+            .iter()
+            .filter_map(|(l, t)| match &t.kind {
+                strata_engine::model::TaskKind::LocalSource(s) => Some((l, s)),
+                _ => None,
+            })
+            .collect();
+        let flagged: Vec<_> = sources.iter().filter(|(_, s)| s.watch).cloned().collect();
+        let chosen = if flagged.is_empty() { sources } else { flagged };
+        if chosen.is_empty() {
+            return Err(usage(
+                "`--watch` has nothing to watch: the targets read no `local_source`",
+            ));
+        }
+        let mut dirs: Vec<PathBuf> = chosen.iter().map(|(_, s)| root.join(&s.path)).collect();
+        dirs.push(root.join("BUILD.star"));
+        if dirs != watched {
+            for d in &watched {
+                let _ = watcher.unwatch(d);
+            }
+            for d in &dirs {
+                watcher
+                    .watch(d, notify::RecursiveMode::Recursive)
+                    .with_context(|| format!("Cannot watch `{}`", d.display()))?;
+            }
+            watched = dirs;
+        }
+        let store_dir = store_url(ctx, Some(&loaded.ws)).ok().and_then(|u| match u {
+            StoreUrl::Local(p) => std::fs::canonicalize(&p).ok(),
+            StoreUrl::Memory => None,
+        });
+        match build(
+            BuildArgs {
+                targets: args.targets.clone(),
+                ws: args.ws.clone(),
+                jobs: args.jobs,
+                keep_going: args.keep_going,
+                check: args.check,
+                executor: args.executor.clone(),
+                payload: args.payload.clone(),
+                watch: false,
+            },
+            ctx,
+        ) {
+            Ok(Outcome::Interrupted) => return Ok(Outcome::Interrupted),
+            Ok(_) => {}
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "error: {e}");
+            }
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "watching {} for changes (Ctrl-C stops)",
+            chosen
+                .iter()
+                .map(|(l, _)| l.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        // Wait for a change outside the store, then for quiet.
+        loop {
+            match next(&mut rx, None) {
+                Err(()) => return Ok(Outcome::Interrupted),
+                Ok(None) => return Err(anyhow::anyhow!("The file watcher stopped")),
+                Ok(Some(p)) => {
+                    let p = std::fs::canonicalize(&p).unwrap_or(p);
+                    if !store_dir.as_ref().is_some_and(|s| p.starts_with(s)) {
+                        break;
+                    }
+                }
+            }
+        }
+        loop {
+            match next(&mut rx, Some(Duration::from_millis(300))) {
+                Err(()) => return Ok(Outcome::Interrupted),
+                Ok(None) => break,
+                Ok(Some(_)) => continue,
+            }
+        }
+    }
 }
 
 /// `--payload LABEL=FILE`: the files an event source holds in this build.
