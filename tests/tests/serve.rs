@@ -677,6 +677,8 @@ fn the_plan_predicts_what_the_build_then_does() {
     assert_eq!(third["//:src"]["will_cache"], false);
     let why = third["//:greeting"]["reason"].as_str().unwrap();
     assert!(why.contains("src"), "the reason names the changed input: {why}");
+    assert_eq!(third["//:greeting"]["changed_paths"], json!(["M src/name.txt"]), "down to the files");
+    assert_eq!(third["//:src"]["changed_paths"], json!(["M name.txt"]));
     assert_eq!(third["//:stamped"]["reason"], "its input `//:greeting` will run first");
     let run = server.wait_run(&start_run(&server, &name, json!({}), &tok));
     assert_eq!(run["state"], "failed", "the test task checks for WORLD");

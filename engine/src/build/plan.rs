@@ -28,7 +28,15 @@ pub struct Prediction {
     pub reason: Option<String>,
     /// Its action key, when its inputs are known now.
     pub key: Option<Digest>,
+    /// When an input (or the base, or a source's directory) changed since the
+    /// previous action: the paths that differ, as `mount/path` (`base/…` for
+    /// the base), at most [`CHANGED_PATHS_MAX`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub changed_paths: Vec<String>,
 }
+
+/// How many changed paths a prediction lists.
+pub const CHANGED_PATHS_MAX: usize = 50;
 
 impl Prediction {
     fn run(reason: impl Into<String>, key: Option<Digest>) -> Prediction {
@@ -36,6 +44,7 @@ impl Prediction {
             will_cache: false,
             reason: Some(reason.into()),
             key,
+            changed_paths: Vec::new(),
         }
     }
 }
@@ -133,6 +142,7 @@ impl Engine {
                         will_cache: true,
                         reason: None,
                         key: Some(key),
+                        changed_paths: Vec::new(),
                     }
                 }
                 None => {
@@ -145,7 +155,10 @@ impl Engine {
                             },
                         );
                     }
-                    Prediction::run(self.why_not_cached(&name, &pre, &input_labels)?, Some(key))
+                    let (reason, changed_paths) = self.why_not_cached(&name, &pre, &input_labels)?;
+                    let mut p = Prediction::run(reason, Some(key));
+                    p.changed_paths = changed_paths;
+                    p
                 }
             };
             out.insert(name, prediction);
@@ -154,25 +167,62 @@ impl Engine {
     }
 
     /// Why `pre` has no cached result: what changed since the label's
-    /// previous action, as `ci explain` says it.
+    /// previous action, as `ci explain` says it, and the paths that differ in
+    /// the input layers that changed.
     fn why_not_cached(
         &self,
         label: &str,
         pre: &ActionPreimage,
         input_labels: &BTreeMap<String, String>,
-    ) -> Result<String, BuildError> {
+    ) -> Result<(String, Vec<String>), BuildError> {
         let Some(prev) = super::previous_payload(&self.inner.store, &self.label_record_key(label))?
         else {
-            return Ok("it has not run in this workspace before".to_owned());
+            return Ok(("it has not run in this workspace before".to_owned(), Vec::new()));
         };
         if prev.key == pre.key() {
-            return Ok("its cached result is gone (collected by `ci store gc`)".to_owned());
+            return Ok((
+                "its cached result is gone (collected by `ci store gc`)".to_owned(),
+                Vec::new(),
+            ));
         }
         let lines = crate::key::explain(&prev.preimage, pre, input_labels);
-        Ok(match lines.len() {
+        let reason = match lines.len() {
             0 => "its key changed (a new key format)".to_owned(),
             1..=3 => lines.join("; "),
             n => format!("{}; and {} more changes", lines[..3].join("; "), n - 3),
-        })
+        };
+        // Down to the files: diff each input layer that changed. A layer
+        // the store no longer has (collected) just lists nothing.
+        let store = &self.inner.store;
+        let mut paths = Vec::new();
+        let mut pairs: Vec<(String, Digest, Digest)> = Vec::new();
+        for (mount, new) in &pre.inputs {
+            if let Some(old) = prev.preimage.inputs.get(mount).filter(|o| *o != new) {
+                pairs.push((mount.clone(), *old, *new));
+            }
+        }
+        if let (Some(old), Some(new)) = (prev.preimage.base, pre.base) {
+            if old != new {
+                let name = if pre.kind == "local_source" { "" } else { "base" };
+                pairs.push((name.to_owned(), old, new));
+            }
+        }
+        'pairs: for (mount, old, new) in pairs {
+            let Ok(changes) = store.diff(&old, &new) else {
+                continue;
+            };
+            for c in changes {
+                if paths.len() >= CHANGED_PATHS_MAX {
+                    break 'pairs;
+                }
+                let letter = c.letter();
+                paths.push(if mount.is_empty() {
+                    format!("{letter} {}", c.path)
+                } else {
+                    format!("{letter} {mount}/{}", c.path)
+                });
+            }
+        }
+        Ok((reason, paths))
     }
 }
