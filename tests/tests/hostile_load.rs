@@ -51,3 +51,15 @@ fn zero_jobs_is_a_usage_error() {
     let out = env.ci(["build", "-j", "0"]).failure(2);
     assert!(out.stderr_str().contains("at least 1"), "{}", out.stderr_str());
 }
+
+#[test]
+fn a_task_with_ten_thousand_deps_loads() {
+    // `Task::inputs` de-duplicated with `Vec::contains`: 49 s for this graph.
+    let env = workspace(
+        "[task(name = \"s%d\" % i, cmd = [\"true\"]) for i in range(10000)]\n\
+         task(name = \"top\", deps = {\"m%d\" % i: \":s%d\" % i for i in range(10000)}, cmd = [\"true\"])\n",
+    );
+    let out = env.ci(["graph", "--format", "json", "//:top"]).success();
+    let g: serde_json::Value = serde_json::from_str(&out.stdout_str()).unwrap();
+    assert_eq!(g["order"].as_array().unwrap().len(), 10001);
+}
