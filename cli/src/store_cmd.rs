@@ -241,12 +241,7 @@ fn remote_read(
             let rows: Vec<(LsRow, &'static str)> = rows
                 .into_iter()
                 .map(|r| {
-                    let mode = match (r.kind, r.executable) {
-                        (Kind::Dir, _) => "drwxr-xr-x",
-                        (Kind::Symlink, _) => "lrwxrwxrwx",
-                        (Kind::File, Some(true)) => "-rwxr-xr-x",
-                        (Kind::File, _) => "-rw-r--r--",
-                    };
+                    let mode = r.mode();
                     (r, mode)
                 })
                 .collect();
@@ -281,37 +276,7 @@ fn remote_read(
 }
 
 /// One line of `ci store ls`.
-#[derive(Serialize, serde::Deserialize)]
-struct LsRow {
-    name: String,
-    kind: Kind,
-    size: Option<u64>,
-    executable: Option<bool>,
-    digest: Option<Digest>,
-    target: Option<String>,
-}
-
-impl LsRow {
-    fn new(name: String, entry: &Entry) -> LsRow {
-        let (size, executable, digest, target) = match entry {
-            Entry::File {
-                digest,
-                size,
-                executable,
-            } => (Some(*size), Some(*executable), Some(*digest), None),
-            Entry::Dir { digest } => (None, None, Some(*digest), None),
-            Entry::Symlink { target } => (None, None, None, Some(target.to_string())),
-        };
-        LsRow {
-            name,
-            kind: entry.kind(),
-            size,
-            executable,
-            digest,
-            target,
-        }
-    }
-}
+type LsRow = strata_store::Listed;
 
 fn ls(
     ctx: &Ctx,
@@ -500,27 +465,12 @@ fn print_show(ctx: &Ctx, show: &Show, out: &mut dyn Write) -> anyhow::Result<Out
 }
 
 /// One line of `ci store diff`.
-#[derive(Serialize, serde::Deserialize)]
-struct DiffRow {
-    path: String,
-    change: strata_store::ChangeKind,
-    old_kind: Option<Kind>,
-    new_kind: Option<Kind>,
-}
+type DiffRow = strata_store::ChangeRow;
 
 fn diff(ctx: &Ctx, a: &str, b: &str, out: &mut dyn Write) -> anyhow::Result<Outcome> {
     let store = ctx.open_read()?;
     let (a, b) = (ctx.resolve(&store, a)?, ctx.resolve(&store, b)?);
-    let rows: Vec<DiffRow> = store
-        .diff(&a, &b)?
-        .into_iter()
-        .map(|c| DiffRow {
-            old_kind: c.old.as_ref().map(Entry::kind),
-            new_kind: c.new_kind(),
-            change: c.kind,
-            path: c.path.to_string(),
-        })
-        .collect();
+    let rows: Vec<DiffRow> = store.diff(&a, &b)?.into_iter().map(DiffRow::from).collect();
     print_diff(ctx, &rows, out)
 }
 
@@ -532,13 +482,7 @@ fn print_diff(ctx: &Ctx, rows: &[DiffRow], out: &mut dyn Write) -> anyhow::Resul
     for c in rows {
         // The side that exists after the change, or the removed one.
         let is_dir = c.new_kind.or(c.old_kind) == Some(Kind::Dir);
-        let letter = match c.change {
-            strata_store::ChangeKind::Added => 'A',
-            strata_store::ChangeKind::Removed => 'D',
-            strata_store::ChangeKind::Modified => 'M',
-            strata_store::ChangeKind::TypeChanged => 'T',
-        };
-        writeln!(out, "{letter} {}{}", c.path, if is_dir { "/" } else { "" })?;
+        writeln!(out, "{} {}{}", c.letter(), c.path, if is_dir { "/" } else { "" })?;
     }
     Ok(Outcome::Clean)
 }

@@ -1399,24 +1399,9 @@ impl Engine {
             path: dir.clone(),
             source,
         })?;
-        let store = self.inner.store.clone();
-        let ingest = IngestOptions {
-            no_stat_cache: true,
-            lineage: Some(Lineage {
-                parent: None,
-                task: Some(label.clone()),
-                how: "event".into(),
-                created: now_ms() / 1000,
-            }),
-            ..IngestOptions::default()
-        };
-        let d2 = dir.clone();
-        let report = tokio::task::spawn_blocking(move || store.ingest(&d2, &ingest))
-            .await
-            .map_err(|e| BuildError::Join(e.to_string()))??;
-        let _ = std::fs::remove_dir_all(&dir);
+        let layer = self.ingest_scratch(&label, dir, "event", Vec::new()).await?;
         let mut pre = ActionPreimage::new(task.kind_name(), "store");
-        pre.base = Some(report.layer);
+        pre.base = Some(layer);
         if self.try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)? {
             return Ok(());
         }
@@ -1424,11 +1409,40 @@ impl Engine {
             &label,
             &pre,
             &BTreeMap::new(),
-            report.layer,
+            layer,
             BTreeMap::new(),
             run_id,
             rec,
         )
+    }
+
+    /// Ingests a directory this run made in its scratch (a fetched
+    /// repository, a payload) as `label`'s layer, then removes it.
+    async fn ingest_scratch(
+        &self,
+        label: &str,
+        dir: PathBuf,
+        how: &str,
+        exclude: Vec<String>,
+    ) -> Result<Digest, BuildError> {
+        let store = self.inner.store.clone();
+        let opts = IngestOptions {
+            exclude,
+            no_stat_cache: true,
+            lineage: Some(Lineage {
+                parent: None,
+                task: Some(label.to_owned()),
+                how: how.into(),
+                created: now_ms() / 1000,
+            }),
+            ..IngestOptions::default()
+        };
+        let d2 = dir.clone();
+        let report = tokio::task::spawn_blocking(move || store.ingest(&d2, &opts))
+            .await
+            .map_err(|e| BuildError::Join(e.to_string()))??;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(report.layer)
     }
 
     async fn run_git_source(
@@ -1455,30 +1469,16 @@ impl Engine {
         };
         let dir = scratch.root().join(format!("{}-git", slug(&label)));
         crate::git::fetch(&url, &commit, &dir).await?;
-        let store = self.inner.store.clone();
-        let opts = IngestOptions {
-            exclude: vec!["/.git".into()],
-            no_stat_cache: true,
-            lineage: Some(Lineage {
-                parent: None,
-                task: Some(label.clone()),
-                how: "git".into(),
-                created: now_ms() / 1000,
-            }),
-            ..IngestOptions::default()
-        };
-        let d2 = dir.clone();
-        let report = tokio::task::spawn_blocking(move || store.ingest(&d2, &opts))
-            .await
-            .map_err(|e| BuildError::Join(e.to_string()))??;
-        let _ = std::fs::remove_dir_all(&dir);
+        let layer = self
+            .ingest_scratch(&label, dir, "git", vec!["/.git".into()])
+            .await?;
         let mut ctx = BTreeMap::new();
         ctx.insert("CI_GIT_COMMIT".to_owned(), commit);
         self.settle(
             &label,
             &pre,
             &BTreeMap::new(),
-            report.layer,
+            layer,
             ctx,
             run_id,
             rec,
@@ -1657,7 +1657,8 @@ fn clean_scratch(root: &Path, events: &EventSink) {
     }
 }
 
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error with its causes, `: `-separated (one line for a record or an answer).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {

@@ -29,7 +29,7 @@ mod scratch;
 mod validate;
 
 pub use build::{
-    explain_label, previous_payload, resolve_git_source, workspace_label_key, ActionPayload,
+    error_chain, explain_label, previous_payload, resolve_git_source, workspace_label_key, ActionPayload,
     BuildOptions, Engine, Prediction,
 };
 pub use build_error::BuildError;

@@ -67,14 +67,15 @@ fn read_file(path: &Path) -> Result<TokenFile, ServerError> {
     }
 }
 
-/// Writes the file whole, through a rename, readable by its owner only.
-fn write_file(path: &Path, file: &TokenFile) -> Result<(), ServerError> {
+/// Writes `bytes` to `path` whole, durably, through a rename, readable by
+/// its owner only.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-    let tmp = dir.join(format!(".tokens.{}.tmp", std::process::id()));
-    let bytes = serde_json::to_vec_pretty(file).unwrap_or_default();
+    let name = path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -82,9 +83,13 @@ fn write_file(path: &Path, file: &TokenFile) -> Result<(), ServerError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(io("write", &tmp))?;
-    f.write_all(&bytes).map_err(io("write", &tmp))?;
+    f.write_all(bytes).map_err(io("write", &tmp))?;
     f.sync_all().map_err(io("sync", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io("replace", path))
+}
+
+fn write_file(path: &Path, file: &TokenFile) -> Result<(), ServerError> {
+    write_private(path, &serde_json::to_vec_pretty(file).unwrap_or_default())
 }
 
 /// Changes the token file under an exclusive lock (two `token create` at
@@ -126,13 +131,7 @@ pub fn create(store_root: &Path, name: &str, read_only: bool) -> Result<String, 
     if !valid_name(name) {
         return Err(ServerError::BadTokenName(name.to_owned()));
     }
-    let mut raw = [0u8; 32];
-    getrandom::fill(&mut raw).map_err(|e| ServerError::Io {
-        action: "draw random bytes for",
-        path: PathBuf::from("a token"),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let token = format!("strata_{}", hex::encode(raw));
+    let token = format!("strata_{}", hex::encode(random32("a token")?));
     let record = TokenRecord {
         name: name.to_owned(),
         hash: hash(&token),
@@ -196,29 +195,20 @@ pub const LOCAL: &str = "local";
 /// may already do anything to it, so a plain `ci build` on a store a server
 /// owns goes through the server with this token. Returns its hash.
 pub fn write_local_token(store_root: &Path) -> Result<String, ServerError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    let token = format!("strata_local_{}", hex::encode(random32("the local token")?));
+    write_private(&serve_dir(store_root).join("local-token"), token.as_bytes())?;
+    Ok(hash(&token))
+}
+
+/// 32 random bytes from the operating system.
+fn random32(what: &'static str) -> Result<[u8; 32], ServerError> {
     let mut raw = [0u8; 32];
     getrandom::fill(&mut raw).map_err(|e| ServerError::Io {
         action: "draw random bytes for",
-        path: PathBuf::from("the local token"),
+        path: PathBuf::from(what),
         source: std::io::Error::other(e.to_string()),
     })?;
-    let token = format!("strata_local_{}", hex::encode(raw));
-    let dir = serve_dir(store_root);
-    std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-    let path = dir.join("local-token");
-    let tmp = dir.join(format!(".local-token.{}.tmp", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io("write", &tmp))?;
-    f.write_all(token.as_bytes()).map_err(io("write", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io("replace", &path))?;
-    Ok(hash(&token))
+    Ok(raw)
 }
 
 /// The local token of the server that owns the store at `store_root`.

@@ -205,14 +205,4 @@ impl From<strata_engine::ModelError> for ApiError {
     }
 }
 
-/// An error with its causes, `: `-separated.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
+pub use strata_engine::error_chain as chain;

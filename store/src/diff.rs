@@ -338,3 +338,36 @@ impl Change {
         self.new.as_ref().map(Entry::kind)
     }
 }
+
+/// One difference as `ci store diff --json` and the HTTP API show it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ChangeRow {
+    pub path: String,
+    pub change: ChangeKind,
+    pub old_kind: Option<Kind>,
+    pub new_kind: Option<Kind>,
+}
+
+impl ChangeRow {
+    /// `A`, `D`, `M` or `T`, as [`Change::letter`].
+    pub fn letter(&self) -> char {
+        match self.change {
+            ChangeKind::Added => 'A',
+            ChangeKind::Removed => 'D',
+            ChangeKind::Modified => 'M',
+            ChangeKind::TypeChanged => 'T',
+        }
+    }
+}
+
+impl From<Change> for ChangeRow {
+    fn from(c: Change) -> ChangeRow {
+        ChangeRow {
+            old_kind: c.old.as_ref().map(Entry::kind),
+            new_kind: c.new_kind(),
+            change: c.kind,
+            path: c.path.to_string(),
+        }
+    }
+}

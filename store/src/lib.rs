@@ -25,7 +25,7 @@ mod tree;
 pub use archive::{ArchiveLimits, ExportReport, ImportOptions, ImportReport};
 pub use blob::{hash_reader, Adopted, Blob, BlobStore};
 pub use checkout::CheckoutReport;
-pub use diff::{Change, ChangeKind, MergeOutcome, MergePolicy};
+pub use diff::{Change, ChangeKind, ChangeRow, MergeOutcome, MergePolicy};
 pub use digest::{Digest, DigestPrefix, DIGEST_LEN, MIN_PREFIX_LEN};
 pub use error::{special_file_kind, Error, Result};
 pub use gc::{GcOptions, GcReport, Problem, Usage, VerifyReport};
@@ -36,7 +36,7 @@ pub use path::RelPath;
 pub use records::{
     ActionEntry, LabelEntry, LayerRecord, LayerStats, Lease, LeaseGuard, Lineage, Payload, RunEntry,
 };
-pub use tree::{Entry, Kind, Name, Target, Tree, NAME_MAX, TARGET_MAX, TREE_MAGIC};
+pub use tree::{Entry, Kind, Listed, Name, Target, Tree, NAME_MAX, TARGET_MAX, TREE_MAGIC};
 
 use std::path::PathBuf;
 use std::sync::Arc;

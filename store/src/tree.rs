@@ -334,3 +334,49 @@ impl<'a> Reader<'a> {
         self.take(32).and_then(Digest::from_slice)
     }
 }
+
+/// One entry of a listing, as `ci store ls --json` and the HTTP API show it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Listed {
+    /// The path below the listed directory.
+    pub name: String,
+    pub kind: Kind,
+    pub size: Option<u64>,
+    pub executable: Option<bool>,
+    pub digest: Option<crate::Digest>,
+    /// A symlink's target.
+    pub target: Option<String>,
+}
+
+impl Listed {
+    pub fn new(name: String, entry: &Entry) -> Listed {
+        let (size, executable, digest, target) = match entry {
+            Entry::File {
+                digest,
+                size,
+                executable,
+            } => (Some(*size), Some(*executable), Some(*digest), None),
+            Entry::Dir { digest } => (None, None, Some(*digest), None),
+            Entry::Symlink { target } => (None, None, None, Some(target.to_string())),
+        };
+        Listed {
+            name,
+            kind: entry.kind(),
+            size,
+            executable,
+            digest,
+            target,
+        }
+    }
+
+    /// The mode column of `ls -l` as a checkout shows the entry.
+    pub fn mode(&self) -> &'static str {
+        match (self.kind, self.executable) {
+            (Kind::Dir, _) => "drwxr-xr-x",
+            (Kind::Symlink, _) => "lrwxrwxrwx",
+            (Kind::File, Some(true)) => "-rwxr-xr-x",
+            (Kind::File, _) => "-rw-r--r--",
+        }
+    }
+}

@@ -157,16 +157,22 @@ fn end_event(next: u64) -> Result<SseEvent, Infallible> {
     Ok(SseEvent::default().event("end").data(format!("{{\"next\":{next}}}")))
 }
 
+/// Up to `limit` stored events of `run` from `from` on, read off the async
+/// threads; a store that cannot be read gives none (the stream ends).
+async fn page(state: &AppState, run: &str, from: u64, limit: usize) -> Vec<(u64, Vec<u8>)> {
+    let store = state.store.clone();
+    let run = run.to_owned();
+    tokio::task::spawn_blocking(move || store.events(&run, from, limit))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+}
+
 /// Sends stored events with `from <= seq < upto`; `false` when the client left.
 async fn replay(state: &AppState, run: &str, from: &mut u64, upto: u64, tx: &Tx) -> bool {
     while *from < upto {
-        let store = state.store.clone();
-        let (r, f) = (run.to_owned(), *from);
-        let page = tokio::task::spawn_blocking(move || store.events(&r, f, REPLAY_PAGE))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
+        let page = page(state, run, *from, REPLAY_PAGE).await;
         if page.is_empty() {
             return true;
         }
@@ -298,13 +304,7 @@ pub async fn follow_log(state: AppState, run: String, label: String, offset: u64
         let mut from = 0u64;
         let mut done = false;
         while from < upto {
-            let store = state.store.clone();
-            let (r, f) = (run.clone(), from);
-            let page = tokio::task::spawn_blocking(move || store.events(&r, f, REPLAY_PAGE))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or_default();
+            let page = page(&state, &run, from, REPLAY_PAGE).await;
             if page.is_empty() {
                 break;
             }
@@ -341,13 +341,7 @@ pub async fn follow_log(state: AppState, run: String, label: String, offset: u64
                 Ok(Live::Event(_)) => {}
                 Ok(Live::End) | Err(broadcast::error::RecvError::Closed) => return,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    let store = state.store.clone();
-                    let (r, f) = (run.clone(), from);
-                    let page = tokio::task::spawn_blocking(move || store.events(&r, f, usize::MAX))
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .unwrap_or_default();
+                    let page = page(&state, &run, from, usize::MAX).await;
                     let mut chunk = Vec::new();
                     for (seq, bytes) in &page {
                         append_log(bytes, &label, &mut chunk, &mut done);

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use strata_store::{ChangeKind, Digest, Entry, Kind, LayerStats, Lineage, RelPath, Store};
+use strata_store::{ChangeRow, Digest, Entry, Kind, LayerStats, Lineage, Listed, RelPath, Store};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use utoipa::{IntoParams, ToSchema};
@@ -147,46 +147,11 @@ pub async fn show_layer(
     .await
 }
 
-/// One entry of a listing (as `ci store ls --json`).
-#[derive(Serialize, ToSchema)]
-pub struct TreeEntry {
-    /// The path below the listed directory.
-    pub name: String,
-    pub kind: Kind,
-    pub size: Option<u64>,
-    pub executable: Option<bool>,
-    pub digest: Option<Digest>,
-    /// A symlink's target.
-    pub target: Option<String>,
-}
-
-impl TreeEntry {
-    fn new(name: String, e: &Entry) -> TreeEntry {
-        let (size, executable, digest, target) = match e {
-            Entry::File {
-                digest,
-                size,
-                executable,
-            } => (Some(*size), Some(*executable), Some(*digest), None),
-            Entry::Dir { digest } => (None, None, Some(*digest), None),
-            Entry::Symlink { target } => (None, None, None, Some(target.to_string())),
-        };
-        TreeEntry {
-            name,
-            kind: e.kind(),
-            size,
-            executable,
-            digest,
-            target,
-        }
-    }
-}
-
 #[derive(Serialize, ToSchema)]
 pub struct Listing {
     pub layer: Digest,
     pub path: String,
-    pub entries: Vec<TreeEntry>,
+    pub entries: Vec<Listed>,
     /// Whether the listing stopped at its limit.
     pub truncated: bool,
 }
@@ -232,7 +197,7 @@ async fn list(
             Entry::Dir { digest } => {
                 walk(store, digest, "", q.recursive, &mut entries, &mut truncated)?
             }
-            other => entries.push(TreeEntry::new(rel.to_string(), other)),
+            other => entries.push(Listed::new(rel.to_string(), other)),
         }
         Ok(Json(Listing {
             layer: root,
@@ -249,7 +214,7 @@ fn walk(
     tree: &Digest,
     prefix: &str,
     recursive: bool,
-    out: &mut Vec<TreeEntry>,
+    out: &mut Vec<Listed>,
     truncated: &mut bool,
 ) -> ApiResult<()> {
     for (name, entry) in store.tree(tree)?.entries() {
@@ -258,7 +223,7 @@ fn walk(
             return Ok(());
         }
         let name = format!("{prefix}{name}");
-        out.push(TreeEntry::new(name.clone(), entry));
+        out.push(Listed::new(name.clone(), entry));
         if let (true, Entry::Dir { digest }) = (recursive, entry) {
             walk(store, digest, &format!("{name}/"), true, out, truncated)?;
         }
@@ -407,20 +372,11 @@ pub async fn file(
     Ok(res)
 }
 
-/// One difference (as `ci store diff --json`).
-#[derive(Serialize, ToSchema)]
-pub struct DiffRow {
-    pub path: String,
-    pub change: ChangeKind,
-    pub old_kind: Option<Kind>,
-    pub new_kind: Option<Kind>,
-}
-
 #[derive(Serialize, ToSchema)]
 pub struct LayerDiff {
     pub from: Digest,
     pub to: Digest,
-    pub changes: Vec<DiffRow>,
+    pub changes: Vec<ChangeRow>,
 }
 
 #[utoipa::path(get, path = "/api/v1/layers/{layer}/diff/{other}", tag = "layers",
@@ -436,16 +392,7 @@ pub async fn diff(
         let store = &st.store;
         let from = resolve(&st, store, &a, q.workspace.as_deref())?;
         let to = resolve(&st, store, &b, q.workspace.as_deref())?;
-        let changes = store
-            .diff(&from, &to)?
-            .into_iter()
-            .map(|c| DiffRow {
-                old_kind: c.old.as_ref().map(Entry::kind),
-                new_kind: c.new_kind(),
-                change: c.kind,
-                path: c.path.to_string(),
-            })
-            .collect();
+        let changes = store.diff(&from, &to)?.into_iter().map(ChangeRow::from).collect();
         Ok(Json(LayerDiff { from, to, changes }))
     })
     .await
