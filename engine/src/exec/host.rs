@@ -67,6 +67,20 @@ impl Executor for HostExecutor {
         if let Some(prev) = &req.dirs.prev {
             cmd.env("CI_PREV", prev);
         }
+        // A task inherits stdin, stdout and stderr only: descriptors this
+        // process holds (the store's lock and index, `/dev/fuse` of its
+        // mounts, a server's sockets) are marked close-on-exec in the child,
+        // whether or not whoever opened them said so.
+        // SAFETY: close_range is async-signal-safe and touches only the
+        // child's descriptor table; an old kernel without it (ENOSYS)
+        // leaves the descriptors as they were.
+        unsafe {
+            cmd.pre_exec(|| {
+                const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+                libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC);
+                Ok(())
+            });
+        }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
