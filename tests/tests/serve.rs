@@ -244,6 +244,21 @@ fn event_streams_lose_and_repeat_nothing() {
     assert_eq!(replay.len(), full.len());
     let tail = server.events(&id, Some(199));
     check_sequence(&tail, 200);
+    // Without log lines: the same states, the log lines' numbers skipped.
+    let res = strata_tests::serve::agent()
+        .get(format!("{}/api/v1/runs/{id}/events?logs=false", server.url))
+        .call()
+        .unwrap();
+    let mut quiet = strata_tests::serve::SseStream::new_for_tests(res.into_body().into_reader());
+    let mut states = 0;
+    while let Some(e) = quiet.next() {
+        assert_ne!(e.name, "task_log");
+        if e.name == "end" {
+            break;
+        }
+        states += 1;
+    }
+    assert_eq!(states, full.len() - 1 - 200);
     // Logs, after the restart, from the store.
     let log = server.get(&format!("/api/v1/runs/{id}/tasks/%2F%2F%3At7/log"));
     assert_eq!(log.text(), "line of task 7\n");

@@ -42,6 +42,9 @@ pub struct EventsQuery {
     /// Start after this sequence number (as `Last-Event-ID`, which wins when both are given).
     #[param(minimum = 0)]
     pub after: Option<u64>,
+    /// `false`: leave out `task_log` events (a view that shows states only);
+    /// their sequence numbers are skipped, so resuming stays exact.
+    pub logs: Option<bool>,
 }
 
 /// The fields of a stored event that routing needs.
@@ -99,7 +102,7 @@ pub async fn run_events(
     let guard = ClientGuard::new(state.hub.clone());
     tokio::spawn(async move {
         let _guard = guard;
-        stream_run(&state, &run.id, from, &tx).await;
+        stream_run(&state, &run.id, from, q.logs.unwrap_or(true), &tx).await;
     });
     Ok(Sse::new(ReceiverStream::new(rx))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
@@ -107,16 +110,16 @@ pub async fn run_events(
 }
 
 /// Replays what the store holds from `from`, then follows the live run.
-async fn stream_run(state: &AppState, run: &str, mut from: u64, tx: &Tx) {
+async fn stream_run(state: &AppState, run: &str, mut from: u64, logs: bool, tx: &Tx) {
     let sub = state.hub.subscribe(run);
     let Some(mut rx) = sub.rx else {
         // Ended (or not run here): the store has all of it.
-        if replay(state, run, &mut from, u64::MAX, tx).await {
+        if replay(state, run, &mut from, u64::MAX, logs, tx).await {
             let _ = tx.send(end_event(from)).await;
         }
         return;
     };
-    if !replay(state, run, &mut from, sub.next, tx).await {
+    if !replay(state, run, &mut from, sub.next, logs, tx).await {
         return;
     }
     loop {
@@ -131,13 +134,16 @@ async fn stream_run(state: &AppState, run: &str, mut from: u64, tx: &Tx) {
                     continue;
                 }
                 from = r.seq + 1;
+                if !logs && &*r.name == "task_log" {
+                    continue;
+                }
                 if tx.send(sse_event(r.seq, &r.name, &r.json)).await.is_err() {
                     return;
                 }
             }
             Ok(Live::End) | Err(broadcast::error::RecvError::Closed) => {
                 // Anything recorded after the last event we saw is in the store.
-                if replay(state, run, &mut from, u64::MAX, tx).await {
+                if replay(state, run, &mut from, u64::MAX, logs, tx).await {
                     let _ = tx.send(end_event(from)).await;
                 }
                 return;
@@ -145,7 +151,7 @@ async fn stream_run(state: &AppState, run: &str, mut from: u64, tx: &Tx) {
             Err(broadcast::error::RecvError::Lagged(_)) => {
                 // Fell behind the channel: the store has what was missed.
                 let upto = state.store.next_event_seq(run).unwrap_or(u64::MAX);
-                if !replay(state, run, &mut from, upto, tx).await {
+                if !replay(state, run, &mut from, upto, logs, tx).await {
                     return;
                 }
             }
@@ -170,7 +176,7 @@ async fn page(state: &AppState, run: &str, from: u64, limit: usize) -> Vec<(u64,
 }
 
 /// Sends stored events with `from <= seq < upto`; `false` when the client left.
-async fn replay(state: &AppState, run: &str, from: &mut u64, upto: u64, tx: &Tx) -> bool {
+async fn replay(state: &AppState, run: &str, from: &mut u64, upto: u64, logs: bool, tx: &Tx) -> bool {
     while *from < upto {
         let page = page(state, run, *from, REPLAY_PAGE).await;
         if page.is_empty() {
@@ -182,10 +188,13 @@ async fn replay(state: &AppState, run: &str, from: &mut u64, upto: u64, tx: &Tx)
             }
             let json = String::from_utf8_lossy(&bytes);
             let name = peek(&bytes).map_or_else(|| "event".to_owned(), |p| p.event);
+            *from = seq + 1;
+            if !logs && name == "task_log" {
+                continue;
+            }
             if tx.send(sse_event(seq, &name, &json)).await.is_err() {
                 return false;
             }
-            *from = seq + 1;
         }
     }
     true
