@@ -98,7 +98,7 @@ export interface TreeEntry {
 
 export interface Listing { layer: string; path: string; entries: TreeEntry[]; truncated: boolean }
 export interface LayerDiff { from: string; to: string; changes: { path: string; change: string; old_kind: string | null; new_kind: string | null }[] }
-export interface Prediction { will_cache: boolean; reason: string | null; key?: string | null }
+export interface Prediction { will_cache: boolean; reason: string | null; key?: string | null; changed_paths?: string[] }
 export interface Plan { tasks: Record<string, Prediction> }
 
 export interface Analysis {

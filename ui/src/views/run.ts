@@ -240,8 +240,9 @@ export function runView(root: HTMLElement, params: Record<string, string>, query
           : `No cache predictions: ${e instanceof Error ? e.message : String(e)}`)));
     }
     if (!isFinal(record.state)) {
-      // Every event of the run from the first; `end` closes it.
-      const sse = new Sse(`/api/v1/runs/${encodeURIComponent(id)}/events`, {
+      // Every state change of the run from the first (log lines are the
+      // task panel's, read from the log endpoint); `end` closes it.
+      const sse = new Sse(`/api/v1/runs/${encodeURIComponent(id)}/events?logs=false`, {
         resume: true,
         endOn: 'end',
         onMessage: (m) => {

@@ -61,7 +61,11 @@ export function workspaceView(root: HTMLElement, p: Record<string, string>): () 
       return h('li', { 'data-label': l, 'data-testid': 'prediction' },
         h('a', { href: '#', class: 'lbl', onclick: ((e: Event) => { e.preventDefault(); view?.focus(l); view?.select(l); }) as EventListener }, l),
         h('span', { class: `pr ${pr.will_cache ? 'pr-hit' : 'pr-run'}`, 'data-testid': 'prediction-text' },
-          pr.will_cache ? 'will be cached' : `will run: ${pr.reason ?? 'not cached'}`));
+          pr.will_cache ? 'will be cached' : `will run: ${pr.reason ?? 'not cached'}`),
+        // Down to the files: what changed in the inputs that changed.
+        pr.changed_paths?.length
+          ? h('ul', { class: 'changed', 'data-testid': 'changed-paths' }, pr.changed_paths.map((p) => h('li', null, p)))
+          : null);
     };
     fill(side,
       h('h2', null, 'If you start a run now'),
