@@ -148,6 +148,10 @@ pub enum Invalid {
     UnknownHookKind(String),
     #[error("`on` of `{label}` is `{on}`, which is not a `webhook(...)`; name a webhook source")]
     OnNotWebhook { label: Label, on: Label },
+    #[error("`{file}` is {what}, not a file; a pipeline file must be a regular file (or a symlink to one)")]
+    NotAFile { file: String, what: &'static str },
+    #[error("`{file}` is {bytes} bytes; pipeline files may be at most {max} bytes")]
+    FileTooLarge { file: String, bytes: u64, max: u64 },
     #[error("Task `{0}` has neither `cmd` nor `script`; give it one of them")]
     NoCommand(Label),
     #[error("Task `{0}` has both `cmd` and `script`; keep one of them")]

@@ -63,3 +63,48 @@ fn a_task_with_ten_thousand_deps_loads() {
     let g: serde_json::Value = serde_json::from_str(&out.stdout_str()).unwrap();
     assert_eq!(g["order"].as_array().unwrap().len(), 10001);
 }
+
+/// `ci graph` exits 2 with a message naming the file and what it is.
+fn refused(env: &Env, want: &str) {
+    let out = env.ci(["graph"]).failure(2);
+    assert!(out.stderr_str().contains(want), "wanted `{want}`: {}", out.stderr_str());
+}
+
+#[test]
+fn pipeline_files_that_are_not_files_are_located_errors() {
+    // A directory where BUILD.star should be.
+    let env = Env::new();
+    write(env.work(), "ci.toml", "");
+    mkdir(env.work(), "BUILD.star");
+    refused(&env, "`BUILD.star` is a directory");
+
+    // A FIFO in a package: refused, never opened (opening would block).
+    let env = workspace("task(name = \"t\", cmd = [\"true\"])\n");
+    mkdir(env.work(), "sub");
+    mkfifo(env.work(), "sub/BUILD.star");
+    refused(&env, "`sub/BUILD.star` is a FIFO");
+
+    // A symlink loop, and a symlink to a device that never ends.
+    let env = Env::new();
+    write(env.work(), "ci.toml", "");
+    symlink(env.work(), "BUILD.star", "BUILD.star");
+    refused(&env, "leads nowhere");
+    let env = Env::new();
+    write(env.work(), "ci.toml", "");
+    symlink(env.work(), "BUILD.star", "/dev/zero");
+    refused(&env, "is a character device");
+
+    // load() of a symlink to /dev/zero.
+    let env = workspace("load(\"//:lib.star\", \"x\")\ntask(name = \"t\", cmd = [\"true\"])\n");
+    symlink(env.work(), "lib.star", "/dev/zero");
+    refused(&env, "`lib.star` is a character device");
+
+    // ci.toml as /dev/zero is not "no ci.toml"; a non-UTF-8 ci.toml is located.
+    let env = Env::new();
+    symlink(env.work(), "ci.toml", "/dev/zero");
+    refused(&env, "`ci.toml` is a character device");
+    let env = Env::new();
+    write(env.work(), "ci.toml", b"[build]\njobs = \xff\n".as_slice());
+    write(env.work(), "BUILD.star", "");
+    refused(&env, "ci.toml:2:8");
+}

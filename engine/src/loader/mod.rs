@@ -52,12 +52,83 @@ pub fn find_root(start: &Path) -> Result<PathBuf, LoadError> {
     };
     let mut dir = Some(start.as_path());
     while let Some(d) = dir {
-        if d.join(WORKSPACE_FILE).is_file() {
+        // Anything named ci.toml marks the root; reading it says whether it
+        // is a usable file (a directory or a device is an error, not "no ci.toml").
+        if fs::symlink_metadata(d.join(WORKSPACE_FILE)).is_ok() {
             return Ok(d.to_owned());
         }
         dir = d.parent();
     }
     Err(LoadError::NoWorkspace { start })
+}
+
+/// The largest `BUILD.star`, `.star` or `ci.toml` read.
+pub const PIPELINE_FILE_MAX: u64 = 16 << 20;
+
+/// Whether `root/file` is there as a pipeline file: `Ok(false)` when nothing
+/// is there; an error (located at the file) when it is something a pipeline
+/// cannot be read from — a directory, FIFO, device, socket, a symlink that
+/// leads nowhere or in a loop, or a file over [`PIPELINE_FILE_MAX`].
+pub(crate) fn pipeline_file(root: &Path, file: &str) -> Result<bool, LoadError> {
+    let path = root.join(file);
+    let located = |problem: Invalid| -> LoadError {
+        ModelError::new(
+            Some(Location {
+                file: file.to_owned(),
+                line: 1,
+                col: 1,
+            }),
+            problem,
+        )
+        .into()
+    };
+    let link = match fs::symlink_metadata(&path) {
+        Ok(m) => m,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
+            return Ok(false)
+        }
+        Err(source) => return Err(LoadError::Io { path, source }),
+    };
+    let meta = if link.file_type().is_symlink() {
+        match fs::metadata(&path) {
+            Ok(m) => m,
+            Err(_) => {
+                return Err(located(Invalid::NotAFile {
+                    file: file.to_owned(),
+                    what: "a symlink that leads nowhere (or in a loop)",
+                }))
+            }
+        }
+    } else {
+        link
+    };
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        return Err(located(Invalid::NotAFile {
+            file: file.to_owned(),
+            what: "a directory",
+        }));
+    }
+    if !ft.is_file() {
+        return Err(located(Invalid::NotAFile {
+            file: file.to_owned(),
+            what: match strata_store::special_file_kind(ft) {
+                "FIFO" => "a FIFO",
+                "socket" => "a socket",
+                "character device" => "a character device",
+                "block device" => "a block device",
+                _ => "a special file",
+            },
+        }));
+    }
+    if meta.len() > PIPELINE_FILE_MAX {
+        return Err(located(Invalid::FileTooLarge {
+            file: file.to_owned(),
+            bytes: meta.len(),
+            max: PIPELINE_FILE_MAX,
+        }));
+    }
+    Ok(true)
 }
 
 /// Loads the workspace rooted at one directory. Cheap to keep and reuse: the Starlark
@@ -169,7 +240,7 @@ impl Loader {
             .borrow_mut()
             .file(WORKSPACE_FILE, settings_text.as_bytes());
         let mut queue: BTreeSet<String> = BTreeSet::new();
-        if self.root.join(BUILD_FILE).is_file() {
+        if pipeline_file(&self.root, BUILD_FILE)? {
             queue.insert(String::new());
         } else {
             session.reads.borrow_mut().absent(BUILD_FILE);
@@ -177,7 +248,7 @@ impl Loader {
         for pattern in patterns {
             match pattern {
                 Pattern::Target(label) => {
-                    if !self.package_exists(label.package()) {
+                    if !self.package_exists(label.package())? {
                         return Err(ModelError::new(
                             None,
                             Invalid::UnknownPackage {
@@ -190,7 +261,7 @@ impl Loader {
                     queue.insert(label.package().to_owned());
                 }
                 Pattern::Package(package) => {
-                    if !self.package_exists(package) {
+                    if !self.package_exists(package)? {
                         return Err(
                             ModelError::new(None, Invalid::NoMatch(pattern.to_string())).into()
                         );
@@ -227,7 +298,7 @@ impl Loader {
                     if loaded.contains(package) || queue.contains(package) {
                         continue;
                     }
-                    if !self.package_exists(package) {
+                    if !self.package_exists(package)? {
                         return Err(ModelError::new(
                             task.location.clone(),
                             Invalid::UnknownPackage {
@@ -246,8 +317,8 @@ impl Loader {
         Ok((ws, session.reads.into_inner()))
     }
 
-    fn package_exists(&self, package: &str) -> bool {
-        self.root.join(build_file(package)).is_file()
+    fn package_exists(&self, package: &str) -> Result<bool, LoadError> {
+        pipeline_file(&self.root, &build_file(package))
     }
 
     /// The packages at or below `prefix`, sorted. Skips hidden directories, `target/`,
@@ -280,8 +351,9 @@ impl Loader {
                 })?;
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                if file_type.is_file() && name == BUILD_FILE {
-                    has_build = true;
+                if name == BUILD_FILE {
+                    // Anything named BUILD.star must be readable as one.
+                    has_build = pipeline_file(&self.root, &build_file(&package))?;
                 } else if file_type.is_dir()
                     && !name.starts_with('.')
                     && !SKIPPED_DIRS.contains(&name.as_ref())
@@ -357,6 +429,7 @@ impl Session<'_> {
 
     fn read(&self, file: &str) -> Result<String, LoadError> {
         let path = self.loader.root.join(file);
+        pipeline_file(&self.loader.root, file)?;
         match fs::read_to_string(&path) {
             Ok(text) => {
                 self.reads.borrow_mut().file(file, text.as_bytes());
@@ -416,6 +489,19 @@ impl Session<'_> {
             let mut cycle: Vec<String> = self.loading.borrow()[from..].to_vec();
             cycle.push(file.clone());
             return Err(native(Invalid::LoadCycle(cycle)));
+        }
+        match pipeline_file(&self.loader.root, &file) {
+            Ok(_) => {}
+            Err(LoadError::Model(m)) => return Err(starlark::Error::new_native(m)),
+            Err(LoadError::Io { path, source }) => {
+                return Err(starlark::Error::new_native(IoFailure { path, source }))
+            }
+            Err(other) => {
+                return Err(starlark::Error::new_native(IoFailure {
+                    path: self.loader.root.join(&file),
+                    source: io::Error::other(other.to_string()),
+                }))
+            }
         }
         let source = match fs::read_to_string(self.loader.root.join(&file)) {
             Ok(source) => source,

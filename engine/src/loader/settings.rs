@@ -51,7 +51,29 @@ pub fn read_settings(root: &Path) -> Result<Settings, LoadError> {
 /// [`read_settings`], with the text read (the load cache keeps its digest).
 pub(crate) fn read_settings_text(root: &Path) -> Result<(Settings, String), LoadError> {
     let path = root.join(WORKSPACE_FILE);
-    let text = fs::read_to_string(&path).map_err(|source| LoadError::Io { path, source })?;
+    if !super::pipeline_file(root, WORKSPACE_FILE)? {
+        return Err(LoadError::Io {
+            path,
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    }
+    let bytes = fs::read(&path).map_err(|source| LoadError::Io { path, source })?;
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            // Located at the first byte that is not UTF-8.
+            let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let (line, col) = line_col(&String::from_utf8_lossy(valid), valid.len());
+            return Err(LoadError::Settings {
+                location: Location {
+                    file: WORKSPACE_FILE.to_owned(),
+                    line,
+                    col,
+                },
+                message: "The file is not valid UTF-8 here; save it as UTF-8".to_owned(),
+            });
+        }
+    };
     Ok((parse_settings(&text)?, text))
 }
 
