@@ -1529,7 +1529,7 @@ struct Prepared {
 
 /// A file-name-safe form of a label.
 pub(crate) fn slug(label: &str) -> String {
-    label
+    let slug: String = label
         .trim_start_matches("//")
         .chars()
         .map(|c| {
@@ -1539,7 +1539,13 @@ pub(crate) fn slug(label: &str) -> String {
                 '_'
             }
         })
-        .collect()
+        .collect();
+    // A file name is at most 255 bytes, and a deep package makes a long
+    // label: keep the start, readable, and a digest that tells labels apart.
+    if slug.len() <= 120 {
+        return slug;
+    }
+    format!("{}-{}", &slug[..100], &Digest::of(label.as_bytes()).to_hex()[..16])
 }
 
 /// Parses `KEY=VALUE` lines; blank lines and `#` comments are ignored.

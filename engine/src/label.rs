@@ -31,7 +31,13 @@ pub enum LabelError {
     IsPattern(String),
     #[error("`all` is reserved for the pattern `//DIR:all`; pick another task name")]
     ReservedName,
+    #[error("Target name in `{label}` is {len} bytes; names may be at most {NAME_MAX} bytes")]
+    NameTooLong { label: String, len: usize },
 }
+
+/// The longest target name: a name becomes part of file names (work
+/// directories, logs), and those are at most 255 bytes.
+pub const NAME_MAX: usize = 200;
 
 /// A validated task label: a package path and a name within it.
 ///
@@ -238,6 +244,13 @@ pub(crate) fn valid_name(name: &str) -> bool {
 fn check_name(name: &str, shown: &str) -> Result<(), LabelError> {
     if name == ALL {
         return Err(LabelError::ReservedName);
+    }
+    if name.len() > NAME_MAX {
+        let shown: String = shown.chars().take(60).collect();
+        return Err(LabelError::NameTooLong {
+            label: format!("{shown}…"),
+            len: name.len(),
+        });
     }
     if !valid_name(name) {
         return Err(LabelError::BadName {

@@ -108,3 +108,16 @@ fn pipeline_files_that_are_not_files_are_located_errors() {
     write(env.work(), "BUILD.star", "");
     refused(&env, "ci.toml:2:8");
 }
+
+#[test]
+fn long_names_and_escaping_sources_are_refused_at_load() {
+    // One rule, at load: it used to pass `ci graph` and fail at build time.
+    let long = "n".repeat(256);
+    let env = workspace(&format!("task(name = \"{long}\", cmd = [\"true\"])\n"));
+    refused(&env, "names may be at most 200 bytes");
+    // A local source whose path is a symlink out of the workspace.
+    let outside = tempfile::tempdir().unwrap();
+    let env = workspace("local_source(name = \"src\", path = \"link\")\n");
+    symlink(env.work(), "link", outside.path().to_str().unwrap());
+    refused(&env, "leaves the workspace");
+}

@@ -193,6 +193,17 @@ pub(crate) fn strata_builtins(builder: &mut GlobalsBuilder) {
             if !dir.is_dir() {
                 return Err(Invalid::MissingSourceDir(path));
             }
+            // A symlink on the way may lead out of the workspace: refuse
+            // what resolves outside it, as `..` is refused.
+            if let (Ok(real), Ok(root)) = (dir.canonicalize(), ctx.root.canonicalize()) {
+                if !real.starts_with(&root) {
+                    return Err(Invalid::EscapingPath {
+                        what: "path".to_owned(),
+                        path: format!("{path} (a symlink to {})", real.display()),
+                        inside: "the workspace",
+                    });
+                }
+            }
             // The evaluation depends on it: the load cache checks it again.
             ctx.dirs.borrow_mut().push(path.clone());
             let exclude = given(exclude)
