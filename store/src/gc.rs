@@ -265,6 +265,15 @@ impl Store {
             Ok(())
         })?;
         report.blobs_checked = blob_list.len() as u64;
+        for stray in self.blobs.strays()? {
+            problems.push(Problem {
+                what: "stray file".into(),
+                detail: format!(
+                    "`{}` is not a blob; remove it (nothing refers to it)",
+                    stray.display()
+                ),
+            });
+        }
         let bad: Vec<Problem> = blob_list
             .par_iter()
             .filter_map(|(d, _)| self.check_blob(d).err())

@@ -238,6 +238,15 @@ impl FsBlobStore {
     }
 }
 
+/// A shard directory of `blobs/`: two lowercase hex characters.
+fn is_shard(entry: &fs::DirEntry) -> bool {
+    let name = entry.file_name();
+    let name = name.to_string_lossy();
+    name.len() == 2
+        && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && entry.file_type().is_ok_and(|t| t.is_dir())
+}
+
 impl BlobStore for FsBlobStore {
     fn writer(&self) -> Result<Box<dyn BlobWriter>> {
         Ok(Box::new(FsWriter {
@@ -321,6 +330,9 @@ impl BlobStore for FsBlobStore {
         let mut shard_dirs: Vec<(String, PathBuf)> = Vec::new();
         for shard in shards {
             let shard = shard.map_err(Error::io("list", &self.blobs))?;
+            if !is_shard(&shard) {
+                continue;
+            }
             if let Some(name) = shard.file_name().to_str() {
                 shard_dirs.push((name.to_owned(), shard.path()));
             }
@@ -348,6 +360,35 @@ impl BlobStore for FsBlobStore {
             }
         }
         Ok(())
+    }
+
+    fn strays(&self) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        let shards = match fs::read_dir(&self.blobs) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::io("list", &self.blobs)(e)),
+        };
+        for shard in shards {
+            let shard = shard.map_err(Error::io("list", &self.blobs))?;
+            if !is_shard(&shard) {
+                out.push(shard.path());
+                continue;
+            }
+            let prefix = shard.file_name().to_string_lossy().into_owned();
+            let dir = shard.path();
+            for entry in fs::read_dir(&dir).map_err(Error::io("list", &dir))? {
+                let entry = entry.map_err(Error::io("list", &dir))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let is_blob = format!("{prefix}{name}").parse::<Digest>().is_ok()
+                    && entry.file_type().is_ok_and(|t| t.is_file());
+                if !is_blob {
+                    out.push(entry.path());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     fn delete(&self, digest: &Digest) -> Result<u64> {

@@ -49,8 +49,14 @@ pub trait BlobStore: Send + Sync {
     /// The file holding the blob, when the backend keeps blobs as files
     /// (lets checkout reflink and FUSE read without copies).
     fn file_path(&self, digest: &Digest) -> Option<PathBuf>;
-    /// Calls `f` with every stored digest and its size in bytes.
+    /// Calls `f` with every stored digest and its size in bytes. What is
+    /// not a blob (a stray file or directory) is skipped here and listed by
+    /// [`BlobStore::strays`].
     fn for_each(&self, f: &mut dyn FnMut(Digest, u64) -> Result<()>) -> Result<()>;
+    /// Paths in the blob area that are not blobs (for `verify` to report).
+    fn strays(&self) -> Result<Vec<PathBuf>> {
+        Ok(Vec::new())
+    }
     /// Deletes a blob; returns the bytes freed (0 when it was not there).
     fn delete(&self, digest: &Digest) -> Result<u64>;
     /// Makes every published blob durable. Called once per operation, before
