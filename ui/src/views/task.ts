@@ -91,11 +91,18 @@ function logTab(ctx: TaskCtx, rec: TaskRecord | undefined, root: HTMLElement, si
     h('button', { class: 'small', onclick: (() => go(1)) as EventListener, title: 'Next match' }, '↓'),
     found, h('span', { class: 'spacer' }), info, dl), view.el);
   let timer = 0;
-  const update = () => { info.textContent = `${model.lines.toLocaleString()} lines · ${bytes(model.bytes)}`; };
+  // An empty black box reads as "still loading": once the log is complete,
+  // say the task printed nothing.
+  let complete = false;
+  const update = () => {
+    info.textContent = complete && model.lines === 0 && model.bytes === 0
+      ? 'the task printed nothing'
+      : `${model.lines.toLocaleString()} lines · ${bytes(model.bytes)}`;
+  };
   const prev = model.onChange;
   model.onChange = () => { prev?.(); if (!timer) timer = window.setTimeout(() => { timer = 0; update(); }, 200); };
   update();
-  void loadLog(url, model, signal).then(update);
+  void loadLog(url, model, signal).then(() => { complete = true; update(); });
   void rec;
 }
 
