@@ -56,7 +56,6 @@ pub struct Config {
 pub struct Server {
     listener: tokio::net::TcpListener,
     state: api::AppState,
-    _watchers: Vec<notify::RecommendedWatcher>,
     address_file: Option<PathBuf>,
 }
 
@@ -115,7 +114,7 @@ impl Server {
         }
         store.sync()?;
         let shutdown = CancellationToken::new();
-        let watchers = sources::start(&mgr, &shutdown)?;
+        sources::start(&mgr, &shutdown)?;
         let tokens = Arc::new(auth::Tokens::new(store.root(), config.auth));
         if let Some(root) = store.root() {
             tokens.set_local(auth::write_local_token(root)?);
@@ -140,7 +139,6 @@ impl Server {
         Ok(Server {
             listener,
             state,
-            _watchers: watchers,
             address_file,
         })
     }

@@ -1,7 +1,8 @@
 //! Sources that start runs by themselves: timers, polled git refs and
 //! watched directories. Each is a task on the server's runtime that submits
 //! a run of the source's downstream cone when it has a new value; a run of
-//! the same source still queued is joined, not doubled.
+//! the same source still queued is joined, not doubled. A supervisor per
+//! workspace starts them again when the pipeline's sources change.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,72 +19,159 @@ use crate::runs::{Manager, Submit};
 /// How long a watched directory must be quiet before a run starts.
 const DEBOUNCE: Duration = Duration::from_millis(300);
 
-/// Starts every source of every workspace. Returns what keeps watchers alive.
-pub fn start(
-    mgr: &Arc<Manager>,
-    shutdown: &CancellationToken,
-) -> Result<Vec<notify::RecommendedWatcher>, ServerError> {
-    let mut watchers = Vec::new();
+/// How often a workspace's pipeline is looked at again for sources that
+/// were added, removed or changed (the load cache makes an unchanged one a
+/// few stats and hashes).
+const RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+/// Starts, for every workspace, a supervisor of its sources: it starts them
+/// from the pipeline as it is, and starts them again whenever the sources
+/// declared in it change (an edit of `BUILD.star` adds a timer: no restart).
+pub fn start(mgr: &Arc<Manager>, shutdown: &CancellationToken) -> Result<(), ServerError> {
     for (name, conf) in mgr.workspaces().clone() {
-        let model = match mgr.load(&name, &[Pattern::Recursive(String::new())]) {
-            Ok(m) => m,
-            Err(e) => {
+        tokio::spawn(supervise(mgr.clone(), shutdown.clone(), name, conf.root));
+    }
+    Ok(())
+}
+
+/// What the running sources of a workspace were started from.
+struct Running {
+    fingerprint: String,
+    stop: CancellationToken,
+    _watchers: Vec<notify::RecommendedWatcher>,
+}
+
+async fn supervise(mgr: Arc<Manager>, shutdown: CancellationToken, name: String, root: PathBuf) {
+    let mut running: Option<Running> = None;
+    let mut warned = false;
+    loop {
+        let (m2, n2) = (mgr.clone(), name.clone());
+        let loaded = tokio::task::spawn_blocking(move || {
+            m2.load(&n2, &[Pattern::Recursive(String::new())])
+        })
+        .await;
+        match loaded {
+            Ok(Ok(model)) => {
+                warned = false;
+                let fingerprint = fingerprint(&model);
+                if running.as_ref().map(|r| &r.fingerprint) != Some(&fingerprint) {
+                    if let Some(old) = running.take() {
+                        old.stop.cancel();
+                        eprintln!("note: the sources of workspace `{name}` changed; restarting them");
+                    }
+                    let stop = shutdown.child_token();
+                    match start_workspace(&mgr, &stop, &name, &root, &model) {
+                        Ok(watchers) => {
+                            running = Some(Running {
+                                fingerprint,
+                                stop,
+                                _watchers: watchers,
+                            })
+                        }
+                        Err(e) => {
+                            stop.cancel();
+                            eprintln!("warning: the sources of workspace `{name}` cannot start: {e}");
+                        }
+                    }
+                }
+            }
+            Ok(Err(e)) if !warned => {
+                warned = true;
                 eprintln!(
-                    "warning: workspace `{name}` does not load ({}); its sources start nothing until the server restarts",
+                    "warning: workspace `{name}` does not load ({}); its sources keep what they were until it does",
                     e.message
                 );
-                continue;
             }
+            _ => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RELOAD_EVERY) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// The sources that start runs, with their settings and cones: when this
+/// changes, the sources are started again.
+fn fingerprint(model: &Workspace) -> String {
+    let mut parts = Vec::new();
+    for (label, task) in &model.tasks {
+        let fires = match &task.kind {
+            TaskKind::Timer(_) => true,
+            TaskKind::GitSource(g) => g.poll_secs.is_some() && g.on.is_none(),
+            TaskKind::LocalSource(s) => s.watch,
+            _ => false,
         };
-        for (label, task) in &model.tasks {
-            let cone = cone(&model, label);
-            match &task.kind {
-                TaskKind::Timer(t) => {
-                    let schedule = match (&t.cron, t.every_secs) {
-                        (Some(c), _) => match strata_engine::parse_cron(c) {
-                            Ok(cron) => Schedule::Cron(Box::new(cron)),
-                            Err(_) => continue,
-                        },
-                        (None, Some(s)) => Schedule::Every(Duration::from_secs(s)),
-                        _ => continue,
-                    };
-                    tokio::spawn(timer(
-                        mgr.clone(),
-                        shutdown.clone(),
-                        name.clone(),
-                        label.clone(),
-                        cone,
-                        schedule,
-                    ));
-                }
-                TaskKind::GitSource(g) if g.poll_secs.is_some() && g.on.is_none() => {
-                    tokio::spawn(poll_git(
-                        mgr.clone(),
-                        shutdown.clone(),
-                        name.clone(),
-                        conf.root.clone(),
-                        label.clone(),
-                        g.clone(),
-                        cone,
-                    ));
-                }
-                TaskKind::LocalSource(s) if s.watch => {
-                    let dir = if s.path == "." {
-                        conf.root.clone()
-                    } else {
-                        conf.root.join(&s.path)
-                    };
-                    watchers.push(watch(
-                        mgr.clone(),
-                        shutdown.clone(),
-                        name.clone(),
-                        label.clone(),
-                        dir,
-                        cone,
-                    )?);
-                }
-                _ => {}
+        if fires {
+            parts.push(serde_json::json!({
+                "label": label.to_string(),
+                "kind": serde_json::to_value(&task.kind).unwrap_or_default(),
+                "cone": cone(model, label),
+            }));
+        }
+    }
+    serde_json::Value::Array(parts).to_string()
+}
+
+/// Starts the sources of one loaded workspace; they stop with `stop`.
+/// Returns what keeps its watchers alive.
+fn start_workspace(
+    mgr: &Arc<Manager>,
+    stop: &CancellationToken,
+    name: &str,
+    root: &std::path::Path,
+    model: &Workspace,
+) -> Result<Vec<notify::RecommendedWatcher>, ServerError> {
+    let mut watchers = Vec::new();
+    let (name, shutdown) = (name.to_owned(), stop);
+    for (label, task) in &model.tasks {
+        let cone = cone(model, label);
+        match &task.kind {
+            TaskKind::Timer(t) => {
+                let schedule = match (&t.cron, t.every_secs) {
+                    (Some(c), _) => match strata_engine::parse_cron(c) {
+                        Ok(cron) => Schedule::Cron(Box::new(cron)),
+                        Err(_) => continue,
+                    },
+                    (None, Some(s)) => Schedule::Every(Duration::from_secs(s)),
+                    _ => continue,
+                };
+                tokio::spawn(timer(
+                    mgr.clone(),
+                    shutdown.clone(),
+                    name.clone(),
+                    label.clone(),
+                    cone,
+                    schedule,
+                ));
             }
+            TaskKind::GitSource(g) if g.poll_secs.is_some() && g.on.is_none() => {
+                tokio::spawn(poll_git(
+                    mgr.clone(),
+                    shutdown.clone(),
+                    name.clone(),
+                    root.to_owned(),
+                    label.clone(),
+                    g.clone(),
+                    cone,
+                ));
+            }
+            TaskKind::LocalSource(s) if s.watch => {
+                let dir = if s.path == "." {
+                    root.to_owned()
+                } else {
+                    root.join(&s.path)
+                };
+                watchers.push(watch(
+                    mgr.clone(),
+                    shutdown.clone(),
+                    name.clone(),
+                    label.clone(),
+                    dir,
+                    cone,
+                )?);
+            }
+            _ => {}
         }
     }
     Ok(watchers)

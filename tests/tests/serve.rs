@@ -699,3 +699,31 @@ fn the_plan_predicts_what_the_build_then_does() {
     assert_eq!(run["state"], "failed", "the test task checks for WORLD");
     assert_eq!(predicted(&third), cached(&run));
 }
+
+#[test]
+fn a_timer_added_to_build_star_starts_without_a_restart() {
+    let env = workspace(&[("BUILD.star", "task(name = \"plain\", cmd = [\"true\"])\n")]);
+    let server = Server::start(&env, &["."], &[]);
+    write(
+        env.work(),
+        "BUILD.star",
+        "task(name = \"plain\", cmd = [\"true\"])\ntimer(name = \"tick\", every = \"1s\")\ntask(name = \"on_tick\", deps = [\":tick\"], cmd = [\"true\"])\n",
+    );
+    let runs = wait_for(&server, 30, "a run of the new timer", |r| {
+        r["runs"].as_array().unwrap().iter().any(|x| x["trigger"]["source"] == "//:tick" && x["state"] == "succeeded")
+    });
+    let tick = runs["runs"].as_array().unwrap().iter().find(|x| x["trigger"]["source"] == "//:tick").unwrap();
+    assert_eq!(tick["targets"], json!(["//:on_tick", "//:tick"]));
+    // Removed again: no more ticks after the sources restart.
+    write(env.work(), "BUILD.star", "task(name = \"plain\", cmd = [\"true\"])\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server.log().contains("restarting them") || server.log().matches("restarting them").count() < 2 {
+        assert!(Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Whatever was queued before the restart ends; then the count stays.
+    std::thread::sleep(Duration::from_millis(3000));
+    let settled = run_count(&server);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(run_count(&server), settled, "the removed timer ticks no more");
+}
