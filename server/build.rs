@@ -9,11 +9,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
-    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+    );
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let ui = manifest.parent().unwrap_or(&manifest).join("ui");
     println!("cargo:rerun-if-env-changed=STRATA_UI_DIST");
-    for p in ["src", "index.html", "package.json", "package-lock.json", "vite.config.ts", "public"] {
+    for p in [
+        "src",
+        "index.html",
+        "package.json",
+        "package-lock.json",
+        "vite.config.ts",
+        "public",
+    ] {
         println!("cargo:rerun-if-changed={}", ui.join(p).display());
     }
     let dist = match std::env::var_os("STRATA_UI_DIST") {
@@ -25,14 +34,20 @@ fn main() {
         }
     };
     if !dist.join("index.html").is_file() {
-        fail(&format!("`{}` holds no index.html; build the dashboard with `cd ui && npm ci && npm run build`", dist.display()));
+        fail(&format!(
+            "`{}` holds no index.html; build the dashboard with `cd ui && npm ci && npm run build`",
+            dist.display()
+        ));
     }
     let mut files = Vec::new();
     walk(&dist, &dist, &mut files);
     files.sort();
     let mut table = String::from("/// The built dashboard: path below its root, bytes.\npub static ASSETS: &[(&str, &[u8])] = &[\n");
     for (rel, abs) in &files {
-        table.push_str(&format!("    ({rel:?}, include_bytes!({:?})),\n", abs.display().to_string()));
+        table.push_str(&format!(
+            "    ({rel:?}, include_bytes!({:?})),\n",
+            abs.display().to_string()
+        ));
     }
     table.push_str("];\n");
     if let Err(e) = std::fs::write(out.join("ui_assets.rs"), table) {
@@ -49,7 +64,12 @@ fn build(ui: &Path, dist: &Path) {
         _ => true,
     };
     if stale {
-        run(Command::new(&npm).args(["ci", "--no-audit", "--no-fund"]).current_dir(ui), "npm ci");
+        run(
+            Command::new(&npm)
+                .args(["ci", "--no-audit", "--no-fund"])
+                .current_dir(ui),
+            "npm ci",
+        );
     }
     run(
         Command::new(&npm)
@@ -76,7 +96,9 @@ fn mtime(p: &Path) -> Option<std::time::SystemTime> {
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in rd.flatten() {
         let p = e.path();
         if p.is_dir() {

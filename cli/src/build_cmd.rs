@@ -198,8 +198,13 @@ pub fn build(args: BuildArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
         }
         let (name, current) = identity(&args.ws)?;
         let mut targets = Vec::new();
-        for t in if args.targets.is_empty() { vec!["//...".to_owned()] } else { args.targets.clone() } {
-            let p = Pattern::parse(&t, current.as_deref()).map_err(|e| usage(format!("`{t}`: {e}")))?;
+        for t in if args.targets.is_empty() {
+            vec!["//...".to_owned()]
+        } else {
+            args.targets.clone()
+        } {
+            let p =
+                Pattern::parse(&t, current.as_deref()).map_err(|e| usage(format!("`{t}`: {e}")))?;
             targets.push(p.to_string());
         }
         let body = serde_json::json!({
@@ -367,7 +372,8 @@ fn payloads(
     given: &[String],
     ws: &Workspace,
     current: Option<&str>,
-) -> anyhow::Result<std::collections::BTreeMap<String, std::collections::BTreeMap<String, Vec<u8>>>> {
+) -> anyhow::Result<std::collections::BTreeMap<String, std::collections::BTreeMap<String, Vec<u8>>>>
+{
     let mut out = std::collections::BTreeMap::new();
     for g in given {
         let Some((label, file)) = g.split_once('=') else {
@@ -375,15 +381,14 @@ fn payloads(
                 "`--payload {g}`: write `LABEL=FILE`, e.g. `--payload //:push=event.json`"
             )));
         };
-        let label = Label::parse(label, current).map_err(|e| usage(format!("`--payload {g}`: {e}")))?;
+        let label =
+            Label::parse(label, current).map_err(|e| usage(format!("`--payload {g}`: {e}")))?;
         let name = match ws.tasks.get(&label).map(|t| &t.kind) {
             Some(strata_engine::TaskKind::Webhook(_)) => "payload.json",
             Some(strata_engine::TaskKind::Timer(_)) => "tick.json",
-            _ => {
-                return Err(usage(format!(
-                    "`--payload {g}`: `{label}` is not a `webhook` or `timer` source of this workspace"
-                )))
-            }
+            _ => return Err(usage(format!(
+                "`--payload {g}`: `{label}` is not a `webhook` or `timer` source of this workspace"
+            ))),
         };
         let bytes = std::fs::read(file)
             .with_context(|| format!("Cannot read `{file}`, given to `--payload`"))?;
@@ -400,7 +405,10 @@ fn payloads(
 
 pub fn rerun(args: RerunArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
     if let Some(remote) = remote_for_build(ctx, &args.ws)? {
-        let reply = remote.post(&format!("/api/v1/runs/{}/rerun", seg(&args.run)), &serde_json::json!({}))?;
+        let reply = remote.post(
+            &format!("/api/v1/runs/{}/rerun", seg(&args.run)),
+            &serde_json::json!({}),
+        )?;
         let id = reply.json()?["id"].as_str().unwrap_or_default().to_owned();
         return follow_remote(ctx, remote, id);
     }
@@ -477,7 +485,9 @@ fn follow_remote(ctx: &Ctx, remote: Remote, id: String) -> anyhow::Result<Outcom
     view.finish(&run);
     Ok(match run.state {
         TaskState::Succeeded => Outcome::Clean,
-        TaskState::Cancelled if interrupted.load(std::sync::atomic::Ordering::SeqCst) => Outcome::Interrupted,
+        TaskState::Cancelled if interrupted.load(std::sync::atomic::Ordering::SeqCst) => {
+            Outcome::Interrupted
+        }
         _ => Outcome::Problems,
     })
 }
@@ -788,7 +798,10 @@ pub fn runs(ws: WsArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
                 };
                 let page = remote.get(&path)?.json()?;
                 for r in page["runs"].as_array().into_iter().flatten() {
-                    rows.push(serde_json::from_value(r.clone()).context("The server sent a run we cannot read")?);
+                    rows.push(
+                        serde_json::from_value(r.clone())
+                            .context("The server sent a run we cannot read")?,
+                    );
                 }
                 match page["next"].as_str() {
                     Some(n) => cursor = Some(n.to_owned()),
@@ -888,7 +901,11 @@ pub fn run_cmd(cmd: RunCommand, ctx: &Ctx) -> anyhow::Result<Outcome> {
 pub fn logs(args: LogsArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
     if let Some(remote) = ctx.remote(args.ws.dir.as_deref())? {
         let label = normalize_label(&args.label)?;
-        let reply = remote.get(&format!("/api/v1/runs/{}/tasks/{}/log", seg(&args.run), seg(&label)))?;
+        let reply = remote.get(&format!(
+            "/api/v1/runs/{}/tasks/{}/log",
+            seg(&args.run),
+            seg(&label)
+        ))?;
         std::io::stdout().lock().write_all(&reply.body)?;
         return Ok(Outcome::Clean);
     }
@@ -916,40 +933,52 @@ fn normalize_label(text: &str) -> anyhow::Result<String> {
 
 pub fn explain(args: ExplainArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
     let label = normalize_label(&args.label)?;
-    let (key, run, output, has_previous, lines, preimage) = match ctx.remote(args.ws.dir.as_deref())? {
-        Some(remote) => {
-            let (name, _) = identity(&args.ws)?;
-            let v = remote
-                .get(&format!("/api/v1/workspaces/{}/explain/{}", seg(&name), seg(&label)))?
-                .json()?;
-            let digest = |k: &str| -> anyhow::Result<strata_store::Digest> {
-                Ok(v[k].as_str().unwrap_or_default().parse()?)
-            };
-            (
-                digest("key")?,
-                v["run"].as_str().unwrap_or_default().to_owned(),
-                digest("output")?,
-                v["has_previous"].as_bool().unwrap_or(false),
-                serde_json::from_value::<Vec<String>>(v["changes"].clone()).unwrap_or_default(),
-                v["preimage"].clone(),
-            )
-        }
-        None => {
-            let ws = try_ws(&args.ws);
-            let store = open_read(ctx, ws.as_ref())?;
-            let key = strata_engine::workspace_label_key(
-                ws.as_ref().and_then(|w| w.root.as_deref()),
-                &label,
-            );
-            let Some((p, lines)) = explain_label(&store, &key)? else {
-                return Err(usage(format!(
-                    "`{label}` has not run in this store; `ci build {label}` first"
-                )));
-            };
-            let preimage = serde_json::to_value(&p.preimage)?;
-            (p.key, p.run, p.output, p.previous.is_some(), lines, preimage)
-        }
-    };
+    let (key, run, output, has_previous, lines, preimage) =
+        match ctx.remote(args.ws.dir.as_deref())? {
+            Some(remote) => {
+                let (name, _) = identity(&args.ws)?;
+                let v = remote
+                    .get(&format!(
+                        "/api/v1/workspaces/{}/explain/{}",
+                        seg(&name),
+                        seg(&label)
+                    ))?
+                    .json()?;
+                let digest = |k: &str| -> anyhow::Result<strata_store::Digest> {
+                    Ok(v[k].as_str().unwrap_or_default().parse()?)
+                };
+                (
+                    digest("key")?,
+                    v["run"].as_str().unwrap_or_default().to_owned(),
+                    digest("output")?,
+                    v["has_previous"].as_bool().unwrap_or(false),
+                    serde_json::from_value::<Vec<String>>(v["changes"].clone()).unwrap_or_default(),
+                    v["preimage"].clone(),
+                )
+            }
+            None => {
+                let ws = try_ws(&args.ws);
+                let store = open_read(ctx, ws.as_ref())?;
+                let key = strata_engine::workspace_label_key(
+                    ws.as_ref().and_then(|w| w.root.as_deref()),
+                    &label,
+                );
+                let Some((p, lines)) = explain_label(&store, &key)? else {
+                    return Err(usage(format!(
+                        "`{label}` has not run in this store; `ci build {label}` first"
+                    )));
+                };
+                let preimage = serde_json::to_value(&p.preimage)?;
+                (
+                    p.key,
+                    p.run,
+                    p.output,
+                    p.previous.is_some(),
+                    lines,
+                    preimage,
+                )
+            }
+        };
     if ctx.json {
         println!(
             "{}",
@@ -1056,11 +1085,22 @@ pub fn analyze(args: AnalyzeArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
     if a.impure_on_critical_path.is_empty() {
         writeln!(out, "impure tasks on the critical path: none")?;
     } else {
-        writeln!(out, "impure tasks on the critical path: {}", a.impure_on_critical_path.join(", "))?;
+        writeln!(
+            out,
+            "impure tasks on the critical path: {}",
+            a.impure_on_critical_path.join(", ")
+        )?;
     }
     if !a.unknown_tasks.is_empty() {
-        writeln!(out, "tasks the pipeline no longer has (left out): {}", a.unknown_tasks.join(", "))?;
+        writeln!(
+            out,
+            "tasks the pipeline no longer has (left out): {}",
+            a.unknown_tasks.join(", ")
+        )?;
     }
-    writeln!(out, "unused inputs: not known (input access is not traced for builds yet)")?;
+    writeln!(
+        out,
+        "unused inputs: not known (input access is not traced for builds yet)"
+    )?;
     Ok(Outcome::Clean)
 }

@@ -187,7 +187,10 @@ impl Ctx {
         let Ok(root) = strata_engine::find_root(&start) else {
             return Ok(None);
         };
-        match strata_engine::loader::read_settings(&root).ok().and_then(|s| s.server_url) {
+        match strata_engine::loader::read_settings(&root)
+            .ok()
+            .and_then(|s| s.server_url)
+        {
             Some(url) => remote::Remote::new(&url).map(Some),
             None => Ok(None),
         }

@@ -85,7 +85,8 @@ impl Remote {
         what: &str,
         res: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> anyhow::Result<Reply> {
-        let mut res = res.with_context(|| format!("Cannot reach `ci serve` at {} ({what})", self.base))?;
+        let mut res =
+            res.with_context(|| format!("Cannot reach `ci serve` at {} ({what})", self.base))?;
         let status = res.status().as_u16();
         let mut body = Vec::new();
         res.body_mut()
@@ -109,7 +110,10 @@ impl Remote {
         Err(anyhow::anyhow!("The server failed ({status}): {message}"))
     }
 
-    fn auth(&self, req: ureq::RequestBuilder<ureq::typestate::WithoutBody>) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+    fn auth(
+        &self,
+        req: ureq::RequestBuilder<ureq::typestate::WithoutBody>,
+    ) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
         match &self.token {
             Some(t) => req.header("Authorization", format!("Bearer {t}")),
             None => req,
@@ -135,13 +139,22 @@ impl Remote {
         let mut last: Option<u64> = None;
         let mut failures = 0;
         loop {
-            let mut req = self.auth(self.agent.get(format!("{}/api/v1/runs/{}/events", self.base, seg(id))));
+            let mut req = self.auth(self.agent.get(format!(
+                "{}/api/v1/runs/{}/events",
+                self.base,
+                seg(id)
+            )));
             if let Some(l) = last {
                 req = req.header("Last-Event-ID", l.to_string());
             }
             let res = match req.call() {
                 Ok(r) if r.status().as_u16() == 200 => r,
-                Ok(r) => return Err(anyhow::anyhow!("The server refused the events of run `{id}` ({})", r.status())),
+                Ok(r) => {
+                    return Err(anyhow::anyhow!(
+                        "The server refused the events of run `{id}` ({})",
+                        r.status()
+                    ))
+                }
                 Err(e) => {
                     failures += 1;
                     if failures > 10 {
@@ -181,7 +194,9 @@ impl Remote {
             }
             failures += 1;
             if failures > 10 {
-                return Err(anyhow::anyhow!("The event stream of run `{id}` kept breaking"));
+                return Err(anyhow::anyhow!(
+                    "The event stream of run `{id}` kept breaking"
+                ));
             }
         }
     }
@@ -201,7 +216,9 @@ fn text(v: &Value) -> String {
 }
 
 fn state(v: &Value) -> TaskState {
-    v.as_str().and_then(|s| s.parse().ok()).unwrap_or(TaskState::Failed)
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(TaskState::Failed)
 }
 
 /// An engine event from its JSON (the stream's `data`); `None` for the
@@ -269,7 +286,10 @@ pub fn cancel_on_interrupt(remote: Arc<Remote>, id: String) -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let f2 = flag.clone();
     std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
             return;
         };
         rt.block_on(async {
@@ -281,7 +301,10 @@ pub fn cancel_on_interrupt(remote: Arc<Remote>, id: String) -> Arc<AtomicBool> {
         });
         f2.store(true, Ordering::SeqCst);
         eprintln!("Interrupted: cancelling run {id} on the server…");
-        let _ = remote.post(&format!("/api/v1/runs/{}/cancel", seg(&id)), &serde_json::json!({}));
+        let _ = remote.post(
+            &format!("/api/v1/runs/{}/cancel", seg(&id)),
+            &serde_json::json!({}),
+        );
     });
     flag
 }

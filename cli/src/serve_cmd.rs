@@ -63,7 +63,11 @@ pub fn run(args: ServeArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
     let auth = match args.auth.as_str() {
         "writes" => AuthMode::Writes,
         "all" => AuthMode::All,
-        other => return Err(usage(format!("Unknown `--auth` `{other}`; use `writes` or `all`"))),
+        other => {
+            return Err(usage(format!(
+                "Unknown `--auth` `{other}`; use `writes` or `all`"
+            )))
+        }
     };
     if args.jobs == Some(0) {
         return Err(usage("`--jobs` is 0; give at least 1"));
@@ -125,7 +129,9 @@ fn token(cmd: TokenCommand, ctx: &Ctx) -> anyhow::Result<Outcome> {
     let root = match ctx.url()? {
         strata_store::StoreUrl::Local(p) => p,
         strata_store::StoreUrl::Memory => {
-            return Err(usage("Tokens need an on-disk store; `memory://` keeps none"))
+            return Err(usage(
+                "Tokens need an on-disk store; `memory://` keeps none",
+            ))
         }
     };
     if !root.join("FORMAT").exists() {

@@ -105,7 +105,10 @@ pub fn run(cmd: StoreCommand, ctx: &Ctx) -> anyhow::Result<Outcome> {
     let mut out = BufWriter::new(io::stdout().lock());
     if matches!(
         cmd,
-        StoreCommand::Ls { .. } | StoreCommand::Cat { .. } | StoreCommand::Show { .. } | StoreCommand::Diff { .. }
+        StoreCommand::Ls { .. }
+            | StoreCommand::Cat { .. }
+            | StoreCommand::Show { .. }
+            | StoreCommand::Diff { .. }
     ) {
         if let Some(remote) = ctx.remote(None)? {
             let outcome = remote_read(ctx, &remote, cmd, &mut out)?;
@@ -227,14 +230,20 @@ fn remote_read(
             recursive,
         } => {
             let (l, q) = remote_layer(ctx, &layer)?;
-            let path = path.map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+            let path = path
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let path = path.trim_matches('/');
             let sep = if q.is_empty() { '?' } else { '&' };
             let url = match path.is_empty() {
                 true => format!("/api/v1/layers/{l}/tree{q}"),
                 false => format!("/api/v1/layers/{l}/tree/{}{q}", path_segs(path)),
             };
-            let url = if recursive { format!("{url}{sep}recursive=true") } else { url };
+            let url = if recursive {
+                format!("{url}{sep}recursive=true")
+            } else {
+                url
+            };
             let v = remote.get(&url)?.json()?;
             let rows: Vec<LsRow> = serde_json::from_value(v["entries"].clone())
                 .context("The server sent a listing we cannot read")?;
@@ -260,13 +269,16 @@ fn remote_read(
         StoreCommand::Show { layer } => {
             let (l, q) = remote_layer(ctx, &layer)?;
             let v = remote.get(&format!("/api/v1/layers/{l}{q}"))?.json()?;
-            let show: Show = serde_json::from_value(v).context("The server sent a layer we cannot read")?;
+            let show: Show =
+                serde_json::from_value(v).context("The server sent a layer we cannot read")?;
             print_show(ctx, &show, out)
         }
         StoreCommand::Diff { a, b } => {
             let (la, q) = remote_layer(ctx, &a)?;
             let (lb, _) = remote_layer(ctx, &b)?;
-            let v = remote.get(&format!("/api/v1/layers/{la}/diff/{lb}{q}"))?.json()?;
+            let v = remote
+                .get(&format!("/api/v1/layers/{la}/diff/{lb}{q}"))?
+                .json()?;
             let rows: Vec<DiffRow> = serde_json::from_value(v["changes"].clone())
                 .context("The server sent a diff we cannot read")?;
             print_diff(ctx, &rows, out)
@@ -297,7 +309,11 @@ fn ls(
     print_ls(ctx, &rows, out)
 }
 
-fn print_ls(ctx: &Ctx, rows: &[(LsRow, &'static str)], out: &mut dyn Write) -> anyhow::Result<Outcome> {
+fn print_ls(
+    ctx: &Ctx,
+    rows: &[(LsRow, &'static str)],
+    out: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
     if ctx.json {
         let rows: Vec<&LsRow> = rows.iter().map(|(r, _)| r).collect();
         json(out, &rows)?;
@@ -482,7 +498,13 @@ fn print_diff(ctx: &Ctx, rows: &[DiffRow], out: &mut dyn Write) -> anyhow::Resul
     for c in rows {
         // The side that exists after the change, or the removed one.
         let is_dir = c.new_kind.or(c.old_kind) == Some(Kind::Dir);
-        writeln!(out, "{} {}{}", c.letter(), c.path, if is_dir { "/" } else { "" })?;
+        writeln!(
+            out,
+            "{} {}{}",
+            c.letter(),
+            c.path,
+            if is_dir { "/" } else { "" }
+        )?;
     }
     Ok(Outcome::Clean)
 }

@@ -12,13 +12,22 @@ use strata_engine::{
 use strata_store::{Entry, RelPath, Store};
 use tokio_util::sync::CancellationToken;
 
-fn task(name: &str, script: &str, deps: &[(&str, &str)]) -> Result<Task, Box<dyn std::error::Error>> {
+fn task(
+    name: &str,
+    script: &str,
+    deps: &[(&str, &str)],
+) -> Result<Task, Box<dyn std::error::Error>> {
     Ok(Task {
         label: Label::new("", name)?,
         kind: TaskKind::Run(Run::new(Command::Script(script.to_owned()))),
         deps: deps
             .iter()
-            .map(|(mount, dep)| Ok(Dep { mount: (*mount).to_owned(), label: Label::new("", *dep)? }))
+            .map(|(mount, dep)| {
+                Ok(Dep {
+                    mount: (*mount).to_owned(),
+                    label: Label::new("", *dep)?,
+                })
+            })
             .collect::<Result<_, strata_engine::LabelError>>()?,
         transform: None,
         stage: None,
@@ -28,7 +37,11 @@ fn task(name: &str, script: &str, deps: &[(&str, &str)]) -> Result<Task, Box<dyn
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut ws = Workspace::default();
-    ws.insert_task(task("words", "printf 'layers\\nare\\nimmutable\\n' > words.txt", &[])?)?;
+    ws.insert_task(task(
+        "words",
+        "printf 'layers\\nare\\nimmutable\\n' > words.txt",
+        &[],
+    )?)?;
     ws.insert_task(task(
         "count",
         "wc -l < \"$CI_IN/w/words.txt\" | tr -d ' ' > count.txt",
@@ -43,23 +56,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     });
     let engine = Engine::new(store.clone(), ws, events);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let opts = BuildOptions {
         jobs: 2,
         ..BuildOptions::default()
     };
-    let run = rt.block_on(engine.build(&[Label::new("", "count")?], &opts, CancellationToken::new()))?;
+    let run =
+        rt.block_on(engine.build(&[Label::new("", "count")?], &opts, CancellationToken::new()))?;
     if run.state != TaskState::Succeeded {
         return Err(format!("the run {}: {:?}", run.state.as_str(), run.tasks).into());
     }
-    let outputs: BTreeMap<&String, _> = run.tasks.iter().filter_map(|(l, t)| Some((l, t.output?))).collect();
+    let outputs: BTreeMap<&String, _> = run
+        .tasks
+        .iter()
+        .filter_map(|(l, t)| Some((l, t.output?)))
+        .collect();
     for (label, layer) in &outputs {
         println!("{label} {layer}");
     }
     let count = outputs[&"//:count".to_owned()];
-    let Some(Entry::File { digest, .. }) = store.lookup(&count, &RelPath::parse(b"count.txt")?)? else {
+    let Some(Entry::File { digest, .. }) = store.lookup(&count, &RelPath::parse(b"count.txt")?)?
+    else {
         return Err("count.txt is missing from the output".into());
     };
-    print!("count.txt: {}", String::from_utf8_lossy(&store.read_blob(&digest)?));
+    print!(
+        "count.txt: {}",
+        String::from_utf8_lossy(&store.read_blob(&digest)?)
+    );
     Ok(())
 }

@@ -145,9 +145,9 @@ pub fn analyze(ws: &Workspace, run: &RunRecord, history: &[RunRecord]) -> Analys
     };
 
     let is_pure = |label: &str| {
-        by_text.get(label).is_some_and(|l| {
-            matches!(&ws.tasks[*l].kind, TaskKind::Run(r) if r.pure && !r.effects)
-        })
+        by_text
+            .get(label)
+            .is_some_and(|l| matches!(&ws.tasks[*l].kind, TaskKind::Run(r) if r.pure && !r.effects))
     };
     // (executed, cache hits, executions whose inputs all came from the cache)
     let mut ran: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
@@ -178,7 +178,9 @@ pub fn analyze(ws: &Workspace, run: &RunRecord, history: &[RunRecord]) -> Analys
     // its key that changes every time (a secret name, the environment…).
     let never_cached = ran
         .into_iter()
-        .filter(|(_, (executed, hits, suspicious))| *executed >= 2 && *hits == 0 && *suspicious >= 1)
+        .filter(|(_, (executed, hits, suspicious))| {
+            *executed >= 2 && *hits == 0 && *suspicious >= 1
+        })
         .map(|(label, (executed, _, _))| NeverCached {
             label: label.to_owned(),
             runs: executed,
@@ -187,9 +189,9 @@ pub fn analyze(ws: &Workspace, run: &RunRecord, history: &[RunRecord]) -> Analys
     let impure_on_critical_path = path
         .iter()
         .filter(|p| {
-            by_text.get(&p.label).is_some_and(|l| {
-                matches!(&ws.tasks[*l].kind, TaskKind::Run(r) if !r.pure || r.effects)
-            })
+            by_text.get(&p.label).is_some_and(
+                |l| matches!(&ws.tasks[*l].kind, TaskKind::Run(r) if !r.pure || r.effects),
+            )
         })
         .map(|p| p.label.clone())
         .collect();

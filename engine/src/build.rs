@@ -412,7 +412,9 @@ impl Engine {
                 run_cancel.cancel();
             }
             self.settle_state(i, rec, &mut sched);
-            if last_save.elapsed() >= RUN_SAVE_EVERY && saving.as_ref().is_none_or(|h| h.is_finished()) {
+            if last_save.elapsed() >= RUN_SAVE_EVERY
+                && saving.as_ref().is_none_or(|h| h.is_finished())
+            {
                 if let Some(done) = saving.take() {
                     done.await.map_err(|e| BuildError::Join(e.to_string()))??;
                 }
@@ -1296,7 +1298,11 @@ impl Engine {
     }
 
     /// Where a local source's directory is and how it is ingested.
-    pub(crate) fn local_source_ingest(&self, label: &str, s: &model::LocalSource) -> (PathBuf, IngestOptions) {
+    pub(crate) fn local_source_ingest(
+        &self,
+        label: &str,
+        s: &model::LocalSource,
+    ) -> (PathBuf, IngestOptions) {
         let dir = self.workspace_root().join(&s.path);
         let mut exclude = s.exclude.clone();
         // Never ingest the store itself when it lives in the workspace.
@@ -1399,7 +1405,9 @@ impl Engine {
             path: dir.clone(),
             source,
         })?;
-        let layer = self.ingest_scratch(&label, dir, "event", Vec::new()).await?;
+        let layer = self
+            .ingest_scratch(&label, dir, "event", Vec::new())
+            .await?;
         let mut pre = ActionPreimage::new(task.kind_name(), "store");
         pre.base = Some(layer);
         if self.try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)? {
@@ -1474,15 +1482,7 @@ impl Engine {
             .await?;
         let mut ctx = BTreeMap::new();
         ctx.insert("CI_GIT_COMMIT".to_owned(), commit);
-        self.settle(
-            &label,
-            &pre,
-            &BTreeMap::new(),
-            layer,
-            ctx,
-            run_id,
-            rec,
-        )
+        self.settle(&label, &pre, &BTreeMap::new(), layer, ctx, run_id, rec)
     }
 }
 
@@ -1545,7 +1545,11 @@ pub(crate) fn slug(label: &str) -> String {
     if slug.len() <= 120 {
         return slug;
     }
-    format!("{}-{}", &slug[..100], &Digest::of(label.as_bytes()).to_hex()[..16])
+    format!(
+        "{}-{}",
+        &slug[..100],
+        &Digest::of(label.as_bytes()).to_hex()[..16]
+    )
 }
 
 /// Parses `KEY=VALUE` lines; blank lines and `#` comments are ignored.

@@ -29,8 +29,8 @@ mod scratch;
 mod validate;
 
 pub use build::{
-    error_chain, explain_label, previous_payload, resolve_git_source, workspace_label_key, ActionPayload,
-    BuildOptions, Engine, Prediction,
+    error_chain, explain_label, previous_payload, resolve_git_source, workspace_label_key,
+    ActionPayload, BuildOptions, Engine, Prediction,
 };
 pub use build_error::BuildError;
 pub use error::{Invalid, LoadError, ModelError};
@@ -42,5 +42,5 @@ pub use model::{
     Command, Dep, Executor, GitSource, HookKind, InputMode, LocalSource, Location, Merge,
     OnConflict, Run, Service, Settings, Stage, Task, TaskKind, Timer, Webhook, Workspace,
 };
-pub use validate::parse_cron;
 pub use record::{new_run_id, RunRecord, TaskRecord, TaskState, Trigger};
+pub use validate::parse_cron;

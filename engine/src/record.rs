@@ -67,7 +67,10 @@ impl TaskState {
 impl std::str::FromStr for TaskState {
     type Err = ();
     fn from_str(s: &str) -> Result<TaskState, ()> {
-        TaskState::ALL.into_iter().find(|t| t.as_str() == s).ok_or(())
+        TaskState::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or(())
     }
 }
 

@@ -74,7 +74,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-    let name = path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -250,7 +252,11 @@ impl Tokens {
         };
         let stamp = std::fs::metadata(path).ok().map(|m| {
             use std::os::unix::fs::MetadataExt;
-            (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), m.ino())
+            (
+                m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                m.len(),
+                m.ino(),
+            )
         });
         let mut cache = self.cache.lock();
         if cache.stamp != stamp || stamp.is_none() {
@@ -293,7 +299,9 @@ impl Tokens {
         let tokens = self.current();
         // Compare hashes: equal-length digests, so the time taken says nothing
         // of how much of a guess was right.
-        let found = tokens.iter().find(|t| constant_eq(t.hash.as_bytes(), h.as_bytes()));
+        let found = tokens
+            .iter()
+            .find(|t| constant_eq(t.hash.as_bytes(), h.as_bytes()));
         match found {
             Some(t) => Ok(Some(Caller {
                 name: t.name.clone(),

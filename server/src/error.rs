@@ -161,9 +161,10 @@ impl From<strata_store::Error> for ApiError {
     fn from(e: strata_store::Error) -> ApiError {
         use strata_store::Error as E;
         let status = match &e {
-            E::UnknownLayer { .. } | E::UnknownLabel { .. } | E::NoSuchPath { .. } | E::NoSuchRef(_) => {
-                StatusCode::NOT_FOUND
-            }
+            E::UnknownLayer { .. }
+            | E::UnknownLabel { .. }
+            | E::NoSuchPath { .. }
+            | E::NoSuchRef(_) => StatusCode::NOT_FOUND,
             E::BadDigest { .. }
             | E::BadName { .. }
             | E::AmbiguousPrefix { .. }

@@ -67,7 +67,8 @@ pub fn name_workspaces(dirs: &[PathBuf]) -> Result<BTreeMap<String, WorkspaceCon
             dir: dir.clone(),
             source,
         })?;
-        let root = std::fs::canonicalize(loader.root()).unwrap_or_else(|_| loader.root().to_owned());
+        let root =
+            std::fs::canonicalize(loader.root()).unwrap_or_else(|_| loader.root().to_owned());
         let settings = strata_engine::loader::read_settings(&root).map_err(|source| {
             ServerError::Workspace {
                 dir: dir.clone(),
@@ -110,7 +111,9 @@ impl Server {
         );
         let marked = mgr.mark_interrupted()?;
         for id in &marked {
-            eprintln!("note: run {id} was left unfinished by a stopped process; marked interrupted");
+            eprintln!(
+                "note: run {id} was left unfinished by a stopped process; marked interrupted"
+            );
         }
         store.sync()?;
         let shutdown = CancellationToken::new();
@@ -150,7 +153,10 @@ impl Server {
     /// Serves until `stop` completes; then stops accepting, cancels the
     /// running runs (recorded as cancelled, their processes and mounts
     /// cleaned up) and returns.
-    pub async fn serve(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+    pub async fn serve(
+        self,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
         let state = self.state.clone();
         let app = api::router(self.state.clone());
         let shutdown = state.shutdown.clone();
@@ -159,7 +165,11 @@ impl Server {
             // Live streams end, so the graceful shutdown does not wait on them.
             shutdown.cancel();
         };
-        let addr = self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let addr = self
+            .listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let result = axum::serve(self.listener, app)
             .with_graceful_shutdown(graceful)
             .await

@@ -131,8 +131,10 @@ impl Metrics {
         let c = &state.mgr.counters;
         self.tasks_executed
             .set(c.tasks_executed.load(Ordering::Relaxed) as i64);
-        self.tasks_cached.set(c.tasks_cached.load(Ordering::Relaxed) as i64);
-        self.tasks_failed.set(c.tasks_failed.load(Ordering::Relaxed) as i64);
+        self.tasks_cached
+            .set(c.tasks_cached.load(Ordering::Relaxed) as i64);
+        self.tasks_failed
+            .set(c.tasks_failed.load(Ordering::Relaxed) as i64);
         self.queue.set(state.mgr.queue_len() as i64);
         self.running.set(state.mgr.running() as i64);
         self.sse.set(state.hub.clients() as i64);

@@ -197,7 +197,11 @@ impl Manager {
                 model.validate()?;
                 (model, INLINE.to_owned())
             }
-            _ => return Err(ApiError::bad_request("Give a workspace or an inline pipeline")),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "Give a workspace or an inline pipeline",
+                ))
+            }
         };
         let targets = expand(&ws, &patterns)?;
         if let Some(key) = &s.dedup {

@@ -46,10 +46,9 @@ async fn supervise(mgr: Arc<Manager>, shutdown: CancellationToken, name: String,
     let mut warned = false;
     loop {
         let (m2, n2) = (mgr.clone(), name.clone());
-        let loaded = tokio::task::spawn_blocking(move || {
-            m2.load(&n2, &[Pattern::Recursive(String::new())])
-        })
-        .await;
+        let loaded =
+            tokio::task::spawn_blocking(move || m2.load(&n2, &[Pattern::Recursive(String::new())]))
+                .await;
         match loaded {
             Ok(Ok(model)) => {
                 warned = false;
@@ -57,7 +56,9 @@ async fn supervise(mgr: Arc<Manager>, shutdown: CancellationToken, name: String,
                 if running.as_ref().map(|r| &r.fingerprint) != Some(&fingerprint) {
                     if let Some(old) = running.take() {
                         old.stop.cancel();
-                        eprintln!("note: the sources of workspace `{name}` changed; restarting them");
+                        eprintln!(
+                            "note: the sources of workspace `{name}` changed; restarting them"
+                        );
                     }
                     let stop = shutdown.child_token();
                     match start_workspace(&mgr, &stop, &name, &root, &model) {
@@ -70,7 +71,9 @@ async fn supervise(mgr: Arc<Manager>, shutdown: CancellationToken, name: String,
                         }
                         Err(e) => {
                             stop.cancel();
-                            eprintln!("warning: the sources of workspace `{name}` cannot start: {e}");
+                            eprintln!(
+                                "warning: the sources of workspace `{name}` cannot start: {e}"
+                            );
                         }
                     }
                 }
@@ -288,7 +291,10 @@ async fn poll_git(
         let commit = match strata_engine::resolve_git_source(&root, &git).await {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("warning: cannot resolve `{}` of git source `{label}`: {e}", git.rev);
+                eprintln!(
+                    "warning: cannot resolve `{}` of git source `{label}`: {e}",
+                    git.rev
+                );
                 continue;
             }
         };
@@ -372,5 +378,6 @@ fn watch(
 }
 
 fn mgr_store_dir(mgr: &Manager) -> Option<PathBuf> {
-    mgr.store_root().map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+    mgr.store_root()
+        .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
 }

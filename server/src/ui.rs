@@ -33,7 +33,10 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/", get(|| serve(String::new())))
-        .route("/{*path}", get(|UrlPath(path): UrlPath<String>| serve(path)))
+        .route(
+            "/{*path}",
+            get(|UrlPath(path): UrlPath<String>| serve(path)),
+        )
 }
 
 async fn serve(path: String) -> Response {
@@ -42,7 +45,11 @@ async fn serve(path: String) -> Response {
             .into_response();
     }
     let dir = std::env::var_os("CI_UI_DIR").map(PathBuf::from);
-    let want = if path.is_empty() { "index.html" } else { path.as_str() };
+    let want = if path.is_empty() {
+        "index.html"
+    } else {
+        path.as_str()
+    };
     if let Some(body) = find(dir.as_deref(), want) {
         return answer(want, body);
     }
@@ -102,8 +109,14 @@ fn answer(path: &str, body: std::borrow::Cow<'static, [u8]>) -> Response {
     let h = res.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     res
 }

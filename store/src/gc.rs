@@ -114,10 +114,14 @@ impl Store {
         for (i, id) in run_ids.iter().enumerate() {
             if i < keep_from {
                 batch.delete(Family::Runs, id.as_bytes().to_vec());
-                self.meta.scan(Family::Events, &crate::records::events_prefix(id), &mut |k, _| {
-                    batch.delete(Family::Events, k.to_vec());
-                    Ok(Flow::Continue)
-                })?;
+                self.meta.scan(
+                    Family::Events,
+                    &crate::records::events_prefix(id),
+                    &mut |k, _| {
+                        batch.delete(Family::Events, k.to_vec());
+                        Ok(Flow::Continue)
+                    },
+                )?;
                 report.runs_dropped += 1;
             } else if let Some(run) = self.run(id)? {
                 root_layers.extend(run.layers);

@@ -544,7 +544,11 @@ impl Store {
         self.check_writable()?;
         let mut b = Batch::new();
         for (i, e) in events.iter().enumerate() {
-            b.put(Family::Events, event_key(id, first_seq + i as u64), e.to_vec());
+            b.put(
+                Family::Events,
+                event_key(id, first_seq + i as u64),
+                e.to_vec(),
+            );
         }
         self.meta.write(b)
     }
@@ -571,7 +575,11 @@ impl Store {
                 });
             };
             out.push((seq, v.to_vec()));
-            Ok(if out.len() >= limit { Flow::Stop } else { Flow::Continue })
+            Ok(if out.len() >= limit {
+                Flow::Stop
+            } else {
+                Flow::Continue
+            })
         })?;
         Ok(out)
     }

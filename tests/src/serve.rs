@@ -62,7 +62,12 @@ impl Server {
         Server::start_env(env, workspaces, extra, &[])
     }
 
-    pub fn start_env(env: &Env, workspaces: &[&str], extra: &[&str], vars: &[(&str, &str)]) -> Server {
+    pub fn start_env(
+        env: &Env,
+        workspaces: &[&str],
+        extra: &[&str],
+        vars: &[(&str, &str)],
+    ) -> Server {
         let mut args: Vec<String> = vec!["serve".into(), "--listen".into(), "127.0.0.1:0".into()];
         args.extend(extra.iter().map(|s| s.to_string()));
         args.extend(workspaces.iter().map(|s| s.to_string()));
@@ -93,7 +98,10 @@ impl Server {
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("ci serve did not start listening; its stderr:\n{}", log.lock().unwrap());
+                panic!(
+                    "ci serve did not start listening; its stderr:\n{}",
+                    log.lock().unwrap()
+                );
             }
         };
         Server {
@@ -112,7 +120,11 @@ impl Server {
         self.child.as_ref().map_or(0, |c| c.id())
     }
 
-    fn reply(&self, what: &str, res: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
+    fn reply(
+        &self,
+        what: &str,
+        res: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Reply {
         let mut res = res.unwrap_or_else(|e| panic!("{what}: {e}\nserver log:\n{}", self.log()));
         let status = res.status().as_u16();
         let headers = res
@@ -189,11 +201,15 @@ impl Server {
 
     /// Opens the event stream of run `id`.
     pub fn stream(&self, id: &str, last_id: Option<u64>) -> SseStream {
-        let mut req = self.agent.get(format!("{}/api/v1/runs/{id}/events", self.url));
+        let mut req = self
+            .agent
+            .get(format!("{}/api/v1/runs/{id}/events", self.url));
         if let Some(l) = last_id {
             req = req.header("Last-Event-ID", l.to_string());
         }
-        let res = req.call().unwrap_or_else(|e| panic!("GET events of {id}: {e}"));
+        let res = req
+            .call()
+            .unwrap_or_else(|e| panic!("GET events of {id}: {e}"));
         assert_eq!(res.status().as_u16(), 200, "GET events of {id}");
         SseStream::new(Box::new(res.into_body().into_reader()))
     }

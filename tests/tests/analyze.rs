@@ -39,15 +39,32 @@ fn analyze_finds_the_critical_path_and_tasks_that_never_hit() {
         .collect();
     assert_eq!(never, ["//:stamp"], "{a:#}");
     let levels = a["levels"].as_array().unwrap();
-    assert_eq!(levels[0]["tasks"], 2, "`a` and `stamp` have no inputs: {a:#}");
+    assert_eq!(
+        levels[0]["tasks"], 2,
+        "`a` and `stamp` have no inputs: {a:#}"
+    );
     // The first run's critical path goes through the slow task.
     let first = env.ci(["--json", "runs"]).success().json();
-    let id = first.as_array().unwrap().last().unwrap()["id"].as_str().unwrap().to_owned();
+    let id = first.as_array().unwrap().last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let a1: Value = env.ci(["--json", "analyze", &id]).success().json();
-    let path1: Vec<&str> = a1["critical_path"].as_array().unwrap().iter().map(|p| p["label"].as_str().unwrap()).collect();
+    let path1: Vec<&str> = a1["critical_path"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["label"].as_str().unwrap())
+        .collect();
     assert_eq!(path1, ["//:a", "//:slow", "//:deploy"], "{a1:#}");
     assert!(a1["critical_ms"].as_u64().unwrap() >= 400);
-    assert_eq!(a1["impure_on_critical_path"], serde_json::json!(["//:deploy"]));
+    assert_eq!(
+        a1["impure_on_critical_path"],
+        serde_json::json!(["//:deploy"])
+    );
     let human = env.ci(["analyze", &id]).success().stdout_str();
-    assert!(human.contains("critical path") && human.contains("//:slow"), "{human}");
+    assert!(
+        human.contains("critical path") && human.contains("//:slow"),
+        "{human}"
+    );
 }

@@ -20,7 +20,10 @@ fn deep_nesting_loads_instead_of_overflowing_the_stack() {
         .map(|i| format!("{}if True:\n", "    ".repeat(i)))
         .collect::<String>()
         + &format!("{}pass\n", "    ".repeat(300));
-    let body = format!("{parens}{lists}{sum}def f():\n{}\ntask(name = \"t\", cmd = [\"true\"])\n", indent(&ifs));
+    let body = format!(
+        "{parens}{lists}{sum}def f():\n{}\ntask(name = \"t\", cmd = [\"true\"])\n",
+        indent(&ifs)
+    );
     let env = workspace(&body);
     let out = env.ci(["graph", "--format", "json"]);
     assert_ne!(out.code(), Some(134), "aborted: {}", out.stderr_str());
@@ -49,7 +52,11 @@ fn indent(text: &str) -> String {
 fn zero_jobs_is_a_usage_error() {
     let env = workspace("task(name = \"t\", cmd = [\"true\"])\n");
     let out = env.ci(["build", "-j", "0"]).failure(2);
-    assert!(out.stderr_str().contains("at least 1"), "{}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains("at least 1"),
+        "{}",
+        out.stderr_str()
+    );
 }
 
 #[test]
@@ -67,7 +74,11 @@ fn a_task_with_ten_thousand_deps_loads() {
 /// `ci graph` exits 2 with a message naming the file and what it is.
 fn refused(env: &Env, want: &str) {
     let out = env.ci(["graph"]).failure(2);
-    assert!(out.stderr_str().contains(want), "wanted `{want}`: {}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains(want),
+        "wanted `{want}`: {}",
+        out.stderr_str()
+    );
 }
 
 #[test]

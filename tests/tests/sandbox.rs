@@ -17,7 +17,10 @@ fn a_host_task_inherits_only_stdio() {
          task(name = \"fds\", deps = [\":src\"], script = \"cat $CI_IN/src/a.txt >/dev/null; for f in /proc/$$/fd/*; do echo \\\"${f##*/} $(readlink $f)\\\"; done > fds.txt\")\n",
     );
     env.ci(["build"]).success();
-    let fds = env.ci(["store", "cat", "//:fds", "fds.txt"]).success().stdout_str();
+    let fds = env
+        .ci(["store", "cat", "//:fds", "fds.txt"])
+        .success()
+        .stdout_str();
     let store = env.store().display().to_string();
     let work = env.store().join("work").display().to_string();
     let mut seen = 0;
@@ -29,9 +32,15 @@ fn a_host_task_inherits_only_stdio() {
         let ok = target.starts_with("pipe:")
             || target == "/dev/null"
             || target.starts_with(&work)
-            || !target.starts_with(&store) && !target.starts_with("/dev/fuse") && !target.starts_with("socket:") && !target.starts_with("anon_inode:");
+            || !target.starts_with(&store)
+                && !target.starts_with("/dev/fuse")
+                && !target.starts_with("socket:")
+                && !target.starts_with("anon_inode:");
         assert!(ok, "the task inherited {line}:\n{fds}");
-        assert!(!target.starts_with(&format!("{store}/db")) && !target.ends_with("/lock"), "{line}\n{fds}");
+        assert!(
+            !target.starts_with(&format!("{store}/db")) && !target.ends_with("/lock"),
+            "{line}\n{fds}"
+        );
     }
     assert!(seen >= 3, "{fds}");
 }

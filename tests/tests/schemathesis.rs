@@ -21,11 +21,23 @@ fn the_api_keeps_to_its_openapi_document() {
         .status()
         .unwrap()
         .success());
-    let token = env.ci(["serve", "token", "create", "fuzz"]).success().stdout_str().trim().to_owned();
+    let token = env
+        .ci(["serve", "token", "create", "fuzz"])
+        .success()
+        .stdout_str()
+        .trim()
+        .to_owned();
     let server = Server::start(&env, &["."], &[]);
     // Something to find: one finished run.
-    let ws = server.get("/api/v1/workspaces").json()[0]["name"].as_str().unwrap().to_owned();
-    let r = server.post(&format!("/api/v1/workspaces/{ws}/runs"), &json!({}), Some(&token));
+    let ws = server.get("/api/v1/workspaces").json()[0]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = server.post(
+        &format!("/api/v1/workspaces/{ws}/runs"),
+        &json!({}),
+        Some(&token),
+    );
     assert_eq!(r.status, 202);
     server.wait_run(r.json()["id"].as_str().unwrap());
 

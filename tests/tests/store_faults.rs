@@ -17,7 +17,10 @@ fn verify_reports_stray_files_in_blobs_instead_of_failing() {
     write(&shard, "notablob", "x");
     let out = env.ci(["store", "verify"]).failure(1);
     let text = out.all_str();
-    assert!(text.contains("stray file") && text.contains("README") && text.contains("notablob"), "{text}");
+    assert!(
+        text.contains("stray file") && text.contains("README") && text.contains("notablob"),
+        "{text}"
+    );
     std::fs::remove_file(blobs.join("README")).unwrap();
     std::fs::remove_file(shard.join("notablob")).unwrap();
     env.ci(["store", "verify"]).success();

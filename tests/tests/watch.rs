@@ -28,13 +28,11 @@ fn build_watch_rebuilds_after_an_edit() {
             let _ = tx.send(line);
         }
     });
-    let wait_for = |what: &str| {
-        loop {
-            match rx.recv_timeout(Duration::from_secs(60)) {
-                Ok(line) if line.contains(what) => return,
-                Ok(_) => continue,
-                Err(_) => panic!("`ci build --watch` never printed `{what}`"),
-            }
+    let wait_for = |what: &str| loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if line.contains(what) => return,
+            Ok(_) => continue,
+            Err(_) => panic!("`ci build --watch` never printed `{what}`"),
         }
     };
     wait_for("watching //:src");

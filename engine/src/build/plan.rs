@@ -85,7 +85,11 @@ impl Engine {
                         .await
                         .map_err(|e| BuildError::Join(e.to_string()))??;
                     // Whatever the cache says, the output is the directory as it is.
-                    (Self::local_source_preimage(s, report.layer), BTreeMap::new(), Some(report.layer))
+                    (
+                        Self::local_source_preimage(s, report.layer),
+                        BTreeMap::new(),
+                        Some(report.layer),
+                    )
                 }
                 TaskKind::GitSource(g) => {
                     let commit = super::resolve_git_source(&self.workspace_root(), g).await?;
@@ -109,15 +113,27 @@ impl Engine {
                     let action = self.command_action(task, r, &inputs, opts).await?;
                     let key = action.pre.key();
                     if r.effects {
-                        out.insert(name, Prediction::run("it has outside effects: it runs every time", Some(key)));
+                        out.insert(
+                            name,
+                            Prediction::run(
+                                "it has outside effects: it runs every time",
+                                Some(key),
+                            ),
+                        );
                         continue;
                     }
                     if !r.pure {
-                        out.insert(name, Prediction::run("it is not pure: it runs every time", Some(key)));
+                        out.insert(
+                            name,
+                            Prediction::run("it is not pure: it runs every time", Some(key)),
+                        );
                         continue;
                     }
                     if opts.check {
-                        out.insert(name, Prediction::run("`--check` runs cached tasks again", Some(key)));
+                        out.insert(
+                            name,
+                            Prediction::run("`--check` runs cached tasks again", Some(key)),
+                        );
                         continue;
                     }
                     (action.pre, action.input_labels, None)
@@ -155,7 +171,8 @@ impl Engine {
                             },
                         );
                     }
-                    let (reason, changed_paths) = self.why_not_cached(&name, &pre, &input_labels)?;
+                    let (reason, changed_paths) =
+                        self.why_not_cached(&name, &pre, &input_labels)?;
                     let mut p = Prediction::run(reason, Some(key));
                     p.changed_paths = changed_paths;
                     p
@@ -177,7 +194,10 @@ impl Engine {
     ) -> Result<(String, Vec<String>), BuildError> {
         let Some(prev) = super::previous_payload(&self.inner.store, &self.label_record_key(label))?
         else {
-            return Ok(("it has not run in this workspace before".to_owned(), Vec::new()));
+            return Ok((
+                "it has not run in this workspace before".to_owned(),
+                Vec::new(),
+            ));
         };
         if prev.key == pre.key() {
             return Ok((
@@ -203,7 +223,11 @@ impl Engine {
         }
         if let (Some(old), Some(new)) = (prev.preimage.base, pre.base) {
             if old != new {
-                let name = if pre.kind == "local_source" { "" } else { "base" };
+                let name = if pre.kind == "local_source" {
+                    ""
+                } else {
+                    "base"
+                };
                 pairs.push((name.to_owned(), old, new));
             }
         }

@@ -84,7 +84,12 @@ pub(crate) fn pipeline_file(root: &Path, file: &str) -> Result<bool, LoadError> 
     };
     let link = match fs::symlink_metadata(&path) {
         Ok(m) => m,
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
             return Ok(false)
         }
         Err(source) => return Err(LoadError::Io { path, source }),

@@ -160,7 +160,9 @@ async fn stream_run(state: &AppState, run: &str, mut from: u64, logs: bool, tx: 
 }
 
 fn end_event(next: u64) -> Result<SseEvent, Infallible> {
-    Ok(SseEvent::default().event("end").data(format!("{{\"next\":{next}}}")))
+    Ok(SseEvent::default()
+        .event("end")
+        .data(format!("{{\"next\":{next}}}")))
 }
 
 /// Up to `limit` stored events of `run` from `from` on, read off the async
@@ -176,7 +178,14 @@ async fn page(state: &AppState, run: &str, from: u64, limit: usize) -> Vec<(u64,
 }
 
 /// Sends stored events with `from <= seq < upto`; `false` when the client left.
-async fn replay(state: &AppState, run: &str, from: &mut u64, upto: u64, logs: bool, tx: &Tx) -> bool {
+async fn replay(
+    state: &AppState,
+    run: &str,
+    from: &mut u64,
+    upto: u64,
+    logs: bool,
+    tx: &Tx,
+) -> bool {
     while *from < upto {
         let page = page(state, run, *from, REPLAY_PAGE).await;
         if page.is_empty() {

@@ -25,7 +25,10 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// Checks `sha256=<hex>` (the prefix optional) against the body's HMAC-SHA256.
 fn hmac_ok(secret: &[u8], body: &[u8], signature: &str) -> bool {
-    let hex_sig = signature.trim().strip_prefix("sha256=").unwrap_or(signature.trim());
+    let hex_sig = signature
+        .trim()
+        .strip_prefix("sha256=")
+        .unwrap_or(signature.trim());
     let Ok(given) = hex::decode(hex_sig) else {
         return false;
     };
@@ -40,12 +43,15 @@ fn hmac_ok(secret: &[u8], body: &[u8], signature: &str) -> bool {
 /// Whether a delivery is authentic for a webhook of `kind` with `secret`.
 pub fn authentic(kind: HookKind, secret: &[u8], headers: &HeaderMap, body: &[u8]) -> bool {
     match kind {
-        HookKind::Github => header(headers, "x-hub-signature-256")
-            .is_some_and(|sig| hmac_ok(secret, body, sig)),
-        HookKind::Gitlab => header(headers, "x-gitlab-token")
-            .is_some_and(|t| constant_eq(t.as_bytes(), secret)),
-        HookKind::Generic => header(headers, "x-signature-256")
-            .is_some_and(|sig| hmac_ok(secret, body, sig)),
+        HookKind::Github => {
+            header(headers, "x-hub-signature-256").is_some_and(|sig| hmac_ok(secret, body, sig))
+        }
+        HookKind::Gitlab => {
+            header(headers, "x-gitlab-token").is_some_and(|t| constant_eq(t.as_bytes(), secret))
+        }
+        HookKind::Generic => {
+            header(headers, "x-signature-256").is_some_and(|sig| hmac_ok(secret, body, sig))
+        }
     }
 }
 
@@ -89,11 +95,10 @@ pub async fn deliver(
     let label = super::workspaces::path_label(&label_text)?;
     let mgr = state.mgr.clone();
     let ws2 = ws.clone();
-    let model = tokio::task::spawn_blocking(move || {
-        mgr.load(&ws2, &[Pattern::Recursive(String::new())])
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))??;
+    let model =
+        tokio::task::spawn_blocking(move || mgr.load(&ws2, &[Pattern::Recursive(String::new())]))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))??;
     let hook = match model.tasks.get(&label).map(|t| &t.kind) {
         Some(TaskKind::Webhook(h)) => h.clone(),
         Some(_) => {
@@ -149,10 +154,7 @@ pub async fn deliver(
             by: None,
         },
     );
-    s.dedup = Some(format!(
-        "{ws}\0{label}\0{}",
-        blake3::hash(&body).to_hex()
-    ));
+    s.dedup = Some(format!("{ws}\0{label}\0{}", blake3::hash(&body).to_hex()));
     s.payloads.insert(label.to_string(), files);
     let mgr = state.mgr.clone();
     let handle = tokio::runtime::Handle::current();

@@ -97,9 +97,9 @@ fn layer_path(text: &str) -> ApiResult<RelPath> {
 }
 
 fn lookup(store: &Store, root: &Digest, path: &RelPath, spec: &str) -> ApiResult<Entry> {
-    store.lookup(root, path)?.ok_or_else(|| {
-        ApiError::not_found(format!("Layer `{spec}` has no path `{path}`"))
-    })
+    store
+        .lookup(root, path)?
+        .ok_or_else(|| ApiError::not_found(format!("Layer `{spec}` has no path `{path}`")))
 }
 
 /// What `ci store show` says of a layer.
@@ -237,7 +237,11 @@ fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, ()>
     let Some(v) = headers.get(header::RANGE) else {
         return Ok(None);
     };
-    let Some(spec) = v.to_str().ok().and_then(|s| s.trim().strip_prefix("bytes=")) else {
+    let Some(spec) = v
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().strip_prefix("bytes="))
+    else {
         return Ok(None);
     };
     if spec.contains(',') {
@@ -309,7 +313,10 @@ pub async fn file(
     let range = parse_range(&headers, size).map_err(|()| {
         ApiError::new(
             StatusCode::RANGE_NOT_SATISFIABLE,
-            format!("The range is not within the file's {size} bytes; ask for `bytes=0-{}`", size.saturating_sub(1)),
+            format!(
+                "The range is not within the file's {size} bytes; ask for `bytes=0-{}`",
+                size.saturating_sub(1)
+            ),
         )
     })?;
     let (start, end) = range.unwrap_or((0, size));
@@ -331,7 +338,10 @@ pub async fn file(
                 Ok(0) => break,
                 Ok(n) => {
                     pos += n as u64;
-                    if tx.blocking_send(Ok(Bytes::copy_from_slice(&buf[..n]))).is_err() {
+                    if tx
+                        .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -349,22 +359,36 @@ pub async fn file(
         StatusCode::OK
     };
     let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
     if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
         h.insert(header::ETAG, v);
     }
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable"));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
     if range.is_some() {
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end.saturating_sub(1))) {
+        if let Ok(v) =
+            HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end.saturating_sub(1)))
+        {
             h.insert(header::CONTENT_RANGE, v);
         }
     }
     let base = name.rsplit('/').next().unwrap_or("file");
     let safe: String = base
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{safe}\"")) {
         h.insert(header::CONTENT_DISPOSITION, v);
@@ -392,7 +416,11 @@ pub async fn diff(
         let store = &st.store;
         let from = resolve(&st, store, &a, q.workspace.as_deref())?;
         let to = resolve(&st, store, &b, q.workspace.as_deref())?;
-        let changes = store.diff(&from, &to)?.into_iter().map(ChangeRow::from).collect();
+        let changes = store
+            .diff(&from, &to)?
+            .into_iter()
+            .map(ChangeRow::from)
+            .collect();
         Ok(Json(LayerDiff { from, to, changes }))
     })
     .await
@@ -454,8 +482,14 @@ pub async fn archive(
     });
     let mut res = Response::new(Body::from_stream(ReceiverStream::new(rx)));
     let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/zstd"));
-    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{}.tar.zst\"", digest.short())) {
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/zstd"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "attachment; filename=\"{}.tar.zst\"",
+        digest.short()
+    )) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
     Ok(res.into_response())

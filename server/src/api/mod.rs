@@ -147,7 +147,10 @@ pub fn router(state: AppState) -> Router {
         .route("/layers/{layer}/archive", get(layers::archive))
         .route("/openapi.json", get(openapi))
         .route("/whoami", get(whoami))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT));
     let hooks = Router::new()
         .route("/hooks/{ws}/{name}", post(hooks::deliver))
@@ -184,7 +187,8 @@ fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let headers = req.headers();
     // Validating a pipeline changes nothing: it is a read.
-    let reads = matches!(*req.method(), Method::GET | Method::HEAD) || req.uri().path().ends_with("/validate");
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD)
+        || req.uri().path().ends_with("/validate");
     let checked = match reads {
         true => state.tokens.check_read(headers).map(drop),
         false => state.tokens.check_write(headers).map(drop),
@@ -227,7 +231,10 @@ pub struct WhoAmI {
 
 #[utoipa::path(get, path = "/api/v1/whoami", tag = "server",
     responses((status = 200, body = WhoAmI), (status = 401, body = ErrorBody)))]
-async fn whoami(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Result<axum::Json<WhoAmI>, ApiError> {
+async fn whoami(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<axum::Json<WhoAmI>, ApiError> {
     let caller = state.tokens.caller(&headers)?;
     Ok(axum::Json(WhoAmI {
         access: match &caller {
@@ -297,7 +304,10 @@ where
                     StatusCode::UNSUPPORTED_MEDIA_TYPE => {
                         "Send the body as JSON with `Content-Type: application/json`".to_owned()
                     }
-                    _ => format!("The body is not what this endpoint takes: {}", rejection.body_text()),
+                    _ => format!(
+                        "The body is not what this endpoint takes: {}",
+                        rejection.body_text()
+                    ),
                 };
                 Err(ApiError::new(status, message))
             }
@@ -345,7 +355,10 @@ where
     ) -> Result<Self, ApiError> {
         match axum::extract::Path::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
-            Err(e) => Err(ApiError::bad_request(format!("Bad path: {}", e.body_text()))),
+            Err(e) => Err(ApiError::bad_request(format!(
+                "Bad path: {}",
+                e.body_text()
+            ))),
         }
     }
 }

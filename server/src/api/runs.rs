@@ -144,10 +144,8 @@ pub async fn start_inline_run(
         ));
     }
     if model.tasks.values().any(|t| {
-        matches!(
-            t.kind,
-            strata_engine::TaskKind::LocalSource(_)
-        ) || matches!(&t.kind, strata_engine::TaskKind::GitSource(g)
+        matches!(t.kind, strata_engine::TaskKind::LocalSource(_))
+            || matches!(&t.kind, strata_engine::TaskKind::GitSource(g)
             if !g.url.contains("://") && !g.url.contains('@') && !g.url.starts_with('/'))
     }) {
         return Err(ApiError::bad_request(
@@ -294,7 +292,9 @@ pub async fn list_runs(
             let Ok(r) = RunRecord::load(&store, id) else {
                 continue;
             };
-            if f.workspace.as_ref().is_some_and(|w| r.workspace.as_ref() != Some(w))
+            if f.workspace
+                .as_ref()
+                .is_some_and(|w| r.workspace.as_ref() != Some(w))
                 || want_state.is_some_and(|s| r.state != s)
                 || f.target.as_ref().is_some_and(|t| !r.targets.contains(t))
             {
@@ -516,9 +516,22 @@ fn log_page(bytes: &[u8], offset: u64, limit: u64, complete: bool) -> Response {
     let end = (offset.saturating_add(limit)).min(size) as usize;
     let mut res = Response::new(Body::from(bytes[start..end].to_vec()));
     let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, "text/plain; charset=utf-8".parse().unwrap_or(header::HeaderValue::from_static("text/plain")));
+    h.insert(
+        header::CONTENT_TYPE,
+        "text/plain; charset=utf-8"
+            .parse()
+            .unwrap_or(header::HeaderValue::from_static("text/plain")),
+    );
     h.insert("x-log-size", size.into());
-    h.insert("x-log-complete", if complete { "true".parse() } else { "false".parse() }.unwrap_or(header::HeaderValue::from_static("false")));
+    h.insert(
+        "x-log-complete",
+        if complete {
+            "true".parse()
+        } else {
+            "false".parse()
+        }
+        .unwrap_or(header::HeaderValue::from_static("false")),
+    );
     h.insert("x-next-offset", (end as u64).into());
     res.into_response()
 }

@@ -274,7 +274,13 @@ pub async fn plan(
 ) -> ApiResult<Json<Plan>> {
     let targets: Vec<String> = q
         .targets
-        .map(|t| t.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+        .map(|t| {
+            t.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default();
     let patterns = crate::runs::parse_patterns(&targets)?;
     state.mgr.workspace(&ws)?;
