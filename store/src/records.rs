@@ -562,25 +562,21 @@ impl Store {
             return Ok(out);
         }
         let start = event_key(id, from);
-        let mut seen_start = false;
-        self.meta.scan(Family::Events, &prefix, &mut |k, v| {
-            if !seen_start && k < &start[..] {
-                return Ok(Flow::Continue);
-            }
-            seen_start = true;
-            let Some(seq) = k[prefix.len()..].try_into().ok().map(u64::from_be_bytes) else {
-                return Err(Error::CorruptRecord {
-                    what: "event",
-                    key: String::from_utf8_lossy(k).into_owned(),
-                });
-            };
-            out.push((seq, v.to_vec()));
-            Ok(if out.len() >= limit {
-                Flow::Stop
-            } else {
-                Flow::Continue
-            })
-        })?;
+        self.meta
+            .scan_from(Family::Events, &prefix, &start, &mut |k, v| {
+                let Some(seq) = k[prefix.len()..].try_into().ok().map(u64::from_be_bytes) else {
+                    return Err(Error::CorruptRecord {
+                        what: "event",
+                        key: String::from_utf8_lossy(k).into_owned(),
+                    });
+                };
+                out.push((seq, v.to_vec()));
+                Ok(if out.len() >= limit {
+                    Flow::Stop
+                } else {
+                    Flow::Continue
+                })
+            })?;
         Ok(out)
     }
 

@@ -149,9 +149,9 @@ async fn stream_run(state: &AppState, run: &str, mut from: u64, logs: bool, tx: 
                 return;
             }
             Err(broadcast::error::RecvError::Lagged(_)) => {
-                // Fell behind the channel: the store has what was missed.
-                let upto = state.store.next_event_seq(run).unwrap_or(u64::MAX);
-                if !replay(state, run, &mut from, upto, logs, tx).await {
+                // Fell behind the channel: the store has what was missed
+                // (and more; what the channel still holds is then skipped).
+                if !replay(state, run, &mut from, u64::MAX, logs, tx).await {
                     return;
                 }
             }
@@ -258,6 +258,7 @@ pub async fn log_so_far(state: &AppState, run: &str, label: &str) -> ApiResult<(
     let store = state.store.clone();
     let (run, label) = (run.to_owned(), label.to_owned());
     tokio::task::spawn_blocking(move || -> ApiResult<(Vec<u8>, bool)> {
+        let needle = json_label(&label);
         let mut out = Vec::new();
         let mut done = false;
         let mut from = 0;
@@ -267,7 +268,7 @@ pub async fn log_so_far(state: &AppState, run: &str, label: &str) -> ApiResult<(
                 break;
             };
             for (_, bytes) in &page {
-                append_log(bytes, &label, &mut out, &mut done);
+                append_log(bytes, &label, &needle, &mut out, &mut done);
             }
             from = last + 1;
         }
@@ -278,10 +279,10 @@ pub async fn log_so_far(state: &AppState, run: &str, label: &str) -> ApiResult<(
 }
 
 /// Adds a `task_log` line of `label` to `out`; notes its `task_finished`.
-fn append_log(bytes: &[u8], label: &str, out: &mut Vec<u8>, done: &mut bool) {
+/// `needle` is the label as JSON (`"\"//pkg:name\""`), made once by the caller.
+fn append_log(bytes: &[u8], label: &str, needle: &[u8], out: &mut Vec<u8>, done: &mut bool) {
     // Cheap filter before decoding: most events are not this task's.
-    let needle = serde_json::to_string(label).unwrap_or_default();
-    if !contains(bytes, needle.as_bytes()) {
+    if !contains(bytes, needle) {
         return;
     }
     let Some(p) = peek(bytes) else { return };
@@ -300,6 +301,11 @@ fn append_log(bytes: &[u8], label: &str, out: &mut Vec<u8>, done: &mut bool) {
     }
 }
 
+/// A label as it appears in an event's JSON, to filter events by.
+fn json_label(label: &str) -> Vec<u8> {
+    serde_json::to_vec(label).unwrap_or_default()
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     needle.is_empty() || hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -310,6 +316,7 @@ pub async fn follow_log(state: AppState, run: String, label: String, offset: u64
     let guard = ClientGuard::new(state.hub.clone());
     tokio::spawn(async move {
         let _guard = guard;
+        let needle = json_label(&label);
         let mut sent: u64 = 0;
         let send = |chunk: Vec<u8>, sent: &mut u64| {
             // Skip what lies before `offset`.
@@ -331,7 +338,7 @@ pub async fn follow_log(state: AppState, run: String, label: String, offset: u64
                 if *seq >= upto {
                     break;
                 }
-                append_log(bytes, &label, &mut chunk, &mut done);
+                append_log(bytes, &label, &needle, &mut chunk, &mut done);
                 from = seq + 1;
             }
             let out = send(chunk, &mut sent);
@@ -350,7 +357,7 @@ pub async fn follow_log(state: AppState, run: String, label: String, offset: u64
                 Ok(Live::Event(r)) if r.seq >= from => {
                     from = r.seq + 1;
                     let mut chunk = Vec::new();
-                    append_log(r.json.as_bytes(), &label, &mut chunk, &mut done);
+                    append_log(r.json.as_bytes(), &label, &needle, &mut chunk, &mut done);
                     let out = send(chunk, &mut sent);
                     if !out.is_empty() && tx.send(Ok(Bytes::from(out))).await.is_err() {
                         return;
@@ -362,7 +369,7 @@ pub async fn follow_log(state: AppState, run: String, label: String, offset: u64
                     let page = page(&state, &run, from, usize::MAX).await;
                     let mut chunk = Vec::new();
                     for (seq, bytes) in &page {
-                        append_log(bytes, &label, &mut chunk, &mut done);
+                        append_log(bytes, &label, &needle, &mut chunk, &mut done);
                         from = seq + 1;
                     }
                     let out = send(chunk, &mut sent);

@@ -52,15 +52,17 @@ impl MetaStore for MemoryMetaStore {
         Ok(())
     }
 
-    fn scan(
+    fn scan_from(
         &self,
         family: Family,
         prefix: &[u8],
+        start: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]) -> Result<Flow>,
     ) -> Result<()> {
+        let start = start.max(prefix);
         // Copy the matching range out so `f` may call back into the store.
         let entries: Vec<(Vec<u8>, Vec<u8>)> = self.maps()[family.index()]
-            .range(prefix.to_vec()..)
+            .range(start.to_vec()..)
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();

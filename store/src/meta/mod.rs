@@ -116,6 +116,18 @@ pub trait MetaStore: Send + Sync {
         family: Family,
         prefix: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]) -> Result<Flow>,
+    ) -> Result<()> {
+        self.scan_from(family, prefix, prefix, f)
+    }
+    /// Like [`MetaStore::scan`], starting at the first key at or after
+    /// `start` (which should itself start with `prefix`): a caller resuming
+    /// part-way through a prefix does not read what it has seen.
+    fn scan_from(
+        &self,
+        family: Family,
+        prefix: &[u8],
+        start: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<Flow>,
     ) -> Result<()>;
     /// Brings a read-only view up to date with the writer (no-op elsewhere).
     fn refresh(&self) -> Result<()> {

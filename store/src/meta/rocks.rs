@@ -142,18 +142,20 @@ impl MetaStore for RocksMetaStore {
         self.db.flush_wal(true).map_err(db_err("syncing the log"))
     }
 
-    fn scan(
+    fn scan_from(
         &self,
         family: Family,
         prefix: &[u8],
+        start: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]) -> Result<Flow>,
     ) -> Result<()> {
         if self.absent(family) {
             return Ok(());
         }
+        let start = start.max(prefix);
         let iter = self.db.iterator_cf(
             self.cf(family)?,
-            IteratorMode::From(prefix, Direction::Forward),
+            IteratorMode::From(start, Direction::Forward),
         );
         for item in iter {
             let (k, v) = item.map_err(db_err("scanning"))?;
