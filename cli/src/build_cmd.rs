@@ -386,9 +386,11 @@ fn payloads(
         let name = match ws.tasks.get(&label).map(|t| &t.kind) {
             Some(strata_engine::TaskKind::Webhook(_)) => "payload.json",
             Some(strata_engine::TaskKind::Timer(_)) => "tick.json",
-            _ => return Err(usage(format!(
+            _ => {
+                return Err(usage(format!(
                 "`--payload {g}`: `{label}` is not a `webhook` or `timer` source of this workspace"
-            ))),
+            )))
+            }
         };
         let bytes = std::fs::read(file)
             .with_context(|| format!("Cannot read `{file}`, given to `--payload`"))?;
@@ -771,19 +773,8 @@ fn secs(ms: u64) -> String {
     format!("{:.2}s", ms as f64 / 1000.0)
 }
 
-/// One line of `ci runs`, from a local record or the server's summary.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct RunRow {
-    id: String,
-    state: TaskState,
-    targets: Vec<String>,
-    executed: usize,
-    cached: usize,
-    failed: usize,
-    tasks: usize,
-    duration_ms: u64,
-    rerun_of: Option<String>,
-}
+/// One line of `ci runs`, from a local record or the server's list.
+type RunRow = strata_engine::RunSummary;
 
 pub fn runs(ws: WsArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
     // Newest first.
@@ -815,17 +806,7 @@ pub fn runs(ws: WsArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
             RunRecord::list(&store)?
                 .iter()
                 .rev()
-                .map(|r| RunRow {
-                    id: r.id.clone(),
-                    state: r.state,
-                    targets: r.targets.clone(),
-                    executed: r.executed(),
-                    cached: r.cached(),
-                    failed: r.failed(),
-                    tasks: r.tasks.len(),
-                    duration_ms: r.duration_ms,
-                    rerun_of: r.rerun_of.clone(),
-                })
+                .map(RunRecord::summary)
                 .collect()
         }
     };

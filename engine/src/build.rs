@@ -1332,6 +1332,14 @@ impl Engine {
         (dir, opts)
     }
 
+    /// The preimage of a git source whose ref resolved to `commit`.
+    pub(crate) fn git_source_preimage(g: &model::GitSource, commit: &str) -> ActionPreimage {
+        let mut pre = ActionPreimage::new("git_source", "store");
+        pre.extra.insert("url".into(), g.url.clone());
+        pre.extra.insert("commit".into(), commit.to_owned());
+        pre
+    }
+
     /// The preimage of a local source whose directory ingested as `layer`.
     pub(crate) fn local_source_preimage(s: &model::LocalSource, layer: Digest) -> ActionPreimage {
         let mut pre = ActionPreimage::new("local_source", "store");
@@ -1465,9 +1473,7 @@ impl Engine {
         let label = task.label.to_string();
         let url = git_url(&self.workspace_root(), g);
         let commit = crate::git::resolve(&url, &g.rev).await?;
-        let mut pre = ActionPreimage::new("git_source", "store");
-        pre.extra.insert("url".into(), g.url.clone());
-        pre.extra.insert("commit".into(), commit.clone());
+        let pre = Self::git_source_preimage(g, &commit);
         if self.try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)? {
             return Ok(());
         }

@@ -70,6 +70,20 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// The event's kind, as its JSON `event` field says it (the SSE name).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::RunStarted { .. } => "run_started",
+            Event::Note { .. } => "note",
+            Event::TaskStarted { .. } => "task_started",
+            Event::TaskLog { .. } => "task_log",
+            Event::TaskFinished { .. } => "task_finished",
+            Event::RunFinished { .. } => "run_finished",
+        }
+    }
+}
+
 /// Where events go. Cheap to clone; must not block.
 #[derive(Clone)]
 pub struct EventSink(Arc<dyn Fn(Event) + Send + Sync>);

@@ -42,5 +42,5 @@ pub use model::{
     Command, Dep, Executor, GitSource, HookKind, InputMode, LocalSource, Location, Merge,
     OnConflict, Run, Service, Settings, Stage, Task, TaskKind, Timer, Webhook, Workspace,
 };
-pub use record::{new_run_id, RunRecord, TaskRecord, TaskState, Trigger};
+pub use record::{new_run_id, RunRecord, RunSummary, TaskRecord, TaskState, Trigger};
 pub use validate::parse_cron;

@@ -161,7 +161,49 @@ pub struct RunRecord {
     pub trigger: Option<Trigger>,
 }
 
+/// One line of a run list (`ci runs`, `GET /api/v1/runs`): the record
+/// without its tasks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RunSummary {
+    pub id: String,
+    pub state: TaskState,
+    #[serde(default)]
+    pub workspace: Option<String>,
+    pub targets: Vec<String>,
+    #[serde(default)]
+    pub started_ms: u64,
+    pub duration_ms: u64,
+    pub tasks: usize,
+    pub executed: usize,
+    pub cached: usize,
+    pub failed: usize,
+    #[serde(default)]
+    pub skipped: usize,
+    pub rerun_of: Option<String>,
+    #[serde(default)]
+    pub trigger: Option<Trigger>,
+}
+
 impl RunRecord {
+    pub fn summary(&self) -> RunSummary {
+        RunSummary {
+            id: self.id.clone(),
+            state: self.state,
+            workspace: self.workspace.clone(),
+            targets: self.targets.clone(),
+            started_ms: self.started_ms,
+            duration_ms: self.duration_ms,
+            tasks: self.tasks.len(),
+            executed: self.executed(),
+            cached: self.cached(),
+            failed: self.failed(),
+            skipped: self.skipped(),
+            rerun_of: self.rerun_of.clone(),
+            trigger: self.trigger.clone(),
+        }
+    }
+
     pub fn count(&self, f: impl Fn(&TaskRecord) -> bool) -> usize {
         self.tasks.values().filter(|t| f(t)).count()
     }
@@ -214,6 +256,11 @@ impl RunRecord {
     /// Loads a run by id, or by a unique prefix of its id; `latest` (or
     /// `last`) is the most recent run.
     pub fn load(store: &Store, id: &str) -> Result<RunRecord, BuildError> {
+        // A full id is one point lookup; only a prefix or `latest` lists ids
+        // (`list`, and a server answering for one run, load full ids).
+        if let Some(entry) = store.run(id)? {
+            return Self::decode(id, &entry);
+        }
         let ids = store.run_ids()?;
         let found: Vec<&String> = if id == "latest" || id == "last" {
             ids.last().into_iter().collect()
@@ -235,8 +282,12 @@ impl RunRecord {
         let entry = store
             .run(&id)?
             .ok_or_else(|| BuildError::UnknownRun { run: id.clone() })?;
+        Self::decode(&id, &entry)
+    }
+
+    fn decode(id: &str, entry: &RunEntry) -> Result<RunRecord, BuildError> {
         entry.record.decode().map_err(|e| BuildError::Record {
-            run: id,
+            run: id.to_owned(),
             reason: e.to_string(),
         })
     }

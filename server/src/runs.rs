@@ -330,7 +330,7 @@ impl Manager {
             let me2 = me.clone();
             let events = EventSink::new(move |e: Event| {
                 me2.count(&e);
-                let name = event_name(&e);
+                let name = e.name();
                 match serde_json::to_string(&e) {
                     Ok(json) => hub.record(&sink_run, name, json),
                     Err(err) => eprintln!("warning: cannot encode an event: {err}"),
@@ -543,18 +543,6 @@ pub fn parse_patterns(targets: &[String]) -> ApiResult<Vec<Pattern>> {
                 .map_err(|e| ApiError::bad_request(format!("`targets[{i}]` is `{t}`: {e}")))
         })
         .collect()
-}
-
-/// The SSE name of an engine event (its JSON tag).
-pub fn event_name(e: &Event) -> &'static str {
-    match e {
-        Event::RunStarted { .. } => "run_started",
-        Event::Note { .. } => "note",
-        Event::TaskStarted { .. } => "task_started",
-        Event::TaskLog { .. } => "task_log",
-        Event::TaskFinished { .. } => "task_finished",
-        Event::RunFinished { .. } => "run_finished",
-    }
 }
 
 pub fn now_ms() -> u64 {

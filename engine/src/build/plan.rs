@@ -93,10 +93,7 @@ impl Engine {
                 }
                 TaskKind::GitSource(g) => {
                     let commit = super::resolve_git_source(&self.workspace_root(), g).await?;
-                    let mut pre = ActionPreimage::new("git_source", "store");
-                    pre.extra.insert("url".into(), g.url.clone());
-                    pre.extra.insert("commit".into(), commit);
-                    (pre, BTreeMap::new(), None)
+                    (Self::git_source_preimage(g, &commit), BTreeMap::new(), None)
                 }
                 TaskKind::Timer(_) | TaskKind::Webhook(_) => {
                     out.insert(

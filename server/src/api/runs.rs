@@ -7,7 +7,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use strata_engine::{RunRecord, TaskState, Trigger, Workspace};
+use strata_engine::{RunRecord, RunSummary, TaskState, Trigger, Workspace};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiJson, ApiPath, ApiQuery, AppState};
@@ -214,44 +214,6 @@ pub struct RunFilter {
     pub limit: Option<u32>,
 }
 
-/// One line of the run list.
-#[derive(Serialize, ToSchema)]
-pub struct RunSummary {
-    pub id: String,
-    pub state: TaskState,
-    pub workspace: Option<String>,
-    pub targets: Vec<String>,
-    pub started_ms: u64,
-    pub duration_ms: u64,
-    pub tasks: usize,
-    pub executed: usize,
-    pub cached: usize,
-    pub failed: usize,
-    pub skipped: usize,
-    pub rerun_of: Option<String>,
-    pub trigger: Option<Trigger>,
-}
-
-impl RunSummary {
-    pub fn of(r: &RunRecord) -> RunSummary {
-        RunSummary {
-            id: r.id.clone(),
-            state: r.state,
-            workspace: r.workspace.clone(),
-            targets: r.targets.clone(),
-            started_ms: r.started_ms,
-            duration_ms: r.duration_ms,
-            tasks: r.tasks.len(),
-            executed: r.executed(),
-            cached: r.cached(),
-            failed: r.failed(),
-            skipped: r.skipped(),
-            rerun_of: r.rerun_of.clone(),
-            trigger: r.trigger.clone(),
-        }
-    }
-}
-
 /// A page of runs, newest first.
 #[derive(Serialize, ToSchema)]
 pub struct RunPage {
@@ -304,7 +266,7 @@ pub async fn list_runs(
                 next = runs.last().map(|r: &RunSummary| r.id.clone());
                 break;
             }
-            runs.push(RunSummary::of(&r));
+            runs.push(r.summary());
         }
         Ok(RunPage { runs, next })
     })
@@ -518,19 +480,12 @@ fn log_page(bytes: &[u8], offset: u64, limit: u64, complete: bool) -> Response {
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
-        "text/plain; charset=utf-8"
-            .parse()
-            .unwrap_or(header::HeaderValue::from_static("text/plain")),
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     h.insert("x-log-size", size.into());
     h.insert(
         "x-log-complete",
-        if complete {
-            "true".parse()
-        } else {
-            "false".parse()
-        }
-        .unwrap_or(header::HeaderValue::from_static("false")),
+        header::HeaderValue::from_static(if complete { "true" } else { "false" }),
     );
     h.insert("x-next-offset", (end as u64).into());
     res.into_response()
