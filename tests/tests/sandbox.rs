@@ -1,6 +1,7 @@
 //! What a host task can reach (issue 10, part of): no descriptor of `ci`
 //! beyond stdin, stdout and stderr — not the store's lock or index, not
-//! `/dev/fuse` of the inputs mount, not a server's sockets.
+//! `/dev/fuse` of the inputs mount, not a server's sockets, and not one
+//! that `ci` inherited from whoever started it.
 
 use strata_tests::*;
 
@@ -16,7 +17,28 @@ fn a_host_task_inherits_only_stdio() {
         "local_source(name = \"src\", path = \"src\")\n\
          task(name = \"fds\", deps = [\":src\"], script = \"cat $CI_IN/src/a.txt >/dev/null; for f in /proc/$$/fd/*; do echo \\\"${f##*/} $(readlink $f)\\\"; done > fds.txt\")\n",
     );
-    env.ci(["build"]).success();
+    // `ci` itself inherits an open descriptor (fd 9, not close-on-exec),
+    // as from a careless parent: the task must not see it.
+    let marker = env.root().join("inherited-marker");
+    std::fs::write(&marker, "").unwrap();
+    let file = std::fs::File::open(&marker).unwrap();
+    let mut cmd = env.command(["build"]);
+    {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fd = file.as_raw_fd();
+        // SAFETY: dup2 is async-signal-safe; the new fd 9 has no CLOEXEC.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, 9) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    env.output(cmd).success();
+    drop(file);
     let fds = env
         .ci(["store", "cat", "//:fds", "fds.txt"])
         .success()
@@ -43,4 +65,8 @@ fn a_host_task_inherits_only_stdio() {
         );
     }
     assert!(seen >= 3, "{fds}");
+    assert!(
+        !fds.contains(marker.to_str().unwrap()),
+        "the task inherited the descriptor `ci` was given:\n{fds}"
+    );
 }
