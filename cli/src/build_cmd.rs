@@ -52,6 +52,8 @@ pub struct BuildArgs {
     /// (or, when none has it, any local source) changes; Ctrl-C stops
     #[arg(long)]
     watch: bool,
+    #[command(flatten)]
+    cache: crate::cache_cmd::CacheArgs,
 }
 
 #[derive(Args)]
@@ -65,6 +67,8 @@ pub struct RerunArgs {
     jobs: Option<usize>,
     #[arg(short, long)]
     keep_going: bool,
+    #[command(flatten)]
+    cache: crate::cache_cmd::CacheArgs,
 }
 
 #[derive(Subcommand)]
@@ -237,7 +241,7 @@ pub fn build(args: BuildArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
         payloads: payloads(&args.payload, &loaded.ws, loaded.current.as_deref())?,
         ..BuildOptions::default()
     };
-    run_build(ctx, loaded.ws, targets, opts)
+    run_build(ctx, loaded.ws, targets, opts, &args.cache)
 }
 
 /// `ci build --watch`: build, then build again after each change in the
@@ -326,6 +330,7 @@ fn watch(mut args: BuildArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
                 executor: args.executor.clone(),
                 payload: args.payload.clone(),
                 watch: false,
+                cache: args.cache.clone(),
             },
             ctx,
         ) {
@@ -429,7 +434,7 @@ pub fn rerun(args: RerunArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
         rerun_of: Some(previous),
         ..BuildOptions::default()
     };
-    run_build(ctx, loaded.ws, targets, opts)
+    run_build(ctx, loaded.ws, targets, opts, &args.cache)
 }
 
 /// The server a build goes through: `--server`, `CI_SERVER` or `[server] url`;
@@ -499,8 +504,10 @@ fn run_build(
     ws: Workspace,
     targets: Vec<Label>,
     opts: BuildOptions,
+    cache: &crate::cache_cmd::CacheArgs,
 ) -> anyhow::Result<Outcome> {
     let store = open_write(ctx, Some(&ws))?;
+    let remote_cache = crate::cache_cmd::open(cache, &ws.settings, &store)?;
     let view = Arc::new(Mutex::new(View::new(ctx.json, ctx.verbose)));
     let v2 = view.clone();
     let events = EventSink::new(move |e| {
@@ -529,6 +536,10 @@ fn run_build(
             Some(d) => engine.with_docker(d),
             None => engine,
         };
+        let engine = match &remote_cache {
+            Some(c) => engine.with_cache(c.clone()),
+            None => engine,
+        };
         let cancel = CancellationToken::new();
         let c2 = cancel.clone();
         tokio::spawn(async move {
@@ -542,6 +553,9 @@ fn run_build(
         });
         engine.build(&targets, &opts, cancel).await
     })?;
+    if let Some(c) = &remote_cache {
+        crate::cache_cmd::finish(c);
+    }
     if let Ok(mut v) = view.lock() {
         v.finish(&run);
     }

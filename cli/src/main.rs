@@ -2,6 +2,7 @@
 //! store, calls the libraries and prints. Everything else lives in them.
 
 mod build_cmd;
+mod cache_cmd;
 mod docker;
 mod mount_cmd;
 mod output;

@@ -30,6 +30,40 @@ pub struct ServeArgs {
     /// Commands at once per run [default: `jobs` in ci.toml, else the number of cores]
     #[arg(short, long)]
     jobs: Option<usize>,
+    /// Keep the store under this size (e.g. `50G`, `500M`) by evicting remote-cache
+    /// entries, least recently used first [default: no limit]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    cache_max_size: Option<u64>,
+}
+
+/// `123`, `10K`, `500M`, `50G`, `1T` (powers of 1024; a trailing `B` or `iB` is fine).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("`{s}`: the unit must be K, M, G or T")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size; write e.g. `50G` or `500M`"))?;
+    if !(n.is_finite() && n > 0.0) {
+        return Err(format!("`{s}`: give a size above 0"));
+    }
+    Ok((n * (1u64 << shift) as f64) as u64)
 }
 
 #[derive(Subcommand)]
@@ -97,6 +131,7 @@ pub fn run(args: ServeArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             docker,
             load_cache: dirs::cache_dir().map(|d| d.join("strata").join("loads")),
+            cache_max_size: args.cache_max_size,
         };
         let server = Server::bind(store, config).await?;
         if let Some(addr) = server.local_addr() {

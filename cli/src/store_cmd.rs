@@ -84,11 +84,28 @@ pub enum StoreCommand {
         /// Report what would be freed without deleting anything
         #[arg(long)]
         dry_run: bool,
+        /// Keep every action-cache entry and what it names (a cache server's
+        /// store: `ci serve --cache-max-size` evicts by last use itself)
+        #[arg(long)]
+        keep_cache: bool,
     },
     /// Re-hash every blob and check every reference; exit 1 on any problem
     Verify,
     /// Show how much the store holds
     Du,
+    /// Send a layer to a remote cache: only the objects it lacks, checked there
+    /// (URL: `http://HOST:PORT` for `ci serve`, `webdav+http://…` for WebDAV)
+    Push {
+        /// A digest, unique prefix or ref
+        layer: String,
+        url: String,
+    },
+    /// Fetch a layer from a remote cache into this store, checking every object
+    Pull {
+        /// A full digest (a `ci serve` also takes a unique prefix or a ref)
+        layer: String,
+        url: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -155,11 +172,28 @@ pub fn run(cmd: StoreCommand, ctx: &Ctx) -> anyhow::Result<Outcome> {
             import(ctx, &file, &opts, &mut out)?
         }
         StoreCommand::Ref { command } => refs(ctx, command, &mut out)?,
-        StoreCommand::Gc { keep_runs, dry_run } => {
-            gc(ctx, &GcOptions { keep_runs, dry_run }, &mut out)?
+        StoreCommand::Gc {
+            keep_runs,
+            dry_run,
+            keep_cache,
+        } => {
+            let opts = GcOptions {
+                keep_runs,
+                dry_run,
+                keep_cache,
+            };
+            gc(ctx, &opts, &mut out)?
         }
         StoreCommand::Verify => verify(ctx, &mut out)?,
         StoreCommand::Du => du(ctx, &mut out)?,
+        StoreCommand::Push { layer, url } => {
+            crate::cache_cmd::push(&ctx.open_read()?, &layer, &url, &mut out)?;
+            Outcome::Clean
+        }
+        StoreCommand::Pull { layer, url } => {
+            crate::cache_cmd::pull(&ctx.open_write()?, &layer, &url, &mut out)?;
+            Outcome::Clean
+        }
     };
     out.flush()?;
     Ok(outcome)

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use strata_fuse::{Layers, WorkDir, WorkDirOptions};
 use strata_store::{
-    ActionEntry, Digest, IngestOptions, LabelEntry, Lineage, MergePolicy, Payload, Store,
+    ActionCache, ActionEntry, Digest, IngestOptions, LabelEntry, Lineage, MergePolicy, Payload,
+    Store,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -133,6 +134,9 @@ pub struct Engine {
 
 struct Inner {
     store: Store,
+    /// Where action results are looked up and shared: the store itself, or
+    /// a remote cache wrapped around it.
+    cache: Arc<dyn ActionCache>,
     ws: Workspace,
     host: Arc<dyn Executor>,
     docker: Option<Arc<dyn Executor>>,
@@ -174,6 +178,7 @@ impl Engine {
     pub fn new(store: Store, ws: Workspace, events: EventSink) -> Engine {
         Engine {
             inner: Arc::new(Inner {
+                cache: Arc::new(store.clone()),
                 store,
                 label_prefix: workspace_label_key(ws.root.as_deref(), ""),
                 ws,
@@ -187,18 +192,45 @@ impl Engine {
 
     /// Adds a container executor (used for tasks with an `image`).
     pub fn with_docker(self, docker: Arc<dyn Executor>) -> Engine {
-        let inner = Inner {
+        self.rebuilt(|inner| inner.docker = Some(docker))
+    }
+
+    /// Looks action results up in `cache` (and shares the ones this build
+    /// makes there) instead of the store alone: e.g. a remote cache wrapped
+    /// around the store.
+    pub fn with_cache(self, cache: Arc<dyn ActionCache>) -> Engine {
+        self.rebuilt(|inner| inner.cache = cache)
+    }
+
+    fn rebuilt(self, change: impl FnOnce(&mut Inner)) -> Engine {
+        let mut inner = Inner {
             store: self.inner.store.clone(),
+            cache: self.inner.cache.clone(),
             ws: self.inner.ws.clone(),
             host: self.inner.host.clone(),
-            docker: Some(docker),
+            docker: self.inner.docker.clone(),
             events: self.inner.events.clone(),
             label_prefix: self.inner.label_prefix.clone(),
             announced: Default::default(),
         };
+        change(&mut inner);
         Engine {
             inner: Arc::new(inner),
         }
+    }
+
+    /// The cached result of `key`: the store's own when it has one (no
+    /// thread hop for the common hit), else what the cache finds, off the
+    /// async threads (a remote cache waits on the network).
+    async fn cached(&self, key: Digest) -> Result<Option<ActionEntry>, BuildError> {
+        if let Some(hit) = self.inner.store.action(&key)? {
+            return Ok(Some(hit));
+        }
+        let cache = self.inner.cache.clone();
+        tokio::task::spawn_blocking(move || cache.lookup(&key))
+            .await
+            .map_err(|e| BuildError::Join(e.to_string()))?
+            .map_err(BuildError::from)
     }
 
     pub fn workspace(&self) -> &Workspace {
@@ -722,7 +754,7 @@ impl Engine {
 
         let mut cached_output = None;
         if cacheable {
-            if let Some(hit) = store.action(&key)? {
+            if let Some(hit) = self.cached(key).await? {
                 if let Ok(p) = hit.payload.decode::<Hit>() {
                     if !opts.check {
                         rec.state = TaskState::Succeeded;
@@ -1161,11 +1193,14 @@ impl Engine {
             action.as_ref().map(|a| (&key, a)),
             label_entry.as_ref().map(|l| (key_name.as_str(), l)),
         )?;
+        if let Some(a) = &action {
+            self.inner.cache.recorded(&key, a);
+        }
         Ok(())
     }
 
     /// Looks up `pre`; on a hit fills `rec` and returns true.
-    fn try_cache(
+    async fn try_cache(
         &self,
         label: &str,
         pre: &ActionPreimage,
@@ -1175,7 +1210,7 @@ impl Engine {
     ) -> Result<bool, BuildError> {
         let key = pre.key();
         rec.key = Some(key);
-        if let Some(hit) = self.inner.store.action(&key)? {
+        if let Some(hit) = self.cached(key).await? {
             if let Ok(p) = hit.payload.decode::<Hit>() {
                 rec.state = TaskState::Succeeded;
                 rec.cached = true;
@@ -1241,7 +1276,10 @@ impl Engine {
             OnConflict::Theirs => MergePolicy::Theirs,
         };
         let (pre, input_labels) = Self::merge_action(m, inputs);
-        if self.try_cache(&label, &pre, &input_labels, run_id, rec)? {
+        if self
+            .try_cache(&label, &pre, &input_labels, run_id, rec)
+            .await?
+        {
             return Ok(());
         }
         let Some(_token) = self.job(scratch, cancel, rec).await else {
@@ -1370,7 +1408,10 @@ impl Engine {
             .map_err(|e| BuildError::Join(e.to_string()))??;
         drop(token);
         let pre = Self::local_source_preimage(s, report.layer);
-        if self.try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)? {
+        if self
+            .try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)
+            .await?
+        {
             return Ok(());
         }
         self.settle(
@@ -1418,7 +1459,10 @@ impl Engine {
             .await?;
         let mut pre = ActionPreimage::new(task.kind_name(), "store");
         pre.base = Some(layer);
-        if self.try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)? {
+        if self
+            .try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)
+            .await?
+        {
             return Ok(());
         }
         self.settle(
@@ -1474,7 +1518,10 @@ impl Engine {
         let url = git_url(&self.workspace_root(), g);
         let commit = crate::git::resolve(&url, &g.rev).await?;
         let pre = Self::git_source_preimage(g, &commit);
-        if self.try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)? {
+        if self
+            .try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)
+            .await?
+        {
             return Ok(());
         }
         let Some(_token) = self.job(scratch, cancel, rec).await else {

@@ -86,6 +86,12 @@ pub struct Settings {
     /// `[server] url` in `ci.toml`: the `ci serve` commands go through.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_url: Option<String>,
+    /// `[cache] remote` in `ci.toml`: the remote cache builds share results through.
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub remote_cache: Option<String>,
+    /// `[cache] mode` in `ci.toml`: `read` or `write`.
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub remote_cache_mode: Option<String>,
 }
 
 /// How a task's inputs (and previous output) are laid out for it.

@@ -16,6 +16,8 @@
 
 pub mod api;
 pub mod auth;
+pub mod bazel;
+pub mod cache;
 pub mod error;
 pub mod hub;
 pub mod metrics;
@@ -50,6 +52,9 @@ pub struct Config {
     pub docker: Option<Arc<dyn Executor>>,
     /// Where loads are cached (`~/.cache/strata/loads`).
     pub load_cache: Option<PathBuf>,
+    /// Keep the store under this many bytes by evicting cache entries,
+    /// least recently used first (`--cache-max-size`).
+    pub cache_max_size: Option<u64>,
 }
 
 /// A server bound to its address, not yet serving.
@@ -122,15 +127,20 @@ impl Server {
         if let Some(root) = store.root() {
             tokens.set_local(auth::write_local_token(root)?);
         }
+        let cache = Arc::new(cache::CacheState::new(config.cache_max_size));
+        let metrics = metrics::Metrics::new();
+        metrics.register(|r| cache.register(r));
         let state = api::AppState {
             mgr,
             hub,
             tokens,
             store: store.clone(),
-            metrics: Arc::new(metrics::Metrics::new()),
+            metrics: Arc::new(metrics),
             shutdown,
             run_cache: Default::default(),
+            cache,
         };
+        cache::evict::start(&state);
         let address_file = store.root().map(|r| auth::serve_dir(r).join("address"));
         if let (Some(path), Ok(addr)) = (&address_file, listener.local_addr()) {
             let _ = std::fs::create_dir_all(path.parent().unwrap_or(std::path::Path::new(".")));

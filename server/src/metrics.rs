@@ -94,6 +94,11 @@ impl Metrics {
         }
     }
 
+    /// Lets another part of the server add its figures.
+    pub fn register(&self, f: impl FnOnce(&mut Registry)) {
+        f(&mut self.registry.lock());
+    }
+
     pub fn observe_request(&self, method: &str, route: &str, status: u16, took: Duration) {
         self.requests
             .get_or_create(&RequestLabels {

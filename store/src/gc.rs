@@ -21,6 +21,10 @@ pub struct GcOptions {
     pub keep_runs: usize,
     /// Report what would be freed, delete nothing.
     pub dry_run: bool,
+    /// Action-cache entries are roots too: a cache server's entries are what
+    /// it is for, and it evicts them itself, by last use (`ci serve
+    /// --cache-max-size`), before it collects.
+    pub keep_cache: bool,
 }
 
 impl Default for GcOptions {
@@ -28,6 +32,7 @@ impl Default for GcOptions {
         GcOptions {
             keep_runs: 10,
             dry_run: false,
+            keep_cache: false,
         }
     }
 }
@@ -79,6 +84,10 @@ pub struct Usage {
     pub refs: u64,
     pub runs: u64,
     pub actions: u64,
+    /// Bazel's SHA-256 → blob rows (`sha256` family).
+    pub sha256: u64,
+    /// Bazel / REAPI action entries (`bazel_actions` family).
+    pub bazel_actions: u64,
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -135,12 +144,23 @@ impl Store {
                 batch.delete(Family::Leases, key);
             }
         }
+        if opts.keep_cache {
+            self.meta.scan(Family::Actions, &[], &mut |_, v| {
+                if let Ok(a) = serde_json::from_slice::<crate::ActionEntry>(v) {
+                    root_layers.extend(a.layers);
+                    live_blobs.extend(a.blobs);
+                }
+                Ok(Flow::Continue)
+            })?;
+            self.cas_roots(&mut live_blobs)?;
+        }
         // The lineage of every rooted layer is kept too.
+        let mut rooted: HashSet<Digest> = root_layers.iter().copied().collect();
         let mut i = 0;
         while i < root_layers.len() {
             if let Some(l) = self.lineage(&root_layers[i])? {
                 if let Some(p) = l.parent {
-                    if !root_layers.contains(&p) {
+                    if rooted.insert(p) {
                         root_layers.push(p);
                     }
                 }
@@ -200,6 +220,8 @@ impl Store {
             }
             Ok(Flow::Continue)
         })?;
+        // Bazel's SHA-256 rows and action entries go with their blobs.
+        report.actions_dropped += self.cas_sweep(&live_blobs, &mut batch)?;
         if !opts.dry_run {
             self.meta.write(batch)?;
             // The deletions must be durable before any blob file goes.
@@ -423,6 +445,7 @@ impl Store {
             }
             Ok(Flow::Continue)
         })?;
+        self.cas_verify(&blob_sizes, &mut problems)?;
         report.problems = problems;
         Ok(report)
     }
@@ -480,6 +503,7 @@ impl Store {
                 Ok(Flow::Continue)
             })?;
         }
+        (u.sha256, u.bazel_actions) = self.cas_usage()?;
         Ok(u)
     }
 }

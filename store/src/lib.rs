@@ -10,7 +10,9 @@
 mod archive;
 pub mod blob;
 mod builder;
+mod cas;
 mod checkout;
+mod closure;
 mod diff;
 mod digest;
 mod error;
@@ -24,7 +26,9 @@ mod tree;
 
 pub use archive::{ArchiveLimits, ExportReport, ImportOptions, ImportReport};
 pub use blob::{hash_reader, Adopted, Blob, BlobStore};
+pub use cas::{BazelAction, BazelActionKind, CasDigest, CasWriter, Committed, DigestFunction};
 pub use checkout::CheckoutReport;
+pub use closure::{ActionCache, Closure};
 pub use diff::{Change, ChangeKind, ChangeRow, MergeOutcome, MergePolicy};
 pub use digest::{Digest, DigestPrefix, DIGEST_LEN, MIN_PREFIX_LEN};
 pub use error::{special_file_kind, Error, Result};

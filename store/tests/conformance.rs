@@ -1536,6 +1536,7 @@ fn gc_keeps_roots_and_drops_the_rest(new: Backend) {
         .gc(&GcOptions {
             keep_runs: 2,
             dry_run: false,
+            ..Default::default()
         })
         .unwrap();
     assert_eq!(
@@ -1604,6 +1605,7 @@ fn gc_keeps_roots_and_drops_the_rest(new: Backend) {
         .gc(&GcOptions {
             keep_runs: 2,
             dry_run: false,
+            ..Default::default()
         })
         .unwrap();
     assert_eq!(report.layers_freed, 1, "{report:?}");
@@ -1616,6 +1618,7 @@ fn gc_keeps_roots_and_drops_the_rest(new: Backend) {
         .gc(&GcOptions {
             keep_runs: 2,
             dry_run: false,
+            ..Default::default()
         })
         .unwrap();
     assert_eq!(
@@ -1633,6 +1636,7 @@ fn gc_dry_run_deletes_nothing(new: Backend) {
         .gc(&GcOptions {
             keep_runs: 2,
             dry_run: true,
+            ..Default::default()
         })
         .unwrap();
     assert_eq!(
@@ -1894,6 +1898,7 @@ fn gc_concurrent_with_ingest_keeps_every_recorded_blob(new: Backend) {
                     .gc(&GcOptions {
                         keep_runs: 0,
                         dry_run: false,
+                        ..Default::default()
                     })
                     .expect("gc");
                 runs += 1;

@@ -11,6 +11,7 @@
 //!
 //! and, at the top level, `name = "..."` (the workspace's name under `ci serve`), and
 //! `[server] url = "http://..."` (the `ci serve` that commands go through).
+//! `[cache] remote = "http://..."` and `mode = "read"|"write"` (the remote cache).
 
 use std::fs;
 use std::path::Path;
@@ -32,6 +33,19 @@ struct CiToml {
     build: Settings,
     #[serde(default)]
     server: ServerToml,
+    #[serde(default)]
+    cache: CacheToml,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CacheToml {
+    /// The remote cache: `http://HOST:PORT` (`ci serve`) or `webdav+http://…`.
+    #[serde(default)]
+    remote: Option<String>,
+    /// `read` (look up only) or `write`.
+    #[serde(default)]
+    mode: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -82,6 +96,8 @@ pub(crate) fn parse_settings(text: &str) -> Result<Settings, LoadError> {
         Ok(file) => Ok(Settings {
             name: file.name,
             server_url: file.server.url,
+            remote_cache: file.cache.remote,
+            remote_cache_mode: file.cache.mode,
             ..file.build
         }),
         Err(e) => {

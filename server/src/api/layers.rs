@@ -2,8 +2,6 @@
 //! is a digest, a unique prefix, a ref, or a URL-encoded `//pkg:name` (the
 //! latest output of that task in `?workspace=`, or in the only workspace).
 
-use std::convert::Infallible;
-
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -16,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiPath, ApiQuery, AppState};
+use super::{blocking, ApiPath, ApiQuery, AppState, ChannelWriter};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 
 #[derive(Deserialize, IntoParams)]
@@ -38,14 +36,6 @@ pub struct TreeQuery {
 }
 
 const TREE_MAX: usize = 100_000;
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
-) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-}
 
 /// Resolves a layer as the API takes it.
 fn resolve(state: &AppState, store: &Store, spec: &str, ws: Option<&str>) -> ApiResult<Digest> {
@@ -426,32 +416,6 @@ pub async fn diff(
     .await
 }
 
-/// Sends what a blocking writer writes down a channel, in chunks.
-struct ChannelWriter {
-    tx: mpsc::Sender<Result<Bytes, Infallible>>,
-    buf: Vec<u8>,
-}
-
-impl std::io::Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= 256 << 10 {
-            self.flush()?;
-        }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let chunk = Bytes::from(std::mem::take(&mut self.buf));
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client left"))
-    }
-}
-
 #[utoipa::path(get, path = "/api/v1/layers/{layer}/archive", tag = "layers",
     params(("layer" = String, Path, description = "A digest, unique prefix, ref, or URL-encoded `//pkg:name`"), LayerQuery),
     responses((status = 200, description = "The layer as a deterministic tar compressed with zstd (`ci store import` takes it)",
@@ -470,10 +434,7 @@ pub async fn archive(
     let (tx, rx) = mpsc::channel(8);
     let store = state.store.clone();
     tokio::task::spawn_blocking(move || {
-        let mut w = ChannelWriter {
-            tx,
-            buf: Vec::new(),
-        };
+        let mut w = ChannelWriter::new(tx);
         // A failure mid-stream ends the body early: the archive's zstd
         // checksum makes a cut one fail to import, never import half.
         if store.export(&digest, &mut w).is_ok() {

@@ -7,8 +7,12 @@ mod layers;
 mod runs;
 mod workspaces;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
 
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -21,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 
 use crate::auth::Tokens;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::runs::Manager;
@@ -38,6 +42,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// The JSON of ended runs (they never change), by id.
     pub run_cache: Arc<RunCache>,
+    /// What the remote-cache protocols share (last uses, figures).
+    pub cache: Arc<crate::cache::CacheState>,
 }
 
 /// A bounded cache of ended runs' records as served: derived from the
@@ -104,6 +110,17 @@ pub const HOOK_BODY_LIMIT: usize = 25 << 20;
         whoami,
         health,
         metrics_text,
+        crate::cache::native::lookup,
+        crate::cache::native::missing,
+        crate::cache::native::fetch,
+        crate::cache::native::trees,
+        crate::cache::native::upload,
+        crate::bazel::http::ac_get,
+        crate::bazel::http::ac_head,
+        crate::bazel::http::ac_put,
+        crate::bazel::http::cas_get,
+        crate::bazel::http::cas_head,
+        crate::bazel::http::cas_put,
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth)
@@ -147,17 +164,19 @@ pub fn router(state: AppState) -> Router {
         .route("/layers/{layer}/archive", get(layers::archive))
         .route("/openapi.json", get(openapi))
         .route("/whoami", get(whoami))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .merge(crate::cache::native::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
-        ))
-        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT));
+        ));
     let hooks = Router::new()
         .route("/hooks/{ws}/{name}", post(hooks::deliver))
         .layer(axum::extract::DefaultBodyLimit::max(HOOK_BODY_LIMIT));
-    Router::new()
+    let app = Router::new()
         .nest("/api/v1", api)
         .merge(hooks)
+        .merge(crate::bazel::http_routes())
         .merge(crate::ui::router())
         .route("/healthz", get(health))
         .route("/metrics", get(metrics_text))
@@ -165,7 +184,8 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
-        .with_state(state)
+        .with_state(state.clone());
+    crate::bazel::around(app, state)
 }
 
 async fn not_found() -> ApiError {
@@ -187,8 +207,10 @@ fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let headers = req.headers();
     // Validating a pipeline changes nothing: it is a read.
+    let path = req.uri().path();
     let reads = matches!(*req.method(), Method::GET | Method::HEAD)
-        || req.uri().path().ends_with("/validate");
+        || path.ends_with("/validate")
+        || crate::cache::native::is_read(path);
     let checked = match reads {
         true => state.tokens.check_read(headers).map(drop),
         false => state.tokens.check_write(headers).map(drop),
@@ -360,5 +382,49 @@ where
                 e.body_text()
             ))),
         }
+    }
+}
+
+/// Runs store work off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+/// Sends what a blocking writer writes down a channel, in chunks.
+pub struct ChannelWriter {
+    tx: mpsc::Sender<Result<Bytes, Infallible>>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    pub fn new(tx: mpsc::Sender<Result<Bytes, Infallible>>) -> ChannelWriter {
+        ChannelWriter {
+            tx,
+            buf: Vec::new(),
+        }
+    }
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= 256 << 10 {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::take(&mut self.buf));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client left"))
     }
 }

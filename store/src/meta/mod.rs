@@ -32,10 +32,14 @@ pub enum Family {
     Labels,
     /// run id, 0, sequence number (u64 big-endian) → one event of the run (JSON)
     Events,
+    /// SHA-256 of a blob's bytes (32 bytes) → its BLAKE3 digest (Bazel's CAS)
+    Sha256,
+    /// digest-function tag, action digest → a Bazel action entry (`cas.rs`)
+    BazelActions,
 }
 
 impl Family {
-    pub const ALL: [Family; 10] = [
+    pub const ALL: [Family; 12] = [
         Family::Trees,
         Family::Layers,
         Family::Lineage,
@@ -46,6 +50,8 @@ impl Family {
         Family::StatCache,
         Family::Labels,
         Family::Events,
+        Family::Sha256,
+        Family::BazelActions,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +66,8 @@ impl Family {
             Family::StatCache => "statcache",
             Family::Labels => "labels",
             Family::Events => "events",
+            Family::Sha256 => "sha256",
+            Family::BazelActions => "bazel_actions",
         }
     }
 
