@@ -242,6 +242,8 @@ struct Uploader {
 
 /// Entries sent in one transfer, at most.
 const BATCH: usize = 256;
+/// How long the uploader waits for more entries before it sends a batch.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl RemoteCache {
     pub fn new(local: Store, backend: Box<dyn Backend>, mode: Mode) -> RemoteCache {
@@ -273,9 +275,12 @@ impl RemoteCache {
             .name("remote-cache-upload".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
+                    // Entries that end close together go in one transfer.
                     let mut batch = vec![first];
+                    let until = std::time::Instant::now() + LINGER;
                     while batch.len() < BATCH {
-                        match rx.try_recv() {
+                        let left = until.saturating_duration_since(std::time::Instant::now());
+                        match rx.recv_timeout(left) {
                             Ok(next) => batch.push(next),
                             Err(_) => break,
                         }
