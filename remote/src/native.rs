@@ -70,6 +70,29 @@ impl Native {
         Ok(())
     }
 
+    /// `e`, or what the server says the token may do when that is why.
+    fn explain_refusal(&self, e: RemoteError) -> RemoteError {
+        if !matches!(e, RemoteError::Unreachable(_)) {
+            return e;
+        }
+        let Ok(res) = self.http.call("who am I", self.http.get("/api/v1/whoami")) else {
+            return e;
+        };
+        let access = self
+            .http
+            .read_small("who am I", res)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["access"].as_str().map(str::to_owned));
+        match access.as_deref() {
+            Some("anonymous") => {
+                RemoteError::Denied("upload: 401 writes need a token and none was sent".into())
+            }
+            Some("read") => RemoteError::Denied("upload: 403 the token is read-only".into()),
+            _ => e,
+        }
+    }
+
     /// The digests of `digests` that the server lacks.
     fn missing(&self, digests: &[Digest]) -> Result<HashSet<Digest>, RemoteError> {
         if digests.is_empty() {
@@ -191,7 +214,9 @@ impl Backend for Native {
             let res = self.http.send_stream("upload", req, &mut reader);
             drop(reader);
             let produced = producer.join();
-            let res = res?;
+            // A server that refuses the token answers before it reads the
+            // body, so the client sees a broken pipe: ask what it allows.
+            let res = res.map_err(|e| self.explain_refusal(e))?;
             match produced {
                 Ok(Ok((objects, bytes))) => {
                     sent.objects = objects.saturating_sub((layers.len() + actions.len()) as u64);
