@@ -195,6 +195,13 @@ fn try_ws(args: &WsArgs) -> Option<Workspace> {
 
 pub fn build(args: BuildArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
     if let Some(remote) = remote_for_build(ctx, &args.ws)? {
+        if args.cache.remote_cache.is_some() {
+            eprintln!(
+                "warning: this build runs on {}, whose store is the cache; `--remote-cache` is \
+                 for builds on a store of their own",
+                remote.base()
+            );
+        }
         if args.executor.is_some() || !args.payload.is_empty() {
             return Err(usage(
                 "`--executor` and `--payload` are not taken through `ci serve`; build without `--server`",
