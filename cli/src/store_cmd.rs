@@ -879,5 +879,8 @@ fn du(ctx: &Ctx, out: &mut dyn Write) -> anyhow::Result<Outcome> {
     writeln!(out, "refs     {:>10}", u.refs)?;
     writeln!(out, "runs     {:>10}", u.runs)?;
     writeln!(out, "actions  {:>10}", u.actions)?;
+    // Bazel's and REAPI's, when `ci serve` is their cache.
+    writeln!(out, "bazel ac {:>10}", u.bazel_actions)?;
+    writeln!(out, "sha256   {:>10}", u.sha256)?;
     Ok(Outcome::Clean)
 }
