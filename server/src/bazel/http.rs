@@ -165,7 +165,7 @@ fn ac_missing(hash: &str) -> ApiError {
 }
 
 #[utoipa::path(get, path = "/ac/{hash}", tag = "bazel",
-    params(("hash" = String, Path, description = "The action's SHA-256, 64 hex digits")),
+    params(("hash" = String, Path, pattern = "^[0-9a-fA-F]{64}$", description = "The action's SHA-256, 64 hex digits")),
     responses(
         (status = 200, description = "The entry as it was stored (an ActionResult message, or ccache's bytes)",
             body = Vec<u8>, content_type = "application/octet-stream"),
@@ -188,7 +188,7 @@ pub async fn ac_get(
 }
 
 #[utoipa::path(head, path = "/ac/{hash}", tag = "bazel",
-    params(("hash" = String, Path, description = "The action's SHA-256, 64 hex digits")),
+    params(("hash" = String, Path, pattern = "^[0-9a-fA-F]{64}$", description = "The action's SHA-256, 64 hex digits")),
     responses((status = 200, description = "A complete entry is here"),
         (status = 400, description = "Not a digest"), (status = 401, description = "A token is needed"),
         (status = 404, description = "No complete entry")))]
@@ -234,7 +234,7 @@ async fn cas_lookup(
 }
 
 #[utoipa::path(get, path = "/cas/{hash}", tag = "bazel",
-    params(("hash" = String, Path, description = "The content's SHA-256, 64 hex digits")),
+    params(("hash" = String, Path, pattern = "^[0-9a-fA-F]{64}$", description = "The content's SHA-256, 64 hex digits")),
     responses((status = 200, description = "The content", body = Vec<u8>, content_type = "application/octet-stream"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn cas_get(
@@ -252,7 +252,7 @@ pub async fn cas_get(
 }
 
 #[utoipa::path(head, path = "/cas/{hash}", tag = "bazel",
-    params(("hash" = String, Path, description = "The content's SHA-256, 64 hex digits")),
+    params(("hash" = String, Path, pattern = "^[0-9a-fA-F]{64}$", description = "The content's SHA-256, 64 hex digits")),
     responses((status = 200, description = "The content is here"),
         (status = 400, description = "Not a digest"), (status = 401, description = "A token is needed"),
         (status = 404, description = "Not here")))]
@@ -324,7 +324,7 @@ async fn stage<W: Write + Send + 'static>(
 }
 
 #[utoipa::path(put, path = "/cas/{hash}", tag = "bazel",
-    params(("hash" = String, Path, description = "The content's SHA-256, 64 hex digits")),
+    params(("hash" = String, Path, pattern = "^[0-9a-fA-F]{64}$", description = "The content's SHA-256, 64 hex digits")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream",
         description = "The content; any size, streamed"),
     responses((status = 204, description = "Stored"),
@@ -362,7 +362,7 @@ pub async fn cas_put(
 }
 
 #[utoipa::path(put, path = "/ac/{hash}", tag = "bazel",
-    params(("hash" = String, Path, description = "The action's SHA-256, 64 hex digits")),
+    params(("hash" = String, Path, pattern = "^[0-9a-fA-F]{64}$", description = "The action's SHA-256, 64 hex digits")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream",
         description = "An ActionResult message (its objects must be stored first), or opaque bytes"),
     responses((status = 204, description = "Stored"),
