@@ -485,38 +485,56 @@ impl Store {
             Ok(Flow::Continue)
         })?;
         let mut known: std::collections::HashSet<[u8; 32]> = Default::default();
-        for (k, v) in rows {
-            let key = hex::encode(&k);
-            let (Ok(sha), Some(d)) = (<[u8; 32]>::try_from(&k[..]), Digest::from_slice(&v)) else {
-                problems.push(Problem {
-                    what: "corrupt record".into(),
-                    detail: format!("sha256 `{key}`"),
-                });
-                continue;
-            };
-            if !blobs.contains_key(&d) {
-                problems.push(Problem {
-                    what: "missing blob".into(),
-                    detail: format!("`{d}` (sha256 `{key}`)"),
-                });
-                continue;
-            }
-            match self.sha256_of_blob(&d) {
-                Ok(got) if got == sha => {
-                    known.insert(sha);
+        // Re-hashing is the slow part: on every core, as for blobs.
+        use rayon::prelude::*;
+        let checked: Vec<(Option<[u8; 32]>, Option<Problem>)> = rows
+            .par_iter()
+            .map(|(k, v)| {
+                let key = hex::encode(k);
+                let (Ok(sha), Some(d)) = (<[u8; 32]>::try_from(&k[..]), Digest::from_slice(v))
+                else {
+                    return (
+                        None,
+                        Some(Problem {
+                            what: "corrupt record".into(),
+                            detail: format!("sha256 `{key}`"),
+                        }),
+                    );
+                };
+                if !blobs.contains_key(&d) {
+                    return (
+                        None,
+                        Some(Problem {
+                            what: "missing blob".into(),
+                            detail: format!("`{d}` (sha256 `{key}`)"),
+                        }),
+                    );
                 }
-                Ok(got) => problems.push(Problem {
-                    what: "wrong sha256".into(),
-                    detail: format!(
-                        "blob `{d}` hashes to sha256 `{}`, recorded as `{key}`",
-                        hex::encode(got)
+                match self.sha256_of_blob(&d) {
+                    Ok(got) if got == sha => (Some(sha), None),
+                    Ok(got) => (
+                        None,
+                        Some(Problem {
+                            what: "wrong sha256".into(),
+                            detail: format!(
+                                "blob `{d}` hashes to sha256 `{}`, recorded as `{key}`",
+                                hex::encode(got)
+                            ),
+                        }),
                     ),
-                }),
-                Err(e) => problems.push(Problem {
-                    what: "corrupt blob".into(),
-                    detail: format!("`{d}` cannot be read: {e}"),
-                }),
-            }
+                    Err(e) => (
+                        None,
+                        Some(Problem {
+                            what: "corrupt blob".into(),
+                            detail: format!("`{d}` cannot be read: {e}"),
+                        }),
+                    ),
+                }
+            })
+            .collect();
+        for (sha, problem) in checked {
+            known.extend(sha);
+            problems.extend(problem);
         }
         self.meta.scan(Family::BazelActions, &[], &mut |k, v| {
             let key = hex::encode(k.get(1..).unwrap_or_default());
