@@ -210,7 +210,7 @@ impl Backend for Native {
             let req = self
                 .http
                 .post("/api/v1/cache/upload")
-                .header("Content-Type", "application/zstd");
+                .header("Content-Type", OCTETS);
             let res = self.http.send_stream("upload", req, &mut reader);
             drop(reader);
             let produced = producer.join();

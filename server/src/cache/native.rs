@@ -237,7 +237,7 @@ pub async fn trees(State(state): State<AppState>, body: Bytes) -> ApiResult<Resp
 }
 
 #[utoipa::path(post, path = "/api/v1/cache/upload", tag = "cache",
-    request_body(content = Vec<u8>, content_type = "application/zstd",
+    request_body(content = Vec<u8>, content_type = "application/octet-stream",
         description = "A pack: blobs, trees (each after those it names), layers, action entries"),
     responses((status = 200, description = "What was stored and which entries were refused", body = UploadReportDoc),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
