@@ -11,7 +11,7 @@
 #      workspace at another path, builds it again (all hits), R times, each from a
 #      new empty store: wall time, requests and bytes (from the build's summary line).
 #   2. Bazel (npm @bazel/bazel-linux_x64) builds the same graph as N genrules with
-#      `--remote_cache=grpc://` on the same `ci serve`: once to fill it, then from
+#      `--remote_cache=http://` on the same `ci serve` (Bazel 2.1, the npm one, sends no token on gRPC uploads): once to fill it, then from
 #      new output bases (all remote cache hits), R times; wall time of the build
 #      command with a warm Bazel server (`bazel clean` between runs), and with a
 #      cold one (the first of the runs).
@@ -128,7 +128,7 @@ open(sys.argv[2], "w").write("\n".join(rules) + "\n")
 PY
 bazel_build() { # OUTPUT_BASE LOG
     (cd "$WORK/bzl" && "$BAZEL" --output_base="$1" --host_jvm_args=-Xmx1g build //:all --jobs=8 \
-        --remote_cache="grpc://127.0.0.1:$PORT" --remote_header="Authorization=Bearer $TOKEN" \
+        --remote_cache="http://127.0.0.1:$PORT" --remote_header="Authorization=Bearer $TOKEN" \
         --noshow_progress --color=no >"$2" 2>&1) || die "bazel failed: $(tail -20 "$2")"
 }
 log "Bazel fills the cache"
