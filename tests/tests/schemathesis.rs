@@ -49,7 +49,11 @@ fn the_api_keeps_to_its_openapi_document() {
             "--checks",
             "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance,response_headers_conformance",
         ])
-        .args(["--max-examples", "40", "--workers", "2", "--seed", "1"])
+        // One worker: with two, hypothesis parses sources with `ast` on two
+        // threads at once, and CPython 3.11's AST constructor keeps its
+        // recursion depth per interpreter, so it fails at random with
+        // "AST constructor recursion depth mismatch" (python/cpython#106905).
+        .args(["--max-examples", "40", "--workers", "1", "--seed", "1"])
         .args(["-H", &format!("Authorization: Bearer {token}")])
         .env("NO_COLOR", "1")
         .current_dir(env.root())
