@@ -525,7 +525,9 @@ task(name = "steady", script = 'echo same > out')
 "#,
     )]);
     build_ok(&env, &[]);
-    let ev = build_failing(&env, &["--check"]);
+    // --keep-going: without it, `random` failing first cancels `steady`
+    // when both run at once.
+    let ev = build_failing(&env, &["--check", "--keep-going"]);
     let random = ev.finished("//:random");
     assert_eq!(random["state"], "failed");
     let error = random["error"].as_str().unwrap_or_default();
@@ -534,7 +536,7 @@ task(name = "steady", script = 'echo same > out')
     });
     assert_eq!(ev.finished("//:steady")["state"], "succeeded");
 
-    let human = env.ci(["build", "--check"]).failure(1);
+    let human = env.ci(["build", "--check", "--keep-going"]).failure(1);
     let err = human.stderr_str();
     if !(err.contains("//:random") && err.contains("`out`")) || err.contains("FAILED //:steady") {
         human.fail("expected stderr to name exactly `//:random` and the path `out`");

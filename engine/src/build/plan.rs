@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 use strata_store::Digest;
 
-use super::{Done, Engine, Hit};
+use super::cache::Hit;
+use super::{Done, Engine};
 use crate::key::ActionPreimage;
 use crate::model::TaskKind;
 use crate::{BuildError, BuildOptions, Graph, Label};
