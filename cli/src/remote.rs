@@ -2,7 +2,6 @@
 //! exit codes as against a local store, through the HTTP API. A 4xx answer
 //! is the user's (exit 2), a 5xx or an unreachable server the system's (3).
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -264,7 +263,7 @@ pub fn event_from_json(v: &Value) -> Option<Event> {
             context: v["context"]
                 .as_object()
                 .map(|m| m.iter().map(|(k, x)| (k.clone(), text(x))).collect())
-                .unwrap_or_else(BTreeMap::new),
+                .unwrap_or_default(),
             attempts: u("attempts") as u32,
         },
         "run_finished" => Event::RunFinished {

@@ -75,12 +75,16 @@ impl fmt::Display for LocationPrefix<'_> {
 pub struct ModelError {
     pub location: Option<Location>,
     /// Not a `#[source]`: the message already shows it, and error chains would repeat it.
-    pub problem: Invalid,
+    /// Boxed: errors travel in every `Result` of the loader, and most variants are large.
+    pub problem: Box<Invalid>,
 }
 
 impl ModelError {
     pub fn new(location: Option<Location>, problem: Invalid) -> ModelError {
-        ModelError { location, problem }
+        ModelError {
+            location,
+            problem: Box::new(problem),
+        }
     }
 }
 
@@ -228,8 +232,9 @@ pub enum Invalid {
     SideOffBase {
         merge: Label,
         side: Label,
-        base: Label,
-        end: Label,
+        /// Boxed, like `end`: four labels would make every `Invalid` large.
+        base: Box<Label>,
+        end: Box<Label>,
     },
     #[error("Task under key `{key}` says its label is `{label}`; make them the same")]
     KeyMismatch { key: Label, label: Label },

@@ -152,8 +152,8 @@ impl Workspace {
                                     Invalid::SideOffBase {
                                         merge: task.label.clone(),
                                         side: side.clone(),
-                                        base: merge.base.clone(),
-                                        end: at.clone(),
+                                        base: Box::new(merge.base.clone()),
+                                        end: Box::new(at.clone()),
                                     },
                                 ));
                             }

@@ -102,7 +102,7 @@ fn stage_gates() {
             "//release:slim"
         ]
     );
-    let run = graph.deps_closure(&[unit.clone()]);
+    let run = graph.deps_closure(std::slice::from_ref(&unit));
     assert_eq!(
         strings(graph.stage_gates(&unit, Some(&run))),
         ["//build:objects"]
@@ -131,7 +131,7 @@ fn pattern_expansion() {
     );
     let e = expand(&ws, &patterns(&["//build:objcts"])).unwrap_err();
     assert!(
-        matches!(&e.problem, Invalid::UnknownTarget { known, .. } if known == &["binary", "docs", "objects"])
+        matches!(&*e.problem, Invalid::UnknownTarget { known, .. } if known == &["binary", "docs", "objects"])
     );
     assert_eq!(
         e.to_string(),

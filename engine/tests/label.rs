@@ -77,7 +77,7 @@ fn patterns() {
 
 #[test]
 fn order_groups_packages() {
-    let mut labels = vec![
+    let mut labels = [
         label("//b:a"),
         label("//a:z"),
         label("//a:b"),

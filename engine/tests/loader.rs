@@ -465,7 +465,7 @@ fn model_errors_are_typed() {
     let e = load_err(&[("BUILD.star", "task(name = 'a', cmd = ['x'], deps = [':a'])")]);
     match e {
         LoadError::Model(m) => assert_eq!(
-            m.problem,
+            *m.problem,
             Invalid::Cycle(vec!["//:a".into(), "//:a".into()])
         ),
         other => panic!("{other:?}"),

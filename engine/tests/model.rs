@@ -64,7 +64,7 @@ fn models_built_in_code_validate() {
     let mut dup = Workspace::default();
     dup.insert_task(run("//a:x", &["true"])).unwrap();
     let e = dup.insert_task(run("//a:x", &["true"])).unwrap_err();
-    assert!(matches!(e.problem, Invalid::DuplicateTask { .. }));
+    assert!(matches!(*e.problem, Invalid::DuplicateTask { .. }));
 }
 
 #[test]
@@ -107,7 +107,7 @@ fn api_json_is_checked_like_starlark() {
         .unwrap()
         .validate()
         .unwrap_err();
-    assert!(matches!(e.problem, Invalid::UnknownStage { .. }), "{e}");
+    assert!(matches!(*e.problem, Invalid::UnknownStage { .. }), "{e}");
 }
 
 #[test]
@@ -132,7 +132,7 @@ fn json_checks_what_starlark_cannot_express() {
     let task = ws.tasks.remove(&label("//a:x")).unwrap();
     ws.tasks.insert(label("//a:y"), task);
     assert!(matches!(
-        ws.validate().unwrap_err().problem,
+        *ws.validate().unwrap_err().problem,
         Invalid::KeyMismatch { .. }
     ));
 
@@ -173,7 +173,7 @@ fn json_checks_what_starlark_cannot_express() {
         r.timeout_secs = Some(0);
     }
     assert!(matches!(
-        workspace(vec![t]).validate().unwrap_err().problem,
+        *workspace(vec![t]).validate().unwrap_err().problem,
         Invalid::OutOfRange { .. }
     ));
 }
@@ -207,7 +207,7 @@ fn merges_need_sides_on_their_base() {
     bad.push(merge(&["//m:deeper", "//m:other"]));
     let e = workspace(bad).validate().unwrap_err();
     assert!(
-        matches!(&e.problem, Invalid::SideOffBase { side, end, .. } if side == &label("//m:other") && end == &label("//m:other")),
+        matches!(&*e.problem, Invalid::SideOffBase { side, end, .. } if side == &label("//m:other") && **end == label("//m:other")),
         "{e}"
     );
 }

@@ -198,7 +198,7 @@ impl<R: Read> PackReader<R> {
     /// The next frame's header; `None` after the end frame. The caller
     /// then reads exactly `len` bytes with [`PackReader::data`] or
     /// [`PackReader::copy`].
-    pub fn next(&mut self) -> Result<Option<Header>, PackError> {
+    pub fn next_frame(&mut self) -> Result<Option<Header>, PackError> {
         let mut h = [0u8; HEADER_LEN];
         read_full(&mut self.dec, &mut h).map_err(|e| self.cut(e))?;
         let mut d = [0u8; DIGEST_LEN];
@@ -307,7 +307,7 @@ impl<'s> Receiver<'s> {
     /// for [`Receiver::commit`]. Any error leaves nothing new visible but
     /// blobs whose bytes were right.
     pub fn read<R: Read>(&mut self, pack: &mut PackReader<R>) -> Result<(), PackError> {
-        while let Some(h) = pack.next()? {
+        while let Some(h) = pack.next_frame()? {
             match h.kind {
                 Kind::Blob => self.blob(pack, &h)?,
                 Kind::Tree => {
@@ -496,7 +496,7 @@ pub fn encode_digests(digests: &[Digest]) -> Vec<u8> {
 /// The inverse of [`encode_digests`]; `None` when the length is not a
 /// multiple of 32.
 pub fn decode_digests(bytes: &[u8]) -> Option<Vec<Digest>> {
-    if bytes.len() % DIGEST_LEN != 0 {
+    if !bytes.len().is_multiple_of(DIGEST_LEN) {
         return None;
     }
     Some(

@@ -4,7 +4,6 @@
 //! sweeps them by `keep_cache`, `verify` reports a bad SHA-256 row, and an
 //! on-disk store opened again still has them.
 
-#[allow(dead_code)]
 mod common;
 
 use std::io::Write;

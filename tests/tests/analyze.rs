@@ -9,7 +9,7 @@ fn build_file(env: &Env, word: &str) {
     write(
         env.work(),
         "BUILD.star",
-        &format!(
+        format!(
             r#"
 task(name = "a", script = "echo a > a")
 task(name = "slow", deps = [":a"], script = "sleep 0.4; echo s > s")

@@ -45,7 +45,7 @@ impl Crasher<'_> {
             Some(out) => assert_eq!(out.success().digest(), self.expected),
         }
         self.env.ci(["store", "verify"]).success();
-        if self.attempts % CHECK_EVERY == 0 {
+        if self.attempts.is_multiple_of(CHECK_EVERY) {
             self.check();
         }
     }

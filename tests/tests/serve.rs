@@ -768,7 +768,7 @@ fn a_killed_server_leaves_an_interrupted_run_that_a_rerun_finishes() {
     write(
         env.work(),
         "BUILD.star",
-        &format!(
+        format!(
             "task(name = \"fast\", script = \"echo fast > f\")\n\
              task(name = \"slow\", deps = [\":fast\"], script = \"while [ ! -e {} ]; do sleep 0.1; done; echo done > s\")\n",
             release.display()
@@ -826,7 +826,7 @@ fn sigterm_cancels_running_runs_and_exits_zero() {
     write(
         env.work(),
         "BUILD.star",
-        &format!(
+        format!(
             "task(name = \"sleepy\", script = \"sleep 60; echo {}\")\n",
             marker.display()
         ),

@@ -32,6 +32,7 @@ type Res<T> = Result<T, Invalid>;
 pub(crate) fn strata_builtins(builder: &mut GlobalsBuilder) {
     /// Declares a task: a command over input layers, producing one output layer.
     /// Returns its label.
+    #[allow(clippy::too_many_arguments)] // every field of a task is a named parameter
     fn task<'v>(
         #[starlark(require = named)] name: Value<'v>,
         #[starlark(require = named)] cmd: Option<Value<'v>>,

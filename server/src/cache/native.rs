@@ -46,13 +46,16 @@ fn parse_digests(body: &[u8]) -> ApiResult<Vec<Digest>> {
     })
 }
 
+/// Trees by digest, with their encoded bytes.
+type Trees = Vec<(Digest, Vec<u8>)>;
+
 /// An entry whose every object is stored, with the trees of its layers;
 /// `None` when it is absent or incomplete (an incomplete one is dropped:
 /// it can never be answered).
 fn complete_entry(
     store: &Store,
     key: &Digest,
-) -> strata_store::Result<Option<(ActionEntry, Vec<(Digest, Vec<u8>)>)>> {
+) -> strata_store::Result<Option<(ActionEntry, Trees)>> {
     let Some(entry) = store.action(key)? else {
         return Ok(None);
     };

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::{Batch, Family, Flow, MetaStore};
+use super::{Batch, Family, Flow, MetaStore, Visit};
 use crate::Result;
 
 type Maps = Vec<BTreeMap<Vec<u8>, Vec<u8>>>;
@@ -57,7 +57,7 @@ impl MetaStore for MemoryMetaStore {
         family: Family,
         prefix: &[u8],
         start: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<Flow>,
+        f: &mut Visit<'_>,
     ) -> Result<()> {
         let start = start.max(prefix);
         // Copy the matching range out so `f` may call back into the store.

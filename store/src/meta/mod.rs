@@ -106,6 +106,9 @@ pub enum Flow {
     Stop,
 }
 
+/// A scan callback: called with each key and value, says whether to go on.
+pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<Flow> + 'a;
+
 /// The ordered key-value index of a store.
 pub trait MetaStore: Send + Sync {
     /// The value under `key`, or `None`.
@@ -119,12 +122,7 @@ pub trait MetaStore: Send + Sync {
         Ok(())
     }
     /// Calls `f` for each entry whose key starts with `prefix`, in key order.
-    fn scan(
-        &self,
-        family: Family,
-        prefix: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<Flow>,
-    ) -> Result<()> {
+    fn scan(&self, family: Family, prefix: &[u8], f: &mut Visit<'_>) -> Result<()> {
         self.scan_from(family, prefix, prefix, f)
     }
     /// Like [`MetaStore::scan`], starting at the first key at or after
@@ -135,7 +133,7 @@ pub trait MetaStore: Send + Sync {
         family: Family,
         prefix: &[u8],
         start: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<Flow>,
+        f: &mut Visit<'_>,
     ) -> Result<()>;
     /// Brings a read-only view up to date with the writer (no-op elsewhere).
     fn refresh(&self) -> Result<()> {

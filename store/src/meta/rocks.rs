@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use rocksdb::{ColumnFamily, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
-use super::{Batch, Family, Flow, MetaStore};
+use super::{Batch, Family, Flow, MetaStore, Visit};
 use crate::{Error, Result};
 
 /// An index in a RocksDB database, opened for writing (one process at a
@@ -147,7 +147,7 @@ impl MetaStore for RocksMetaStore {
         family: Family,
         prefix: &[u8],
         start: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<Flow>,
+        f: &mut Visit<'_>,
     ) -> Result<()> {
         if self.absent(family) {
             return Ok(());
