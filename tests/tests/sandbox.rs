@@ -548,3 +548,36 @@ task(
         );
     }
 }
+
+/// A store kept under a directory the sandbox shows (`/opt`) is hidden
+/// under an empty read-only directory, and its tasks still get their own
+/// directories from inside it.
+#[test]
+fn a_store_under_a_shown_directory_is_hidden() {
+    let env = host_workspace(
+        "local_source(name = \"src\", path = \"src\")\n\
+         task(name = \"t\", deps = [\":src\"], script = 'ls -A \"$STORE\" > seen; touch \"$STORE/x\" 2>/dev/null && echo wrote >> seen; cat \"$CI_IN/src/a.txt\" > a')\n",
+        &[("src/a.txt", "a\n")],
+    );
+    let store = std::path::PathBuf::from(format!(
+        "/opt/strata-sandbox-test-{}-{}",
+        std::process::id(),
+        now_nanos()
+    ));
+    let s = store.to_str().expect("a UTF-8 path");
+    write(
+        env.work(),
+        "BUILD.star",
+        std::fs::read_to_string(env.path("BUILD.star"))
+            .expect("read BUILD.star")
+            .replace("$STORE", s),
+    );
+    let vars = [("CI_STORE", s)];
+    let built = env.ci_env(["build"], &vars);
+    let seen = env.ci_env(["store", "cat", "//:t", "seen"], &vars);
+    let read = env.ci_env(["store", "cat", "//:t", "a"], &vars);
+    let _ = std::fs::remove_dir_all(&store);
+    sandboxed(built.success());
+    assert_eq!(seen.success().stdout_str(), "", "the task saw the store");
+    assert_eq!(read.success().stdout_str(), "a\n");
+}

@@ -182,12 +182,15 @@ fn sandbox_args(req: &ExecRequest, cwd: &Path) -> Vec<OsString> {
         }
     }
     // Whatever of the store or the run's scratch lies under those
-    // directories is hidden under an empty read-only directory.
-    for p in &req.dirs.private {
-        if HOST_DIRS
+    // directories is hidden under an empty read-only directory (the
+    // outermost only: the scratch is inside the store).
+    let private = &req.dirs.private;
+    for p in private {
+        let shown = HOST_DIRS
             .iter()
-            .any(|d| p.starts_with(Path::new("/").join(d)))
-        {
+            .any(|d| p.starts_with(Path::new("/").join(d)));
+        let inside_another = private.iter().any(|q| q != p && p.starts_with(q));
+        if shown && !inside_another {
             for s in ["--perms", "0555", "--tmpfs"] {
                 arg(&s);
             }
