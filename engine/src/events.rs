@@ -2,8 +2,8 @@
 //! terminal view, the run record and (later) the HTTP API's live feed all
 //! read it.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use strata_store::Digest;
@@ -86,11 +86,31 @@ impl Event {
 
 /// Where events go. Cheap to clone; must not block.
 #[derive(Clone)]
-pub struct EventSink(Arc<dyn Fn(Event) + Send + Sync>);
+pub struct EventSink {
+    send: Arc<dyn Fn(Event) + Send + Sync>,
+    /// Keys of the notes sent once ([`EventSink::note_once`]).
+    once: Arc<Mutex<BTreeSet<String>>>,
+}
 
 impl EventSink {
     pub fn new(f: impl Fn(Event) + Send + Sync + 'static) -> EventSink {
-        EventSink(Arc::new(f))
+        EventSink {
+            send: Arc::new(f),
+            once: Arc::default(),
+        }
+    }
+
+    /// A [`Event::Note`] sent only the first time `key` is given to this
+    /// sink or a clone of it (one sink serves one run).
+    pub fn note_once(&self, key: &str, message: String) {
+        let first = self
+            .once
+            .lock()
+            .map(|mut seen| seen.insert(key.to_owned()))
+            .unwrap_or(false);
+        if first {
+            self.send(Event::Note { message });
+        }
     }
 
     /// Drops every event.
@@ -99,6 +119,6 @@ impl EventSink {
     }
 
     pub fn send(&self, e: Event) {
-        (self.0)(e)
+        (self.send)(e)
     }
 }

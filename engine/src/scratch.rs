@@ -200,6 +200,7 @@ impl Slot {
             work: self.dir.join("wd"),
             inputs: self.dir.join("in"),
             prev: self.dir.join("prev"),
+            prev_in: self.dir.join("prev-in"),
             log: self.dir.join("log"),
             context: self.dir.join("context"),
         }
@@ -223,6 +224,8 @@ pub(crate) struct SlotPaths {
     pub(crate) inputs: PathBuf,
     /// A copied previous output.
     pub(crate) prev: PathBuf,
+    /// Copies of the previous run's inputs, one directory per mount name.
+    pub(crate) prev_in: PathBuf,
     pub(crate) log: PathBuf,
     pub(crate) context: PathBuf,
 }

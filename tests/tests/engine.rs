@@ -5,8 +5,10 @@
 //! small workspace and uses the host executor.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -187,6 +189,31 @@ fn build_ok(env: &Env, args: &[&str]) -> Events {
 #[track_caller]
 fn build_failing(env: &Env, args: &[&str]) -> Events {
     build_exiting(env, args, 1, "expected the build to fail with exit code 1")
+}
+
+/// A TCP service on 127.0.0.1 for tasks with `network = True`: host tasks
+/// run in a sandbox that shows them none of the test's files, so state
+/// outside the workspace (a flaky service, a spy) is a server. Each
+/// connection goes to `serve` on a thread of its own, numbered from 1.
+fn service(serve: impl Fn(usize, TcpStream) + Send + Sync + 'static) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+    serve_on(listener, serve)
+}
+
+fn serve_on(
+    listener: TcpListener,
+    serve: impl Fn(usize, TcpStream) + Send + Sync + 'static,
+) -> u16 {
+    let port = listener.local_addr().expect("local address").port();
+    let serve = Arc::new(serve);
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(conn) = conn else { break };
+            let serve = serve.clone();
+            std::thread::spawn(move || serve(n + 1, conn));
+        }
+    });
+    port
 }
 
 /// `ci store cat LAYER PATH` as a string.
@@ -437,10 +464,13 @@ task(name = "t", deps = [":src"], env = {{"V": "{v}"}}, script = 'cat "$CI_IN/sr
 #[test]
 fn rerun_runs_only_the_failed_task_and_its_dependants() {
     let env = Env::new();
-    // The failure depends on something outside the workspace (as a flaky
-    // service would): a rerun keeps the source snapshot of the run it re-runs.
-    let marker = env.root().join("marker");
-    let marker = marker.to_str().expect("a UTF-8 temporary path");
+    // The failure depends on something outside the workspace, a service
+    // that is down and then up: a rerun keeps the source snapshot of the
+    // run it re-runs. (The port is free until the service starts on it.)
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
     write(env.work(), "ci.toml", "[build]\nexecutor = \"host\"\n");
     write(
         env.work(),
@@ -449,7 +479,7 @@ fn rerun_runs_only_the_failed_task_and_its_dependants() {
             r#"
 task(name = "ok", script = 'echo ok > ok')
 task(name = "independent", script = 'echo i > i')
-task(name = "gate", deps = [":ok"], env = {{"MARKER": "{marker}"}}, script = 'echo partial > partial; test -f "$MARKER"; echo passed > passed')
+task(name = "gate", deps = [":ok"], network = True, env = {{"PORT": "{port}"}}, script = 'echo partial > partial; bash -c "exec 3<>/dev/tcp/127.0.0.1/$PORT"; echo passed > passed')
 task(name = "after", deps = [":gate"], script = 'cp "$CI_IN/gate/passed" .')
 "#
         ),
@@ -459,7 +489,10 @@ task(name = "after", deps = [":gate"], script = 'cp "$CI_IN/gate/passed" .')
     assert_eq!(first.finished("//:after")["state"], "skipped");
     let failed_run = first.run_id();
 
-    write(env.root(), "marker", "");
+    serve_on(
+        TcpListener::bind(("127.0.0.1", port)).expect("bind the service's port"),
+        |_, _| {},
+    );
     let again = json_run(&env, &["rerun", &failed_run], &[]);
     if again.out.code() != Some(0) {
         again.fail("expected the rerun to succeed");
@@ -592,8 +625,11 @@ fn a_task_past_its_timeout_fails_with_timed_out() {
 #[test]
 fn retries_run_a_failed_attempt_again_within_the_build() {
     let env = Env::new();
-    let counter = env.root().join("counter");
-    let counter = counter.to_str().expect("a UTF-8 temporary path");
+    // A flaky service: it answers each connection with its number, and the
+    // task fails on the first.
+    let port = service(|n, mut conn| {
+        let _ = writeln!(conn, "{n}");
+    });
     write(env.work(), "ci.toml", "[build]\nexecutor = \"host\"\n");
     write(
         env.work(),
@@ -602,8 +638,9 @@ fn retries_run_a_failed_attempt_again_within_the_build() {
             r#"
 task(
     name = "flaky",
-    env = {{"COUNTER": "{counter}"}},
-    script = 'n=$(( $(cat "$COUNTER" 2>/dev/null || echo 0) + 1 )); echo $n > "$COUNTER"; test $n -ge 2; echo $n > attempt',
+    network = True,
+    env = {{"PORT": "{port}"}},
+    script = 'n=$(bash -c "exec 3<>/dev/tcp/127.0.0.1/$PORT; head -n1 <&3"); test "$n" -ge 2; echo $n > attempt',
     retries = 2,
 )
 task(name = "hopeless", script = 'exit 1', retries = 1)
@@ -923,25 +960,40 @@ task(name = "sleeper", transform = ":base", script = 'echo ready; sleep {marker}
 
 #[test]
 fn jobs_bound_the_commands_running_at_once() {
-    // Each command counts the commands inside its critical part (a directory
-    // each in SPY) when it enters; -j 2 must never let a third in.
+    // Each command tells a spy when it enters its critical part and when it
+    // leaves (and waits for the answer, so the count is exact); the spy
+    // counts the commands inside on each entry. -j 2 must never let a third in.
     let env = workspace(&[]);
-    let spy = env.root().join("spy");
-    mkdir(env.root(), "spy");
+    let inside = Arc::new(Mutex::new((0u32, Vec::new())));
+    let spy = inside.clone();
+    let port = service(move |_, conn| {
+        let mut reader = BufReader::new(conn.try_clone().expect("clone the connection"));
+        let mut conn = conn;
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            if let Ok(mut s) = spy.lock() {
+                match line.trim() {
+                    "enter" => {
+                        s.0 += 1;
+                        let now = s.0;
+                        s.1.push(now);
+                    }
+                    _ => s.0 -= 1,
+                }
+            }
+            let _ = conn.write_all(b"ok\n");
+            line.clear();
+        }
+    });
     let mut build = String::new();
     for i in 0..6 {
         build.push_str(&format!(
-            "task(name = \"t{i}\", env = {{\"SPY\": \"{}\"}}, script = 'mkdir \"$SPY/{i}\"; ls \"$SPY\" | wc -l >> \"$SPY.counts\"; sleep 0.3; rmdir \"$SPY/{i}\"; echo {i} > out')\n",
-            spy.display()
+            "task(name = \"t{i}\", network = True, cmd = [\"bash\", \"-ec\", \"exec 3<>/dev/tcp/127.0.0.1/{port}; echo enter >&3; read -r ack <&3; sleep 0.3; echo leave >&3; read -r ack <&3; echo {i} > out\"])\n"
         ));
     }
     write(env.work(), "BUILD.star", &build);
     build_ok(&env, &["-j", "2"]);
-    let counts: Vec<u32> = std::fs::read_to_string(env.root().join("spy.counts"))
-        .expect("the tasks ran")
-        .lines()
-        .map(|l| l.trim().parse().expect("a count"))
-        .collect();
+    let counts = inside.lock().expect("the spy's counts").1.clone();
     assert_eq!(counts.len(), 6, "{counts:?}");
     assert_eq!(
         counts.iter().max(),

@@ -759,7 +759,13 @@ task(name = "on_src", deps = [":src"], script = "cat $CI_IN/src/a.txt > a")
 #[test]
 fn a_killed_server_leaves_an_interrupted_run_that_a_rerun_finishes() {
     let env = Env::new();
-    let release = env.root().join("release");
+    // `slow` goes on once something listens on this port (a sandboxed host
+    // task sees no file of the test, but reaches the host's loopback with
+    // `network = True`); nothing does until the rerun.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
     write(
         env.work(),
         "ci.toml",
@@ -770,8 +776,7 @@ fn a_killed_server_leaves_an_interrupted_run_that_a_rerun_finishes() {
         "BUILD.star",
         format!(
             "task(name = \"fast\", script = \"echo fast > f\")\n\
-             task(name = \"slow\", deps = [\":fast\"], script = \"while [ ! -e {} ]; do sleep 0.1; done; echo done > s\")\n",
-            release.display()
+             task(name = \"slow\", deps = [\":fast\"], network = True, script = \"while ! bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}' 2>/dev/null; do sleep 0.1; done; echo done > s\")\n"
         ),
     );
     let tok = token(&env, "ci", false);
@@ -803,7 +808,8 @@ fn a_killed_server_leaves_an_interrupted_run_that_a_rerun_finishes() {
 
     // The rerun keeps `fast` and runs `slow`, which may now finish.
     let server = Server::start(&env, &["."], &[]);
-    std::fs::write(&release, "").unwrap();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the port");
+    std::thread::spawn(move || for _ in listener.incoming() {});
     let r = server.post(&format!("/api/v1/runs/{id}/rerun"), &json!({}), Some(&tok));
     assert_eq!(r.status, 202, "{}", r.text());
     let rerun = server.wait_run(r.json()["id"].as_str().unwrap());

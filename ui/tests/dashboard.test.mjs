@@ -5,18 +5,25 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdtempSync, writeFileSync, rmSync, readdirSync, statSync, cpSync, unlinkSync, openSync, closeSync, writeSync } from 'node:fs';
+import { mkdtempSync, writeFileSync, rmSync, readdirSync, statSync, cpSync, unlinkSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
 import { startServer, stopServer, startAgain, token, api, startRun, waitRun, browser, ciBin, repo } from './harness.mjs';
 
 const HOSTILE = '<img src=x onerror=alert(1)>';
-const fifoDir = mkdtempSync(join(tmpdir(), 'strata-fifo-'));
-const fifo = join(fifoDir, 'release');
+// A gate on 127.0.0.1 the `wait` task connects to and reads a line from (a
+// host task's sandbox shows it no file of the test, but with `network = True`
+// it reaches the host's loopback).
+let gateConn;
+const gateConnected = new Promise((resolve) => { gateConn = resolve; });
+const gate = createServer((sock) => gateConn(sock));
+await new Promise((resolve) => gate.listen(0, '127.0.0.1', resolve));
+const gatePort = gate.address().port;
 
 // A workspace whose tasks write hostile names, contents and logs, and one
-// task that waits on a FIFO the test writes to (so "running" lasts exactly
-// as long as the test wants).
+// task that waits on the gate (so "running" lasts exactly as long as the
+// test wants).
 const hostileWs = {
   name: 'hostile',
   files: {
@@ -48,8 +55,9 @@ printf 'bell\\007 and nul-free controls\\n'
 )
 task(
     name = "wait",
-    script = 'echo started; read x < ${fifo}; echo "released: $x"',
+    script = 'echo started; x=$(bash -c "exec 3<>/dev/tcp/127.0.0.1/${gatePort}; head -n1 <&3"); echo "released: $x"',
     pure = False,
+    network = True,
     stage = "build",
 )
 `,
@@ -97,7 +105,6 @@ task(name = "join", deps = {"a": ":after_slow", "b": ":fast1", "c": ":fast2"}, s
 let srv, b, write, readOnly;
 
 before(async () => {
-  execFileSync('mkfifo', [fifo]);
   srv = await startServer(['hello', hostileWs, 'cproject', predictWs, timingWs]);
   write = token(srv, 'ui-test');
   readOnly = token(srv, 'ui-reader', true);
@@ -107,7 +114,7 @@ before(async () => {
 after(async () => {
   await b?.close();
   if (srv) await stopServer(srv);
-  rmSync(fifoDir, { recursive: true, force: true });
+  gate.close();
 });
 
 async function page(tok) {
@@ -188,9 +195,8 @@ test('a task goes from running to succeeded on screen without a reload, on the w
   assert.doesNotMatch(await wall.locator('[data-testid="running-run"] .elapsed').first().textContent(), /h|m /);
   await wall.waitForFunction(() => document.querySelector('[data-testid="tile-hostile"] [data-testid="tile-state"]')?.textContent === 'running');
   // Release the task; the page changes by itself.
-  const fd = openSync(fifo, 'w');
-  writeSync(fd, 'go\n');
-  closeSync(fd);
+  const sock = await gateConnected;
+  sock.end('go\n');
   await p.waitForFunction(() => document.querySelector('g.node[data-label="//:wait"]')?.classList.contains('st-succeeded'));
   await p.waitForFunction(() => document.querySelector('[data-testid="run-state"]')?.textContent === 'succeeded');
   await wall.waitForFunction(() => document.querySelector('[data-testid="tile-hostile"] [data-testid="tile-state"]')?.textContent === 'succeeded');

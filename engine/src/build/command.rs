@@ -3,7 +3,7 @@
 //! attempts, and the capture of its output.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -174,7 +174,15 @@ impl Engine {
             self.inner
                 .store
                 .label(&self.label_record_key(&label))?
-                .map(|e| e.layer)
+                .map(|e| Previous {
+                    output: e.layer,
+                    // An older record that does not decode shows no inputs.
+                    inputs: e
+                        .payload
+                        .decode::<PreviousInputs>()
+                        .map(|p| p.preimage.inputs.into_iter().collect())
+                        .unwrap_or_default(),
+                })
         };
         let mut env = r.env.clone();
         env.extend(action.context.clone());
@@ -229,7 +237,7 @@ impl Engine {
                 cmd.task,
                 cmd.inputs,
                 base,
-                cmd.prev,
+                cmd.prev.as_ref(),
             )
             .await?;
         self.announce(&prepared);
@@ -390,9 +398,16 @@ impl Engine {
         task: &Task,
         inputs: &[(Label, Done)],
         base: Option<Digest>,
-        prev: Option<Digest>,
+        prev: Option<&Previous>,
     ) -> Result<Prepared, BuildError> {
         let store = self.inner.store.clone();
+        let private: Vec<PathBuf> = store
+            .root()
+            .into_iter()
+            .chain([scratch.root()])
+            .map(Path::to_path_buf)
+            .collect();
+        let prev = prev.cloned();
         let scratch = scratch.clone();
         let mounts: Vec<(String, Digest)> = task
             .deps
@@ -416,20 +431,24 @@ impl Engine {
             // is made for a pipeline whose tasks have no inputs.
             let mount = if reads { scratch.inputs()? } else { None };
             let copied = mount.is_none() && reads;
-            let (in_dir, prev_dir) = match mount {
+            let (in_dir, prev_dir, prev_in_dir) = match mount {
                 Some(m) => {
                     let in_dir = m.add_view(&view, &Layers::Named(mounts))?;
                     views.push(view.clone());
-                    let prev_dir = match prev {
+                    let (prev_dir, prev_in_dir) = match prev {
                         Some(p) => {
                             let name = format!("{view}.prev");
-                            let d = m.add_view(&name, &Layers::One(p))?;
+                            let d = m.add_view(&name, &Layers::One(p.output))?;
                             views.push(name);
-                            Some(d)
+                            // The previous inputs: another view of the same mount.
+                            let name = format!("{view}.prev-in");
+                            let di = m.add_view(&name, &Layers::Named(p.inputs))?;
+                            views.push(name);
+                            (Some(d), Some(di))
                         }
-                        None => None,
+                        None => (None, None),
                     };
-                    (in_dir, prev_dir)
+                    (in_dir, prev_dir, prev_in_dir)
                 }
                 None => {
                     let in_dir = slot.inputs.clone();
@@ -439,16 +458,23 @@ impl Engine {
                         store.checkout(layer, &p)?;
                         make_read_only(&p);
                     }
-                    let prev_dir = match prev {
+                    let (prev_dir, prev_in_dir) = match prev {
                         Some(p) => {
                             let pd = slot.prev.clone();
-                            store.checkout(&p, &pd)?;
+                            store.checkout(&p.output, &pd)?;
                             make_read_only(&pd);
-                            Some(pd)
+                            let pi = slot.prev_in.clone();
+                            std::fs::create_dir_all(&pi).map_err(BuildError::io("create", &pi))?;
+                            for (mount, layer) in &p.inputs {
+                                let d = pi.join(mount);
+                                store.checkout(layer, &d)?;
+                                make_read_only(&d);
+                            }
+                            (Some(pd), Some(pi))
                         }
-                        None => None,
+                        None => (None, None),
                     };
-                    (in_dir, prev_dir)
+                    (in_dir, prev_dir, prev_in_dir)
                 }
             };
             let context = slot.context.clone();
@@ -467,7 +493,9 @@ impl Engine {
                     inputs: in_dir,
                     work: work.path().to_owned(),
                     prev: prev_dir,
+                    prev_in: prev_in_dir,
                     context,
+                    private,
                 },
                 work,
                 strategy,
@@ -520,8 +548,9 @@ impl Engine {
             // them before the capture syncs, so their pages are dropped
             // rather than written out only to be deleted.
             if prepared.copied {
-                strata_fuse::remove_tree(&slot.prev)
-                    .map_err(BuildError::io("remove", &slot.prev))?;
+                for p in [&slot.prev, &slot.prev_in] {
+                    strata_fuse::remove_tree(p).map_err(BuildError::io("remove", p))?;
+                }
             }
             // The slot's own `in/` must be empty for the next task: it holds
             // the copies, and on the host a task that reads nothing may have
@@ -636,14 +665,28 @@ struct CommandRun<'a> {
     /// The task's `env` over the context it inherits.
     env: BTreeMap<String, String>,
     secrets: BTreeMap<String, String>,
-    /// The previous output, for an impure task.
-    prev: Option<Digest>,
+    /// The previous output and inputs, for an impure task.
+    prev: Option<Previous>,
     /// Under `--check`, the output the cache holds.
     cached_output: Option<Digest>,
     cacheable: bool,
     run_id: &'a str,
     scratch: &'a Arc<Scratch>,
     cancel: CancellationToken,
+}
+
+/// What an impure task's previous run left: its output (`CI_PREV`) and the
+/// inputs it read, by mount name (`CI_PREV_IN`).
+#[derive(Clone, Debug)]
+struct Previous {
+    output: Digest,
+    inputs: Vec<(String, Digest)>,
+}
+
+/// The one field of a label record's payload that [`Previous`] needs.
+#[derive(serde::Deserialize)]
+struct PreviousInputs {
+    preimage: crate::key::ActionPreimage,
 }
 
 /// How an attempt ended, for the loop over attempts.

@@ -8,7 +8,12 @@
 //! | `/ci/in`         | [`TaskDirs::inputs`] | read-only  |
 //! | `/ci/work`       | [`TaskDirs::work`]   | read-write |
 //! | `/ci/prev`       | [`TaskDirs::prev`]   | read-only  |
+//! | `/ci/prev-in`    | [`TaskDirs::prev_in`]| read-only  |
 //! | `/ci/context`    | [`TaskDirs::context`]| read-write |
+//!
+//! Each is the task's own directory (a view of the run's inputs mount, its
+//! slot's work directory and context file): nothing else of the store or of
+//! the run's scratch is mounted.
 //!
 //! Whatever happens (success, failure, timeout, cancellation, an error of the
 //! daemon), every container and network made for a task is removed before
@@ -20,6 +25,7 @@
 //! [`TaskDirs::inputs`]: super::TaskDirs::inputs
 //! [`TaskDirs::work`]: super::TaskDirs::work
 //! [`TaskDirs::prev`]: super::TaskDirs::prev
+//! [`TaskDirs::prev_in`]: super::TaskDirs::prev_in
 //! [`TaskDirs::context`]: super::TaskDirs::context
 
 use std::collections::HashMap;
@@ -449,6 +455,10 @@ impl DockerExecutor {
         if let Some(prev) = &dirs.prev {
             mounts.push(bind(prev, "/ci/prev", true)?);
             env.push("CI_PREV=/ci/prev".into());
+        }
+        if let Some(prev_in) = &dirs.prev_in {
+            mounts.push(bind(prev_in, "/ci/prev-in", true)?);
+            env.push("CI_PREV_IN=/ci/prev-in".into());
         }
         let user = req.user.clone().unwrap_or_else(|| "0:0".into());
         if !is_root(&user) {

@@ -1,22 +1,239 @@
 //! The host executor: runs the command as a process on this machine, in
-//! the task's prepared directories, in its own process group.
+//! the task's prepared directories, in a sandbox of its own.
+//!
+//! The sandbox is bubblewrap (`bwrap`): new mount, PID, IPC, UTS and (unless
+//! the task has `network = True`) network namespaces, every capability
+//! dropped, and a root made of nothing but
+//!
+//! | in the sandbox                  | what                                     | mode       |
+//! |---------------------------------|------------------------------------------|------------|
+//! | `/usr`, `/bin`, `/lib`…, `/etc`, `/opt` | the host's                       | read-only  |
+//! | `/dev`, `/proc`                 | a minimal `/dev`, the sandbox's own PIDs |            |
+//! | `/tmp`                          | an empty tmpfs, gone with the task       | read-write |
+//! | `/ci/in`                        | [`TaskDirs::inputs`]                     | read-only  |
+//! | `/ci/work`                      | [`TaskDirs::work`]                       | read-write |
+//! | `/ci/context`                   | [`TaskDirs::context`]                    | read-write |
+//! | `/ci/prev`, `/ci/prev-in`       | [`TaskDirs::prev`], [`TaskDirs::prev_in`]| read-only  |
+//!
+//! so the store, the run's scratch and other tasks' directories do not
+//! exist for it, and what it mounts or unmounts stays in its namespace. The
+//! paths are the containers' ones: an output that embeds them does not
+//! depend on where a machine keeps its store.
+//!
+//! Where bubblewrap is missing or cannot make namespaces, tasks run as
+//! plain processes in the host's directories, as before the sandbox; every
+//! build that runs a host task says so once ([`Isolation::Unsandboxed`]).
+//!
+//! [`TaskDirs::inputs`]: super::TaskDirs::inputs
+//! [`TaskDirs::work`]: super::TaskDirs::work
+//! [`TaskDirs::context`]: super::TaskDirs::context
+//! [`TaskDirs::prev`]: super::TaskDirs::prev
+//! [`TaskDirs::prev_in`]: super::TaskDirs::prev_in
 
+use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::{pump, ExecOutcome, ExecRequest, Executor};
+use super::{pump, ExecOutcome, ExecRequest, Executor, TaskDirs};
 use crate::events::Stream;
 use crate::BuildError;
 
 /// PATH given to host tasks: the environment of `ci` does not leak in.
 pub const HOST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// How long a process group gets between SIGTERM and SIGKILL.
+/// How long a task gets between SIGTERM and SIGKILL.
 const GRACE: Duration = Duration::from_secs(3);
+/// The host directories a sandbox shows (read-only), where they exist: the
+/// tools, their libraries and their configuration.
+const HOST_DIRS: &[&str] = &[
+    "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt",
+];
 
 /// Runs tasks as host processes.
 #[derive(Clone, Debug, Default)]
 pub struct HostExecutor;
+
+/// How host tasks are isolated on this machine (found once per process).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Isolation {
+    /// Each task in a bubblewrap sandbox, through this `bwrap`.
+    Sandboxed(PathBuf),
+    /// Plain processes: the reason, and what to do about it.
+    Unsandboxed(String),
+}
+
+/// How host tasks run here: finds `bwrap` on `ci`'s `PATH` and tries it once.
+pub fn isolation() -> &'static Isolation {
+    static ISOLATION: OnceLock<Isolation> = OnceLock::new();
+    ISOLATION.get_or_init(probe)
+}
+
+fn probe() -> Isolation {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from(HOST_PATH));
+    let Some(bwrap) = std::env::split_paths(&path)
+        .map(|d| d.join("bwrap"))
+        .find(|p| is_executable(p))
+    else {
+        return Isolation::Unsandboxed(
+            "`bwrap` is not installed; install bubblewrap (`apt install bubblewrap`)".into(),
+        );
+    };
+    // The namespaces every task gets; a kernel or policy that refuses them
+    // (no unprivileged user namespaces, a container without CAP_SYS_ADMIN)
+    // fails here rather than in every task.
+    let tried = std::process::Command::new(&bwrap)
+        .args(["--unshare-all", "--die-with-parent", "--cap-drop", "ALL"])
+        .args(["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"])
+        .args(["--", "/bin/sh", "-c", ":"])
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output();
+    match tried {
+        Ok(o) if o.status.success() => Isolation::Sandboxed(bwrap),
+        Ok(o) => {
+            let said = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+            Isolation::Unsandboxed(format!(
+                "`{}` cannot make namespaces here ({said}); run `ci` as root, or allow \
+                 unprivileged user namespaces (`sysctl kernel.unprivileged_userns_clone=1`, \
+                 and `kernel.apparmor_restrict_unprivileged_userns=0` where AppArmor restricts them)",
+                bwrap.display()
+            ))
+        }
+        Err(e) => Isolation::Unsandboxed(format!(
+            "`{}` does not run ({e}); reinstall bubblewrap (`apt install bubblewrap`)",
+            bwrap.display()
+        )),
+    }
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Where a task's directories are, as the task sees them.
+struct Seen {
+    inputs: PathBuf,
+    work: PathBuf,
+    context: PathBuf,
+    prev: Option<PathBuf>,
+    prev_in: Option<PathBuf>,
+}
+
+impl Seen {
+    fn host(dirs: &TaskDirs) -> Seen {
+        Seen {
+            inputs: dirs.inputs.clone(),
+            work: dirs.work.clone(),
+            context: dirs.context.clone(),
+            prev: dirs.prev.clone(),
+            prev_in: dirs.prev_in.clone(),
+        }
+    }
+
+    fn sandbox(dirs: &TaskDirs) -> Seen {
+        Seen {
+            inputs: "/ci/in".into(),
+            work: "/ci/work".into(),
+            context: "/ci/context".into(),
+            prev: dirs.prev.as_ref().map(|_| "/ci/prev".into()),
+            prev_in: dirs.prev_in.as_ref().map(|_| "/ci/prev-in".into()),
+        }
+    }
+}
+
+/// bubblewrap's arguments for one task, up to the command.
+fn sandbox_args(req: &ExecRequest, cwd: &Path) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    let mut arg = |s: &dyn AsRef<std::ffi::OsStr>| a.push(s.as_ref().to_owned());
+    // The sandbox goes when `ci` does; `setsid` keeps the task off the
+    // terminal `ci` may have (no TIOCSTI into the user's shell).
+    for s in ["--die-with-parent", "--new-session", "--unshare-all"] {
+        arg(&s);
+    }
+    if req.network {
+        arg(&"--share-net");
+    }
+    // Root in the sandbox is root without privileges: it cannot mount,
+    // make devices, load modules, trace, or pass file permissions.
+    for s in ["--cap-drop", "ALL"] {
+        arg(&s);
+    }
+    for name in HOST_DIRS {
+        let host = Path::new("/").join(name);
+        match std::fs::symlink_metadata(&host) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(&host) {
+                    arg(&"--symlink");
+                    arg(&target);
+                    arg(&host);
+                }
+            }
+            Ok(m) if m.is_dir() => {
+                arg(&"--ro-bind");
+                arg(&host);
+                arg(&host);
+            }
+            _ => {}
+        }
+    }
+    // Whatever of the store or the run's scratch lies under those
+    // directories is hidden under an empty read-only directory (the
+    // outermost only: the scratch is inside the store).
+    let private = &req.dirs.private;
+    for p in private {
+        let shown = HOST_DIRS
+            .iter()
+            .any(|d| p.starts_with(Path::new("/").join(d)));
+        let inside_another = private.iter().any(|q| q != p && p.starts_with(q));
+        if shown && !inside_another {
+            for s in ["--perms", "0555", "--tmpfs"] {
+                arg(&s);
+            }
+            arg(p);
+            arg(&"--remount-ro");
+            arg(p);
+        }
+    }
+    for s in ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"] {
+        arg(&s);
+    }
+    let dirs = &req.dirs;
+    let mut bind = |how: &str, host: &Path, inside: &str| {
+        arg(&how);
+        arg(&host);
+        arg(&inside);
+    };
+    bind("--ro-bind", &dirs.inputs, "/ci/in");
+    bind("--bind", &dirs.work, "/ci/work");
+    bind("--bind", &dirs.context, "/ci/context");
+    if let Some(p) = &dirs.prev {
+        bind("--ro-bind", p, "/ci/prev");
+    }
+    if let Some(p) = &dirs.prev_in {
+        bind("--ro-bind", p, "/ci/prev-in");
+    }
+    a.push("--chdir".into());
+    a.push(cwd.into());
+    a.push("--".into());
+    a
+}
+
+/// `program` as `execvp` would find it with [`HOST_PATH`], or `None`. The
+/// sandbox shows the same directories, so a missing program is reported
+/// like an unsandboxed one instead of as bubblewrap's failure.
+fn find_program(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(program.into());
+    }
+    std::env::split_paths(HOST_PATH)
+        .map(|d| d.join(program))
+        .find(|p| is_executable(p))
+}
 
 #[async_trait::async_trait]
 impl Executor for HostExecutor {
@@ -24,8 +241,14 @@ impl Executor for HostExecutor {
         "host"
     }
 
+    /// `host/<os>-<arch>`, and `/sandbox` when tasks are sandboxed: the
+    /// paths, `/tmp` and network a task sees differ, and so may its output.
     fn platform(&self) -> String {
-        format!("host/{}-{}", std::env::consts::OS, std::env::consts::ARCH)
+        let base = format!("host/{}-{}", std::env::consts::OS, std::env::consts::ARCH);
+        match isolation() {
+            Isolation::Sandboxed(_) => format!("{base}/sandbox"),
+            Isolation::Unsandboxed(_) => base,
+        }
     }
 
     async fn resolve_image(&self, image: &str) -> Result<String, BuildError> {
@@ -41,31 +264,69 @@ impl Executor for HostExecutor {
                 ..ExecOutcome::default()
             });
         };
-        let dir = match &req.workdir {
-            Some(w) => req.dirs.work.join(w),
-            None => req.dirs.work.clone(),
+        let bwrap = match isolation() {
+            Isolation::Sandboxed(b) => Some(b),
+            Isolation::Unsandboxed(why) => {
+                req.log.warn_once(
+                    "host-sandbox",
+                    format!("host tasks are NOT sandboxed (a task can read and write the store and other tasks): {why}"),
+                );
+                None
+            }
         };
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(&req.argv[1..])
-            .env_clear()
+        let seen = match bwrap {
+            Some(_) => Seen::sandbox(&req.dirs),
+            None => Seen::host(&req.dirs),
+        };
+        let dir = match &req.workdir {
+            Some(w) => seen.work.join(w),
+            None => seen.work.clone(),
+        };
+        let mut cmd = match bwrap {
+            Some(b) => {
+                if find_program(program).is_none() {
+                    let msg = format!("Cannot start `{program}`: not found in {HOST_PATH}");
+                    req.log.line(Stream::Stderr, msg.as_bytes());
+                    return Ok(ExecOutcome {
+                        spawn_error: Some(msg),
+                        ..ExecOutcome::default()
+                    });
+                }
+                let mut c = tokio::process::Command::new(b);
+                c.args(sandbox_args(&req, &dir)).args(&req.argv);
+                c
+            }
+            None => {
+                let mut c = tokio::process::Command::new(program);
+                c.args(&req.argv[1..]).current_dir(&dir);
+                c
+            }
+        };
+        let tmp = match bwrap {
+            Some(_) => PathBuf::from("/tmp"),
+            None => std::env::temp_dir(),
+        };
+        cmd.env_clear()
             .env("PATH", HOST_PATH)
-            .env("HOME", &req.dirs.work)
-            .env("TMPDIR", std::env::temp_dir())
+            .env("HOME", &seen.work)
+            .env("TMPDIR", tmp)
             .env("LANG", "C.UTF-8")
             .envs(&req.env)
             .envs(&req.secrets)
             .env("CI", "true")
-            .env("CI_IN", &req.dirs.inputs)
-            .env("CI_WORK", &req.dirs.work)
-            .env("CI_CONTEXT", &req.dirs.context)
-            .current_dir(&dir)
+            .env("CI_IN", &seen.inputs)
+            .env("CI_WORK", &seen.work)
+            .env("CI_CONTEXT", &seen.context)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        if let Some(prev) = &req.dirs.prev {
+        if let Some(prev) = &seen.prev {
             cmd.env("CI_PREV", prev);
+        }
+        if let Some(prev_in) = &seen.prev_in {
+            cmd.env("CI_PREV_IN", prev_in);
         }
         // A task inherits stdin, stdout and stderr only: descriptors this
         // process holds (the store's lock and index, `/dev/fuse` of its
@@ -89,7 +350,11 @@ impl Executor for HostExecutor {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                let msg = format!("Cannot start `{program}`: {e}");
+                let what = match bwrap {
+                    Some(b) => b.display().to_string(),
+                    None => program.clone(),
+                };
+                let msg = format!("Cannot start `{what}`: {e}");
                 req.log.line(Stream::Stderr, msg.as_bytes());
                 return Ok(ExecOutcome {
                     spawn_error: Some(msg),
@@ -97,7 +362,7 @@ impl Executor for HostExecutor {
                 });
             }
         };
-        let pgid = child.id().map(|p| p as i32);
+        let pid = child.id().map(|p| p as i32);
         let out = child
             .stdout
             .take()
@@ -122,19 +387,32 @@ impl Executor for HostExecutor {
         let status = match status {
             Some(s) => s,
             None => {
-                signal_group(pgid, libc::SIGTERM);
+                // The task's processes get SIGTERM and a grace period. In a
+                // sandbox they are in the session of its init (bubblewrap's
+                // child), not in the group of bubblewrap, which would go at
+                // once and take the sandbox with it.
+                let group = match bwrap {
+                    Some(_) => pid.and_then(first_child),
+                    None => pid,
+                };
+                signal_group(group, libc::SIGTERM);
                 match tokio::time::timeout(GRACE, child.wait()).await {
                     Ok(s) => s,
                     Err(_) => {
-                        signal_group(pgid, libc::SIGKILL);
+                        // Killing bubblewrap kills its init, which ends the
+                        // PID namespace: the kernel kills everything in it,
+                        // wherever it went (another session, a daemon).
+                        signal_group(group, libc::SIGKILL);
+                        signal_group(pid, libc::SIGKILL);
                         child.wait().await
                     }
                 }
             }
         };
         // Whatever the command left running in its group goes too: no
-        // process outlives its task, and the pipes close.
-        signal_group(pgid, libc::SIGKILL);
+        // process outlives its task, and the pipes close. (In a sandbox,
+        // nothing is left: its PID namespace ended with its init.)
+        signal_group(pid, libc::SIGKILL);
         for h in [out, err].into_iter().flatten() {
             let _ = h.await;
         }
@@ -142,11 +420,26 @@ impl Executor for HostExecutor {
             Ok(s) => {
                 outcome.exit_code = s.code();
                 outcome.signal = s.signal();
+                // bubblewrap exits with 128 + N when the command was killed
+                // by signal N (the shell's convention): say it as a signal,
+                // as for an unsandboxed command.
+                if bwrap.is_some() && s.signal().is_none() {
+                    if let Some(n) = s.code().filter(|c| (129..=128 + 64).contains(c)) {
+                        outcome.exit_code = None;
+                        outcome.signal = Some(n - 128);
+                    }
+                }
             }
             Err(e) => outcome.spawn_error = Some(format!("Lost track of `{program}`: {e}")),
         }
         Ok(outcome)
     }
+}
+
+/// The first child of `pid` (`/proc/<pid>/task/<pid>/children`), if any.
+fn first_child(pid: i32) -> Option<i32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    children.split_whitespace().next()?.parse().ok()
 }
 
 fn signal_group(pgid: Option<i32>, sig: i32) {

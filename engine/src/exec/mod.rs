@@ -28,8 +28,14 @@ pub struct TaskDirs {
     pub work: PathBuf,
     /// The previous output, read-only, for impure tasks (`CI_PREV`).
     pub prev: Option<PathBuf>,
+    /// The previous run's inputs, one read-only entry per input mount name
+    /// that the previous run had (`CI_PREV_IN`), for impure tasks.
+    pub prev_in: Option<PathBuf>,
     /// The file where the task may write `KEY=VALUE` context (`CI_CONTEXT`).
     pub context: PathBuf,
+    /// Host directories a task must not see (the store, the run's scratch):
+    /// a sandbox that shows a host directory holding one of them hides it.
+    pub private: Vec<PathBuf>,
 }
 
 /// One fully resolved action, ready to run.
@@ -175,6 +181,12 @@ impl LogSink {
             stream,
             line: shown,
         });
+    }
+
+    /// Sends `message` as a note of the run, once per run for each `key`
+    /// (however many tasks say it).
+    pub fn warn_once(&self, key: &str, message: String) {
+        self.inner.events.note_once(key, message);
     }
 
     /// The last lines seen.
