@@ -405,6 +405,13 @@ impl Engine {
             })
             .collect();
         let reads = !mounts.is_empty() || prev.is_some();
+        let read: Vec<Digest> = mounts
+            .iter()
+            .map(|(_, l)| *l)
+            .chain(base)
+            .chain(prev)
+            .collect();
+        self.fetch_inputs(&read).await?;
         // Most often nothing here blocks for long: views are added to a
         // mount already made and the work directory is the slot's empty
         // one. That is done in place; mounting, copying and overlays go to
