@@ -157,6 +157,8 @@ impl Engine {
                 if !opts.check {
                     return self.command_hit(&label, &action, hit, run_id, rec);
                 }
+                // Compared with the new output: it must be here.
+                self.fetch_inputs(&[hit.output]).await?;
                 cached_output = Some(hit.output);
             }
         }
