@@ -9,7 +9,9 @@
 #   1. host A (its own store) builds the N-task DAG of bench/gen-dag.py with
 #      `--remote-cache` in write mode; then host B, with an empty store and the
 #      workspace at another path, builds it again (all hits), R times, each from a
-#      new empty store: wall time, requests and bytes (from the build's summary line).
+#      new empty store: wall time, requests and bytes (from the build's summary line);
+#      once more with `--remote-fetch needed` (objects and bytes the server sent,
+#      from its /metrics, against the first `all` run).
 #   2. Bazel (npm @bazel/bazel-linux_x64) builds the same graph as N genrules with
 #      `--remote_cache=http://` on the same `ci serve` (Bazel 2.1, the npm one, sends no token on gRPC uploads): once to fill it, then from
 #      new output bases (all remote cache hits), R times; wall time of the build
@@ -104,6 +106,19 @@ for i in $(seq "$RUNS"); do
     CI_TIMES+=("$(secs_since "$t0")")
 done
 B_LINE=$(grep '^remote cache' "$WORK/b1.err" || true)
+# What the server sent: `all` (the first run) against `needed` (one more).
+sent() { curl -s "$URL/metrics" | awk -v m="$1" '$1 == m { n = $2 } END { printf "%d", n }'; }
+OBJ_M='strata_cache_objects_total{protocol="strata",direction="out"}'
+BYTES_M='strata_cache_bytes_total{protocol="strata",direction="out"}'
+ALL_OBJ=$(sent "$OBJ_M"); ALL_BYTES=$(sent "$BYTES_M")
+log "host B, empty store, --remote-fetch needed"
+t0=$EPOCHREALTIME
+(cd "$WORK/host-b" && "$CI_BIN" --store "$WORK/store-lazy" build --remote-cache "$URL" --remote-fetch needed >/dev/null 2>"$WORK/lazy.err")
+LAZY_SECS=$(secs_since "$t0")
+LAZY_OBJ=$(( $(sent "$OBJ_M") - ALL_OBJ )); LAZY_BYTES=$(( $(sent "$BYTES_M") - ALL_BYTES ))
+# The R `all` runs sent the same each: the first run's share.
+ALL_OBJ=$(( ALL_OBJ / RUNS )); ALL_BYTES=$(( ALL_BYTES / RUNS ))
+LAZY_LINE=$(grep '^remote cache' "$WORK/lazy.err" || true)
 B_CACHED=$(grep -o '[0-9]* cached' "$WORK/b1.err" | tail -1)
 CI_MED=$(printf '%s\n' "${CI_TIMES[@]}" | median)
 
@@ -188,6 +203,7 @@ cat <<EOF2
 
 - host A (fill, $TASKS tasks executed): $A_SECS s; \`$A_LINE\`
 - host B: $B_CACHED; \`$B_LINE\`
+- host B with \`--remote-fetch needed\`: $LAZY_SECS s; the server sent $LAZY_OBJ objects ($LAZY_BYTES B) against $ALL_OBJ ($ALL_BYTES B) with \`all\`; \`$LAZY_LINE\`
 - Bazel: \`$BZ_LINE\`
 - pull: \`$PULL_LINE\`
 EOF2

@@ -1,14 +1,15 @@
-//! The remote cache from the command line: `--remote-cache` for builds, and
+//! The remote cache from the command line: `--remote-cache` for builds, the
+//! fetching of layers held only remotely when `ci store` reads them, and
 //! `ci store push|pull LAYER URL` to move one layer by hand.
 
 use std::sync::Arc;
 
 use clap::Args;
 use strata_engine::model::Settings;
-use strata_remote::{Mode, RemoteCache, Timeouts};
-use strata_store::{ActionCache, Store};
+use strata_remote::{Fetch, Mode, RemoteCache, Timeouts};
+use strata_store::{ActionCache, Digest, Store};
 
-use crate::usage;
+use crate::{usage, Ctx};
 
 #[derive(Args, Clone, Debug, Default)]
 pub struct CacheArgs {
@@ -21,6 +22,11 @@ pub struct CacheArgs {
     /// this build makes [default: `write` when `CI_TOKEN` is set, else `read`]
     #[arg(long, value_name = "MODE", env = "CI_REMOTE_CACHE_MODE")]
     pub remote_cache_mode: Option<String>,
+    /// `all`: a hit brings every object of its output; `needed`: a hit brings
+    /// only its entry, and a layer comes when a task here (or `ci store`) reads it
+    /// [default: `[cache] fetch` in ci.toml, else `all`]
+    #[arg(long, value_name = "WHAT", env = "CI_REMOTE_FETCH")]
+    pub remote_fetch: Option<String>,
 }
 
 fn token() -> Option<String> {
@@ -33,6 +39,16 @@ fn parse_mode(s: &str, from: &str) -> anyhow::Result<Mode> {
         "write" => Ok(Mode::Write),
         other => Err(usage(format!(
             "Unknown remote cache mode `{other}` ({from}); use `read` or `write`"
+        ))),
+    }
+}
+
+fn parse_fetch(s: &str, from: &str) -> anyhow::Result<Fetch> {
+    match s {
+        "all" => Ok(Fetch::All),
+        "needed" => Ok(Fetch::Needed),
+        other => Err(usage(format!(
+            "Unknown remote fetch `{other}` ({from}); use `all` or `needed`"
         ))),
     }
 }
@@ -57,12 +73,97 @@ pub fn open(
         (None, None) if token().is_some() => Mode::Write,
         (None, None) => Mode::Read,
     };
+    let fetch = match (&args.remote_fetch, &settings.remote_cache_fetch) {
+        (Some(f), _) => parse_fetch(f, "--remote-fetch")?,
+        (None, Some(f)) => parse_fetch(f, "`[cache] fetch` in ci.toml")?,
+        (None, None) => Fetch::All,
+    };
     let backend = strata_remote::connect(&url, token(), Timeouts::from_env()).map_err(usage)?;
-    Ok(Some(Arc::new(RemoteCache::new(
-        store.clone(),
-        backend,
-        mode,
-    ))))
+    Ok(Some(Arc::new(
+        RemoteCache::new(store.clone(), backend, mode).with_fetch(fetch),
+    )))
+}
+
+/// Where `ci store` fetches layers held only remotely: `--remote-cache` or
+/// `CI_REMOTE_CACHE`, else `[cache] remote` of the workspace around.
+fn configured(ctx: &Ctx) -> Option<String> {
+    ctx.remote_cache
+        .clone()
+        .or_else(|| std::env::var("CI_REMOTE_CACHE").ok())
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            let root = ctx.workspace_root()?;
+            strata_engine::loader::read_settings(&root)
+                .ok()?
+                .remote_cache
+        })
+}
+
+/// Makes `layers` readable in the local store: those it holds only
+/// remotely are fetched (all in one transfer) from the configured cache;
+/// with none configured, the error names the layer, where it is held and
+/// the command that fetches it.
+pub fn ensure_local(ctx: &Ctx, store: &Store, layers: &[Digest]) -> anyhow::Result<()> {
+    let mut remote = Vec::new();
+    for l in layers {
+        if let Some(r) = store.remote_layer(l)? {
+            remote.push((*l, r));
+        }
+    }
+    let Some((first, held)) = remote.first().cloned() else {
+        return Ok(());
+    };
+    let Some(url) = configured(ctx) else {
+        return Err(usage(format!(
+            "Layer {first} is held only at the remote cache `{url}` (a hit of              `--remote-fetch=needed`); fetch it with `ci store pull {first} {url}`, or pass              `--remote-cache URL` (or set `CI_REMOTE_CACHE`) to fetch on use",
+            url = held.url
+        )));
+    };
+    let wanted: Vec<Digest> = remote.iter().map(|(l, _)| *l).collect();
+    let writer = ctx.open_write()?;
+    let b = backend(&url)?;
+    let got = b.pull(&writer, &wanted).map_err(|e| failed(&url, e))?;
+    writer.forget_remote(&wanted)?;
+    writer.sync()?;
+    ctx.summary(&format!(
+        "fetched {} layers held remotely from {url}: {} objects ({})",
+        wanted.len(),
+        got.objects,
+        human(got.bytes)
+    ));
+    Ok(())
+}
+
+/// The layer held only remotely that `spec` names: its full digest, or a
+/// unique prefix of 8+ hex digits.
+pub fn remote_match(store: &Store, spec: &str) -> anyhow::Result<Option<Digest>> {
+    let spec = spec.to_ascii_lowercase();
+    if spec.len() < strata_store::MIN_PREFIX_LEN || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(None);
+    }
+    let found: Vec<Digest> = store
+        .remote_layers()?
+        .into_iter()
+        .map(|(d, _)| d)
+        .filter(|d| d.to_hex().starts_with(&spec))
+        .collect();
+    Ok(match found.len() {
+        1 => Some(found[0]),
+        _ => None,
+    })
+}
+
+/// Opens the store for reading and resolves `spec` to a layer that is
+/// stored here: one held only remotely is fetched first ([`ensure_local`]).
+pub fn readable(ctx: &Ctx, spec: &str) -> anyhow::Result<(Store, Digest)> {
+    let store = ctx.open_read()?;
+    let layer = ctx.resolve(&store, spec)?;
+    if store.remote_layer(&layer)?.is_none() {
+        return Ok((store, layer));
+    }
+    ensure_local(ctx, &store, &[layer])?;
+    drop(store);
+    Ok((ctx.open_read()?, layer))
 }
 
 /// Ends a build's use of the cache: waits for its uploads, says what it did.
@@ -86,15 +187,10 @@ fn failed(url: &str, e: strata_remote::RemoteError) -> anyhow::Error {
 }
 
 /// `ci store push LAYER URL`.
-pub fn push(
-    store: &Store,
-    spec: &str,
-    url: &str,
-    out: &mut dyn std::io::Write,
-) -> anyhow::Result<()> {
-    let layer = store.resolve(spec)?;
+pub fn push(ctx: &Ctx, spec: &str, url: &str, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    let (store, layer) = readable(ctx, spec)?;
     let b = backend(url)?;
-    let sent = b.send(store, &[layer], &[]).map_err(|e| failed(url, e))?;
+    let sent = b.send(&store, &[layer], &[]).map_err(|e| failed(url, e))?;
     writeln!(
         out,
         "pushed {} to {url}: {} objects sent ({}), {} there already",
@@ -116,6 +212,7 @@ pub fn pull(
     let b = backend(url)?;
     let layer = b.resolve(spec).map_err(|e| failed(url, e))?;
     let got = b.pull(store, &[layer]).map_err(|e| failed(url, e))?;
+    store.forget_remote(&[layer])?;
     store.sync()?;
     writeln!(
         out,

@@ -63,6 +63,11 @@ enum Command {
     /// Inspect and manage the content-addressed store of layers
     #[command(after_help = EXIT_CODES)]
     Store {
+        /// Fetch layers held only remotely (hits of `--remote-fetch=needed`)
+        /// from this cache when a command reads them [default: `[cache] remote`
+        /// in ci.toml]
+        #[arg(long, global = true, env = "CI_REMOTE_CACHE", value_name = "URL")]
+        remote_cache: Option<String>,
         #[command(subcommand)]
         command: store_cmd::StoreCommand,
     },
@@ -99,6 +104,8 @@ pub struct Ctx {
     pub json: bool,
     verbose: bool,
     server: Option<String>,
+    /// `ci store --remote-cache`: where layers held only remotely are fetched.
+    pub remote_cache: Option<String>,
 }
 
 impl Ctx {
@@ -169,7 +176,12 @@ impl Ctx {
                 .into()),
             };
         }
-        Ok(store.resolve(spec)?)
+        match store.resolve(spec) {
+            Err(e @ strata_store::Error::UnknownLayer { .. }) => {
+                cache_cmd::remote_match(store, spec)?.ok_or_else(|| e.into())
+            }
+            r => Ok(r?),
+        }
     }
 
     /// The server to go through: `--server`, `CI_SERVER`, else `[server] url`
@@ -232,14 +244,21 @@ pub enum Outcome {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let ctx = Ctx {
+    let mut ctx = Ctx {
         store: cli.store,
         json: cli.json,
         verbose: cli.verbose,
         server: cli.server,
+        remote_cache: None,
     };
     let result = match cli.command {
-        Command::Store { command } => store_cmd::run(command, &ctx),
+        Command::Store {
+            remote_cache,
+            command,
+        } => {
+            ctx.remote_cache = remote_cache;
+            store_cmd::run(command, &ctx)
+        }
         Command::Build(args) => build_cmd::build(args, &ctx),
         Command::Rerun(args) => build_cmd::rerun(args, &ctx),
         Command::Runs(args) => build_cmd::runs(args, &ctx),

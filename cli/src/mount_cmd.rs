@@ -95,10 +95,13 @@ fn resolve(ctx: &Ctx, target: &str) -> anyhow::Result<(Layers, String)> {
                 run.id
             )));
         }
+        let digests: Vec<strata_store::Digest> = layers.iter().map(|(_, d)| *d).collect();
+        crate::cache_cmd::ensure_local(ctx, &store, &digests)?;
         let what = format!("the {} task outputs of run {}", layers.len(), run.id);
         return Ok((Layers::Named(layers), what));
     }
     let d = ctx.resolve(&store, target)?;
+    crate::cache_cmd::ensure_local(ctx, &store, &[d])?;
     Ok((Layers::One(d), format!("layer {}", d.short())))
 }
 

@@ -187,7 +187,7 @@ pub fn run(cmd: StoreCommand, ctx: &Ctx) -> anyhow::Result<Outcome> {
         StoreCommand::Verify => verify(ctx, &mut out)?,
         StoreCommand::Du => du(ctx, &mut out)?,
         StoreCommand::Push { layer, url } => {
-            crate::cache_cmd::push(&ctx.open_read()?, &layer, &url, &mut out)?;
+            crate::cache_cmd::push(ctx, &layer, &url, &mut out)?;
             Outcome::Clean
         }
         StoreCommand::Pull { layer, url } => {
@@ -331,8 +331,7 @@ fn ls(
     recursive: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<Outcome> {
-    let store = ctx.open_read()?;
-    let root = ctx.resolve(&store, layer)?;
+    let (store, root) = crate::cache_cmd::readable(ctx, layer)?;
     let path = RelPath::parse(path.map_or(&[][..], |p| p.as_bytes()))?;
     let entry = lookup(&store, layer, &root, &path)?;
     let mut rows: Vec<(LsRow, &'static str)> = Vec::new();
@@ -404,8 +403,7 @@ fn cat(
     path: &std::ffi::OsStr,
     out: &mut dyn Write,
 ) -> anyhow::Result<Outcome> {
-    let store = ctx.open_read()?;
-    let root = ctx.resolve(&store, layer)?;
+    let (store, root) = crate::cache_cmd::readable(ctx, layer)?;
     let path = RelPath::parse(path.as_bytes())?;
     let digest = match lookup(&store, layer, &root, &path)? {
         Entry::File { digest, .. } => digest,
@@ -444,8 +442,7 @@ struct Show {
 }
 
 fn show(ctx: &Ctx, layer: &str, out: &mut dyn Write) -> anyhow::Result<Outcome> {
-    let store = ctx.open_read()?;
-    let digest = ctx.resolve(&store, layer)?;
+    let (store, digest) = crate::cache_cmd::readable(ctx, layer)?;
     let record = store.layer(&digest)?;
     let stats = match &record {
         Some(r) => r.stats,
@@ -562,8 +559,7 @@ fn checkout(ctx: &Ctx, layer: &str, dir: &Path, out: &mut dyn Write) -> anyhow::
             ))))
         }
     }
-    let store = ctx.open_read()?;
-    let root = ctx.resolve(&store, layer)?;
+    let (store, root) = crate::cache_cmd::readable(ctx, layer)?;
     let start = Instant::now();
     let report = store.checkout(&root, dir)?;
     ctx.summary(&format!(
@@ -618,8 +614,7 @@ fn export(ctx: &Ctx, layer: &str, output: &Path, out: &mut dyn Write) -> anyhow:
             "`--json` prints the report on stdout, where `-o -` writes the archive; write the archive to a file",
         ));
     }
-    let store = ctx.open_read()?;
-    let root = ctx.resolve(&store, layer)?;
+    let (store, root) = crate::cache_cmd::readable(ctx, layer)?;
     let shown = output.display();
     let report = if to_stdout {
         store.export(&root, out)?
@@ -836,11 +831,15 @@ fn verify(ctx: &Ctx, out: &mut dyn Write) -> anyhow::Result<Outcome> {
     if ctx.json {
         json(out, &report)?;
     } else if report.problems.is_empty() {
-        writeln!(
+        write!(
             out,
             "ok: {} blobs, {} trees checked",
             report.blobs_checked, report.trees_checked
         )?;
+        match report.held_remotely {
+            0 => writeln!(out)?,
+            n => writeln!(out, "; {n} layers held remotely (fetched on use)")?,
+        }
     } else {
         for p in &report.problems {
             writeln!(out, "{p}")?;

@@ -63,6 +63,9 @@ pub enum BuildError {
     #[error("The engine's worker failed: {0}")]
     Join(String),
 
+    #[error("Input layer {layer} is held only at the remote cache `{url}`, which could not provide it; build again when the cache is back, or fetch it by hand: `ci store pull {layer} {url}`")]
+    HeldRemotely { layer: String, url: String },
+
     #[error("Cannot encode {what}")]
     Encode {
         what: &'static str,

@@ -92,6 +92,9 @@ pub struct Settings {
     /// `[cache] mode` in `ci.toml`: `read` or `write`.
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub remote_cache_mode: Option<String>,
+    /// `[cache] fetch` in `ci.toml`: `all` or `needed`.
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub remote_cache_fetch: Option<String>,
 }
 
 /// How a task's inputs (and previous output) are laid out for it.

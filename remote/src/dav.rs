@@ -159,6 +159,35 @@ impl Backend for Dav {
         Ok(Some(entry))
     }
 
+    fn fetch_entry(&self, store: &Store, key: &Digest) -> Result<Option<ActionEntry>, RemoteError> {
+        let Some(json) = self.get_small(&format!("/actions/{}", key.to_hex()))? else {
+            return Ok(None);
+        };
+        let entry: ActionEntry = serde_json::from_slice(&json).map_err(|e| {
+            RemoteError::Corrupt(PackError::BadAction {
+                key: *key,
+                reason: e.to_string(),
+            })
+        })?;
+        // Entries are written after their objects: the roots are enough.
+        if !self.holds(&entry.layers)? {
+            return Ok(None);
+        }
+        let rx = Mutex::new(Receiver::new(store));
+        let missing = rx.lock().missing_blobs(&entry.blobs)?;
+        match self.blobs_into(&rx, store, &missing) {
+            Err(RemoteError::Refused(_)) => return Ok(None),
+            r => r?,
+        }
+        rx.into_inner().commit()?;
+        Ok(Some(entry))
+    }
+
+    fn holds(&self, layers: &[Digest]) -> Result<bool, RemoteError> {
+        let there = parallel(layers, |d| self.exists(&format!("/trees/{}", d.to_hex())))?;
+        Ok(there.iter().all(|t| *t))
+    }
+
     fn send(
         &self,
         store: &Store,

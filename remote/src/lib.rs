@@ -10,6 +10,14 @@
 //! sent in the background: first which of its objects the server lacks (one
 //! request), then only those and the entry (one stream).
 //!
+//! With [`Fetch::Needed`] a remote hit brings the entry (and its log) but
+//! none of its layers: the local store records them as held remotely
+//! (`Store::put_lazy_action`), and [`ActionCache::fetch`] brings the ones a
+//! task that runs here is about to read, all in one transfer. A lazy entry
+//! found locally is trusted only once the cache says it still holds its
+//! layers (one small request), so a cache that is down makes its producer
+//! run here instead.
+//!
 //! Two backends: `ci serve` ([`native`], the pack protocol of [`pack`]) and
 //! any HTTP server that takes GET, PUT and HEAD (WebDAV, e.g. nginx; see
 //! [`dav`]), which has no bulk queries, so it costs a request per object.
@@ -24,6 +32,7 @@ mod http;
 pub mod native;
 pub mod pack;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -41,6 +50,16 @@ pub enum Mode {
     Read,
     /// Look up, and send what this build makes.
     Write,
+}
+
+/// Which objects a hit brings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fetch {
+    /// Every object of the output, at the hit (`--remote-fetch=all`).
+    All,
+    /// The entry and its log; layers only when a task here reads them
+    /// (`--remote-fetch=needed`).
+    Needed,
 }
 
 /// Why a request to the cache failed.
@@ -96,6 +115,12 @@ pub trait Backend: Send + Sync {
     /// stored, recorded as layers), or `None` on a miss.
     fn fetch_action(&self, store: &Store, key: &Digest)
         -> Result<Option<ActionEntry>, RemoteError>;
+    /// The entry under `key` with its blobs (the log) brought into `store`
+    /// but none of its layers (the server is asked that it holds them), or
+    /// `None` on a miss.
+    fn fetch_entry(&self, store: &Store, key: &Digest) -> Result<Option<ActionEntry>, RemoteError>;
+    /// Whether the server holds the layers rooted at `layers`.
+    fn holds(&self, layers: &[Digest]) -> Result<bool, RemoteError>;
     /// Sends what the server lacks of `layers` and of the entries' objects,
     /// then the entries (`layers` are recorded as layers there).
     fn send(
@@ -161,6 +186,8 @@ struct Counts {
     hits: AtomicU64,
     misses: AtomicU64,
     fetched_bytes: AtomicU64,
+    /// Layers fetched on use (lazy hits' layers a task here read).
+    fetched_layers: AtomicU64,
     sent_objects: AtomicU64,
     sent_bytes: AtomicU64,
     sent_actions: AtomicU64,
@@ -175,6 +202,8 @@ struct Shared {
     down: Mutex<Option<String>>,
     /// Set when the server refuses writes (a read-only token).
     writes_refused: Mutex<Option<String>>,
+    /// Layers of this build's hits left at the cache (lazy fetching).
+    left_remote: Mutex<HashSet<Digest>>,
 }
 
 impl Shared {
@@ -232,6 +261,7 @@ impl Shared {
 pub struct RemoteCache {
     shared: Arc<Shared>,
     mode: Mode,
+    fetch: Fetch,
     uploads: Mutex<Option<Uploader>>,
 }
 
@@ -254,14 +284,54 @@ impl RemoteCache {
                 counts: Counts::default(),
                 down: Mutex::default(),
                 writes_refused: Mutex::default(),
+                left_remote: Mutex::default(),
             }),
             mode,
+            fetch: Fetch::All,
             uploads: Mutex::default(),
         }
     }
 
+    /// Fetches hits lazily (`Fetch::Needed`) or whole (the default).
+    pub fn with_fetch(mut self, fetch: Fetch) -> RemoteCache {
+        self.fetch = fetch;
+        self
+    }
+
     pub fn url(&self) -> &str {
         self.shared.backend.url()
+    }
+
+    /// A lazy entry recorded here earlier, if the cache still holds the
+    /// layers it lacks locally: `Ok(None)` sends the lookup on to the cache.
+    fn local_lazy(&self, key: &Digest) -> strata_store::Result<Option<ActionEntry>> {
+        let s = &*self.shared;
+        let Some(entry) = s.local.lazy_action(key)? else {
+            return Ok(None);
+        };
+        let mut remote = Vec::new();
+        for l in &entry.layers {
+            if s.local.has_tree(l)? {
+                continue;
+            }
+            if s.local.remote_layer(l)?.is_none() {
+                return Ok(None);
+            }
+            remote.push(*l);
+        }
+        match s.backend.holds(&remote) {
+            Ok(true) => {
+                s.counts.hits.fetch_add(1, Ordering::Relaxed);
+                s.left_remote.lock().extend(remote);
+                Ok(Some(entry))
+            }
+            Ok(false) => Ok(None),
+            Err(RemoteError::Store(e)) => Err(e),
+            Err(e) => {
+                s.warn_down(&e);
+                Ok(None)
+            }
+        }
     }
 
     fn uploader(&self) -> mpsc::Sender<(Digest, ActionEntry)> {
@@ -306,10 +376,35 @@ impl ActionCache for RemoteCache {
         if s.is_down() {
             return Ok(None);
         }
+        if self.fetch == Fetch::Needed {
+            if let Some(hit) = s.local.promote_action(key)? {
+                return Ok(Some(hit));
+            }
+            if let Some(hit) = self.local_lazy(key)? {
+                return Ok(Some(hit));
+            }
+            if s.is_down() {
+                return Ok(None);
+            }
+        }
         let before = s.backend.traffic().bytes_received.load(Ordering::Relaxed);
-        match s.backend.fetch_action(&s.local, key) {
+        let found = match self.fetch {
+            Fetch::All => s.backend.fetch_action(&s.local, key),
+            Fetch::Needed => s.backend.fetch_entry(&s.local, key),
+        };
+        match found {
             Ok(Some(entry)) => {
-                s.local.put_action(key, &entry)?;
+                let mut remote = Vec::new();
+                for l in &entry.layers {
+                    if !s.local.has_tree(l)? {
+                        remote.push(*l);
+                    }
+                }
+                match remote.is_empty() {
+                    true => s.local.put_action(key, &entry)?,
+                    false => s.local.put_lazy_action(key, &entry, s.backend.url())?,
+                }
+                s.left_remote.lock().extend(remote);
                 s.counts.hits.fetch_add(1, Ordering::Relaxed);
                 let after = s.backend.traffic().bytes_received.load(Ordering::Relaxed);
                 s.counts
@@ -340,6 +435,43 @@ impl ActionCache for RemoteCache {
         }
     }
 
+    fn fetch(&self, layers: &[Digest]) -> strata_store::Result<Vec<Digest>> {
+        let s = &*self.shared;
+        if !s.is_down() && !layers.is_empty() {
+            let before = s.backend.traffic().bytes_received.load(Ordering::Relaxed);
+            match s.backend.pull(&s.local, layers) {
+                Ok(_) => {
+                    s.local.forget_remote(layers)?;
+                    let after = s.backend.traffic().bytes_received.load(Ordering::Relaxed);
+                    s.counts
+                        .fetched_bytes
+                        .fetch_add(after - before, Ordering::Relaxed);
+                    s.counts
+                        .fetched_layers
+                        .fetch_add(layers.len() as u64, Ordering::Relaxed);
+                    let mut left = s.left_remote.lock();
+                    for l in layers {
+                        left.remove(l);
+                    }
+                }
+                Err(RemoteError::Store(e)) => return Err(e),
+                Err(RemoteError::Corrupt(e)) => eprintln!(
+                    "warning: remote cache {}: {e}; layer {} not fetched, nothing of it stored",
+                    s.backend.url(),
+                    layers[0].short()
+                ),
+                Err(e) => s.warn_down(&e),
+            }
+        }
+        let mut still = Vec::new();
+        for l in layers {
+            if !s.local.has_tree(l)? {
+                still.push(*l);
+            }
+        }
+        Ok(still)
+    }
+
     fn recorded(&self, key: &Digest, entry: &ActionEntry) {
         if self.mode == Mode::Write && !self.shared.is_down() {
             let _ = self.uploader().send((*key, entry.clone()));
@@ -360,8 +492,15 @@ impl ActionCache for RemoteCache {
             get(&c.hits),
             get(&c.misses)
         );
-        if get(&c.hits) > 0 {
+        if get(&c.hits) > 0 || get(&c.fetched_layers) > 0 {
             line += &format!(", {} fetched", human_bytes(get(&c.fetched_bytes)));
+        }
+        if self.fetch == Fetch::Needed {
+            line += &format!(
+                "; {} layers fetched on use, {} left remote",
+                get(&c.fetched_layers),
+                self.shared.left_remote.lock().len()
+            );
         }
         if self.mode == Mode::Write {
             line += &format!(

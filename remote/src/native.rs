@@ -160,6 +160,42 @@ impl Backend for Native {
         Ok(Some(entry))
     }
 
+    fn fetch_entry(&self, store: &Store, key: &Digest) -> Result<Option<ActionEntry>, RemoteError> {
+        // Without the trees: the server answers only entries it holds
+        // whole, and the layers come when they are read.
+        let path = format!("/api/v1/cache/actions/{}?trees=false", key.to_hex());
+        let res = self.http.call("look up an action", self.http.get(&path))?;
+        if res.status().as_u16() == 404 {
+            return Ok(None);
+        }
+        // Read apart and never committed: the entry goes in the store as a
+        // lazy one, and trees an older server sends anyway are dropped.
+        let entry = {
+            let mut rx = Receiver::new(store);
+            let mut pack = PackReader::new(self.http.reader(res))?;
+            rx.read(&mut pack)?;
+            rx.actions
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, e)| e.clone())
+                .ok_or_else(|| {
+                    RemoteError::Corrupt(crate::PackError::BadAction {
+                        key: *key,
+                        reason: "the answer does not hold the entry asked for".into(),
+                    })
+                })?
+        };
+        let mut rx = Receiver::new(store);
+        let missing = rx.missing_blobs(&entry.blobs)?;
+        self.fetch_into(&mut rx, &missing)?;
+        rx.commit()?;
+        Ok(Some(entry))
+    }
+
+    fn holds(&self, layers: &[Digest]) -> Result<bool, RemoteError> {
+        Ok(self.missing(layers)?.is_empty())
+    }
+
     fn send(
         &self,
         store: &Store,

@@ -96,9 +96,19 @@ impl Store {
 /// (crate `strata-remote`), the way sccache stacks its storages: the engine
 /// never asks whether a cache is remote.
 pub trait ActionCache: Send + Sync {
-    /// The result recorded under `key`, with every object it names in the
-    /// local store; `None` on a miss.
+    /// The result recorded under `key`; `None` on a miss. Every object it
+    /// names is in the local store, except, for a cache that fetches lazily,
+    /// layers held only remotely ([`Store::remote_layer`]): the caller
+    /// brings those with [`ActionCache::fetch`] before it reads them.
     fn lookup(&self, key: &Digest) -> Result<Option<ActionEntry>>;
+
+    /// Brings `layers`, held only remotely, into the local store, all
+    /// together (one transfer where the backend can), and returns those of
+    /// them still not stored here: the cache is unreachable, or no longer
+    /// holds them. The plain store fetches nothing.
+    fn fetch(&self, layers: &[Digest]) -> Result<Vec<Digest>> {
+        Ok(layers.to_vec())
+    }
 
     /// The build has just recorded `entry` under `key` in the local store.
     fn recorded(&self, key: &Digest, entry: &ActionEntry) {
@@ -113,7 +123,12 @@ pub trait ActionCache: Send + Sync {
 }
 
 impl ActionCache for Store {
+    /// The action cache's entry, or a lazy entry whose layers are all
+    /// stored by now (never one naming a layer held only remotely).
     fn lookup(&self, key: &Digest) -> Result<Option<ActionEntry>> {
-        self.action(key)
+        match self.action(key)? {
+            Some(hit) => Ok(Some(hit)),
+            None => self.promote_action(key),
+        }
     }
 }

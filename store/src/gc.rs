@@ -70,6 +70,9 @@ impl fmt::Display for Problem {
 pub struct VerifyReport {
     pub blobs_checked: u64,
     pub trees_checked: u64,
+    /// Layers named here but held only at a remote cache (fetched on use):
+    /// not problems.
+    pub held_remotely: u64,
     pub problems: Vec<Problem>,
 }
 
@@ -190,6 +193,22 @@ impl Store {
             if !keep {
                 batch.delete(Family::Actions, k.to_vec());
                 report.actions_dropped += 1;
+            }
+            Ok(Flow::Continue)
+        })?;
+
+        // Lazy entries hold nothing here but their logs; they, and the
+        // records of remote-only layers that they or a root name, stay.
+        let mut remote_named: HashSet<Digest> = root_layers.iter().copied().collect();
+        for (_, a) in self.lazy_actions()?.into_iter() {
+            if let Some(a) = a {
+                remote_named.extend(a.layers);
+                live_blobs.extend(a.blobs);
+            }
+        }
+        self.meta.scan(Family::Remote, &[], &mut |k, _| {
+            if digests_of(k).is_none_or(|d| !remote_named.contains(&d)) {
+                batch.delete(Family::Remote, k.to_vec());
             }
             Ok(Flow::Continue)
         })?;
@@ -361,8 +380,13 @@ impl Store {
             }
         }
 
-        let need_tree = |what: &str, d: &Digest, problems: &mut Vec<Problem>| {
-            if !tree_keys.contains(d) {
+        // A layer held only remotely is not missing: it is fetched on use.
+        let remote: HashSet<Digest> = self.remote_layers()?.into_iter().map(|(d, _)| d).collect();
+        let mut held_remotely: HashSet<Digest> = HashSet::new();
+        let mut need_tree = |what: &str, d: &Digest, problems: &mut Vec<Problem>| {
+            if !tree_keys.contains(d) && remote.contains(d) {
+                held_remotely.insert(*d);
+            } else if !tree_keys.contains(d) {
                 problems.push(Problem {
                     what: "missing tree".into(),
                     detail: format!("`{d}` ({what})"),
@@ -415,6 +439,27 @@ impl Store {
                 }
             }
         }
+        for (key, a) in self.lazy_actions()? {
+            let key = key.to_hex();
+            let Some(a) = a else {
+                problems.push(Problem {
+                    what: "corrupt record".into(),
+                    detail: format!("lazy action `{key}`"),
+                });
+                continue;
+            };
+            for l in &a.layers {
+                need_tree(&format!("lazy action `{}`", &key[..12]), l, &mut problems);
+            }
+            for b in &a.blobs {
+                if !blob_sizes.contains_key(b) {
+                    problems.push(Problem {
+                        what: "missing blob".into(),
+                        detail: format!("`{b}` (lazy action `{}`)", &key[..12]),
+                    });
+                }
+            }
+        }
         for id in self.run_ids()? {
             let Some(run) = self.run(&id).ok().flatten() else {
                 problems.push(Problem {
@@ -446,6 +491,7 @@ impl Store {
             Ok(Flow::Continue)
         })?;
         self.cas_verify(&blob_sizes, &mut problems)?;
+        report.held_remotely = held_remotely.len() as u64;
         report.problems = problems;
         Ok(report)
     }

@@ -1127,3 +1127,224 @@ fn a_small_cache_evicts_whole_entries_and_an_evicted_one_is_a_clean_miss() {
     }
     verify_clean(&s);
 }
+
+// ---- 8. lazy fetching: `--remote-fetch=needed` ----
+
+const OBJECTS_OUT: &str = r#"strata_cache_objects_total{protocol="strata",direction="out"}"#;
+const BYTES_OUT: &str = r#"strata_cache_bytes_total{protocol="strata",direction="out"}"#;
+
+/// `ci build --remote-cache url --remote-fetch fetch`, which must succeed.
+fn build_fetching(env: &Env, url: &str, fetch: &str) -> Build {
+    let cmd = cache_command(
+        env,
+        ["build", "--remote-cache", url, "--remote-fetch", fetch],
+    );
+    finish_build(env, env.output(cmd))
+}
+
+/// What the server sent (objects, bytes) while `f` ran.
+fn sent_by(server: &str, f: impl FnOnce() -> Build) -> (Build, u64, u64) {
+    let (o, b) = (metric(server, OBJECTS_OUT), metric(server, BYTES_OUT));
+    let build = f();
+    (
+        build,
+        metric(server, OBJECTS_OUT) - o,
+        metric(server, BYTES_OUT) - b,
+    )
+}
+
+/// The `N layers fetched on use, M left remote` figures of a lazy build.
+fn lazy_figures(b: &Build) -> (u64, u64) {
+    let err = b.out.stderr_str();
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("remote cache ") && l.contains(" left remote"))
+        .unwrap_or_else(|| b.out.fail("no `… left remote` in the summary line"));
+    let number_before = |word: &str| -> u64 {
+        let i = line.find(word).unwrap();
+        line[..i]
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (
+        number_before(" layers fetched on use"),
+        number_before(" left remote"),
+    )
+}
+
+/// A host whose cache is `url` when `ci store` reads a layer held remotely.
+fn store_cmd<const N: usize>(env: &Env, url: Option<&str>, args: [&str; N]) -> Output {
+    let mut cmd = cache_command(env, args);
+    if let Some(url) = url {
+        cmd.env("CI_REMOTE_CACHE", url);
+    }
+    env.output(cmd)
+}
+
+#[test]
+fn a_lazy_host_fetches_only_what_it_reads_and_store_commands_fetch_on_use() {
+    let s = server_env();
+    let writer = token(&s, "ci", false);
+    let server = Server::start(&s, &["."], &[]);
+    let url = server.url.as_str();
+    let a = host();
+    let on_a = build(&a, url, &[("CI_TOKEN", &writer)]);
+    assert_eq!(on_a.tasks.len(), 10);
+
+    // The same build on two empty hosts: every object, then only what runs.
+    let (full, all_objects, all_bytes) = sent_by(url, || build_fetching(&host(), url, "all"));
+    assert_eq!(full.executed(), set(EFFECTS));
+    let b = host();
+    let (lazy, lazy_objects, lazy_bytes) = sent_by(url, || build_fetching(&b, url, "needed"));
+    assert_eq!(
+        lazy.executed(),
+        set(EFFECTS),
+        "B runs only tasks with effects"
+    );
+    assert_eq!(lazy.cached().len(), 9, "every cacheable result is a hit");
+    lazy.expect_warnings(0);
+    assert_same_outputs(&on_a, &lazy);
+    eprintln!(
+        "all-hits build: `all` fetched {all_objects} objects ({all_bytes} B), \
+         `needed` {lazy_objects} objects ({lazy_bytes} B)"
+    );
+    assert!(
+        lazy_objects * 2 < all_objects && lazy_bytes * 2 < all_bytes,
+        "needed fetches far less: {lazy_objects} objects ({lazy_bytes} B) against \
+         {all_objects} ({all_bytes} B)"
+    );
+    // //release:publish reads //release:tarball: that one layer came.
+    let (fetched, left) = lazy_figures(&lazy);
+    assert_eq!(fetched, 1, "{}", lazy.out.stderr_str());
+    assert!(left >= 5, "the other outputs stay remote: {left}");
+    let verified = b.ci(["store", "verify"]).success();
+    verified.mentions("held remotely");
+
+    // A layer held remotely, without a cache to fetch it from: a clear error.
+    let slim = &on_a.tasks["//release:slim"].output;
+    let out = store_cmd(&b, None, ["store", "cat", "//release:slim", "bin/hello"]).failure(2);
+    let err = out.stderr_str();
+    for needle in [slim.as_str(), url, "ci store pull"] {
+        assert!(err.contains(needle), "the error names {needle:?}: {err}");
+    }
+    let co = b.root().join("checkout");
+    store_cmd(
+        &b,
+        None,
+        ["store", "checkout", "//build:docs", co.to_str().unwrap()],
+    )
+    .failure(2);
+
+    // GC leaves the remote-only layers and their entries alone.
+    b.ci(["store", "gc"]).success();
+    b.ci(["store", "verify"])
+        .success()
+        .mentions("held remotely");
+
+    // With a cache: fetched on use, the same bytes as on A.
+    let listed = store_cmd(&b, Some(url), ["store", "ls", "-r", "//release:slim"]).success();
+    assert_eq!(
+        listed.stdout_str(),
+        a.ci(["store", "ls", "-r", slim]).success().stdout_str()
+    );
+    let readme = "share/doc/hello/README.txt";
+    let docs = &on_a.tasks["//build:docs"].output;
+    let cat = store_cmd(&b, Some(url), ["store", "cat", docs, readme]).success();
+    assert_eq!(
+        cat.stdout(),
+        a.ci(["store", "cat", docs, readme]).success().stdout()
+    );
+    // Now local: no cache needed.
+    store_cmd(&b, None, ["store", "cat", "//release:slim", "bin/hello"]).success();
+    verify_clean(&b);
+    b.ci(["store", "gc"]).success();
+    verify_clean(&b);
+
+    // A rebuild is all hits still, and fetches nothing more.
+    let again = build_fetching(&b, url, "needed");
+    assert_eq!(again.executed(), set(EFFECTS));
+    assert_eq!(lazy_figures(&again).0, 0, "nothing new is read");
+}
+
+#[test]
+fn a_changed_task_fetches_exactly_its_remote_inputs_and_without_the_server_producers_rerun() {
+    let s = server_env();
+    let writer = token(&s, "ci", false);
+    let server = Server::start(&s, &["."], &[]);
+    let url = server.url.clone();
+    let a = host();
+    let on_a = build(&a, &url, &[("CI_TOKEN", &writer)]);
+    let edit_smoke = |env: &Env| {
+        let path = env.path("test/BUILD.star");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let edited = text.replace("'Hello, strata!'\"]", "'Hello, strata!' && true\"]");
+        assert_ne!(text, edited, "the edit applies");
+        std::fs::write(&path, edited).unwrap();
+    };
+
+    // B: all hits, lazily; then //test:smoke changes: it reads //release:slim.
+    let (b, c) = (host(), host());
+    build_fetching(&b, &url, "needed");
+    build_fetching(&c, &url, "needed");
+    edit_smoke(&b);
+    let edited = build_fetching(&b, &url, "needed");
+    assert_eq!(
+        edited.executed(),
+        set(&["//test:smoke", "//release:publish"]),
+        "only the edited task and effects run"
+    );
+    edited.expect_warnings(0);
+    assert_eq!(
+        lazy_figures(&edited).0,
+        1,
+        "one layer fetched: //release:slim\n{}",
+        edited.out.stderr_str()
+    );
+    let slim = &on_a.tasks["//release:slim"].output;
+    store_cmd(&b, None, ["store", "ls", slim]).success();
+    // //build:binary, which nothing here read, is still remote.
+    store_cmd(
+        &b,
+        None,
+        ["store", "ls", &on_a.tasks["//build:binary"].output],
+    )
+    .failure(2);
+    verify_clean(&b);
+
+    // C, the server gone: the producers of what smoke reads run here.
+    server.stop();
+    edit_smoke(&c);
+    let mut cmd = cache_command(
+        &c,
+        ["build", "--remote-cache", &url, "--remote-fetch", "needed"],
+    );
+    cmd.env("CI_REMOTE_TIMEOUT", "2");
+    let offline = finish_build(&c, c.output(cmd));
+    let w = offline.expect_warnings(1);
+    assert!(w[0].contains(&url), "the warning names the cache: {w:?}");
+    for producer in ["//build:objects", "//build:binary", "//release:slim"] {
+        assert!(
+            offline.executed().contains(producer),
+            "{producer} ran here: {:?}",
+            offline.executed()
+        );
+    }
+    assert!(offline.executed().contains("//test:smoke"));
+    for label in ["//build:objects", "//release:slim", "//release:tarball"] {
+        assert_eq!(
+            offline.tasks[label].output, on_a.tasks[label].output,
+            "{label}: the same output as on A"
+        );
+    }
+    c.ci([
+        "store",
+        "cat",
+        "//release:slim",
+        "share/doc/hello/README.txt",
+    ])
+    .success();
+    verify_clean(&c);
+}

@@ -70,6 +70,8 @@ impl Engine {
         {
             return Ok(());
         }
+        let read: Vec<Digest> = std::iter::once(base).chain(sides.iter().copied()).collect();
+        self.fetch_inputs(&read).await?;
         let Some(_token) = self.job(scratch, cancel, rec).await else {
             cancelled(rec);
             return Ok(());

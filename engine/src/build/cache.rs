@@ -28,6 +28,50 @@ impl Engine {
             .map_err(BuildError::from)
     }
 
+    /// Makes sure the layers a task is about to read are stored here: those
+    /// held only remotely (a lazy cache's hits) are fetched, all of them in
+    /// one transfer. Returns the layers still not stored (the cache could
+    /// not provide them, or they were never here); empty when all are.
+    pub(super) async fn ensure_present(
+        &self,
+        layers: &[Digest],
+    ) -> Result<Vec<Digest>, BuildError> {
+        let store = &self.inner.store;
+        let mut remote = Vec::new();
+        let mut missing = Vec::new();
+        for l in layers {
+            if remote.contains(l) || missing.contains(l) || store.has_tree(l)? {
+                continue;
+            }
+            match store.remote_layer(l)? {
+                Some(_) => remote.push(*l),
+                None => missing.push(*l),
+            }
+        }
+        if !remote.is_empty() {
+            let cache = self.inner.cache.clone();
+            let still = tokio::task::spawn_blocking(move || cache.fetch(&remote))
+                .await
+                .map_err(|e| BuildError::Join(e.to_string()))??;
+            missing.extend(still);
+        }
+        Ok(missing)
+    }
+
+    /// [`Engine::ensure_present`], and an error naming the first layer still
+    /// held only remotely (and where) when the cache could not provide it.
+    pub(super) async fn fetch_inputs(&self, layers: &[Digest]) -> Result<(), BuildError> {
+        for l in self.ensure_present(layers).await? {
+            if let Some(r) = self.inner.store.remote_layer(&l)? {
+                return Err(BuildError::HeldRemotely {
+                    layer: l.to_hex(),
+                    url: r.url,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The cached result of `key`, decoded; an entry that does not decode
     /// (written by another version) is a miss.
     pub(super) async fn cached_hit(&self, key: Digest) -> Result<Option<Hit>, BuildError> {

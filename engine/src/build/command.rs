@@ -157,6 +157,8 @@ impl Engine {
                 if !opts.check {
                     return self.command_hit(&label, &action, hit, run_id, rec);
                 }
+                // Compared with the new output: it must be here.
+                self.fetch_inputs(&[hit.output]).await?;
                 cached_output = Some(hit.output);
             }
         }
@@ -420,6 +422,13 @@ impl Engine {
             })
             .collect();
         let reads = !mounts.is_empty() || prev.is_some();
+        let read: Vec<Digest> = mounts
+            .iter()
+            .map(|(_, l)| *l)
+            .chain(base)
+            .chain(prev)
+            .collect();
+        self.fetch_inputs(&read).await?;
         // Most often nothing here blocks for long: views are added to a
         // mount already made and the work directory is the slot's empty
         // one. That is done in place; mounting, copying and overlays go to

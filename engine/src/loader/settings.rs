@@ -11,7 +11,8 @@
 //!
 //! and, at the top level, `name = "..."` (the workspace's name under `ci serve`), and
 //! `[server] url = "http://..."` (the `ci serve` that commands go through).
-//! `[cache] remote = "http://..."` and `mode = "read"|"write"` (the remote cache).
+//! `[cache] remote = "http://..."`, `mode = "read"|"write"` and `fetch = "all"|"needed"`
+//! (the remote cache).
 
 use std::fs;
 use std::path::Path;
@@ -46,6 +47,9 @@ struct CacheToml {
     /// `read` (look up only) or `write`.
     #[serde(default)]
     mode: Option<String>,
+    /// `all` (a hit brings its output) or `needed` (only what is read here).
+    #[serde(default)]
+    fetch: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -98,6 +102,7 @@ pub(crate) fn parse_settings(text: &str) -> Result<Settings, LoadError> {
             server_url: file.server.url,
             remote_cache: file.cache.remote,
             remote_cache_mode: file.cache.mode,
+            remote_cache_fetch: file.cache.fetch,
             ..file.build
         }),
         Err(e) => {

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{CacheState, Outcome, Protocol};
-use crate::api::{blocking, ApiPath, AppState, ChannelWriter};
+use crate::api::{blocking, ApiPath, ApiQuery, AppState, ChannelWriter};
 use crate::error::{ApiError, ErrorBody};
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -108,18 +108,31 @@ fn pack_response(
     res
 }
 
+/// What a lookup sends beside the entry.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct LookupQuery {
+    /// Send the trees of the entry's layers (default); `false` for a client
+    /// that fetches layers only when it reads them (the entry is still
+    /// answered only when the server holds all of it).
+    pub trees: Option<bool>,
+}
+
 #[utoipa::path(get, path = "/api/v1/cache/actions/{key}", tag = "cache",
-    params(("key" = String, Path, description = "The action key, 64 hex digits")),
-    responses((status = 200, description = "A pack (docs/FORMAT.md): the entry, then every tree of its layers",
+    params(("key" = String, Path, description = "The action key, 64 hex digits"), LookupQuery),
+    responses((status = 200, description = "A pack (docs/FORMAT.md): the entry, then every tree of its layers (none with `trees=false`)",
         body = Vec<u8>, content_type = "application/zstd"),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn lookup(
     State(state): State<AppState>,
     ApiPath(key): ApiPath<String>,
+    ApiQuery(q): ApiQuery<LookupQuery>,
 ) -> ApiResult<Response> {
     let key = parse_key(&key)?;
     let store = state.store.clone();
     let found = blocking(move || complete_entry(&store, &key).map_err(ApiError::from)).await?;
+    let with_trees = q.trees.unwrap_or(true);
     let cache = state.cache.clone();
     let Some((entry, trees)) = found else {
         cache.count(Protocol::Strata, Outcome::Miss);
@@ -133,7 +146,7 @@ pub async fn lookup(
     let json = serde_json::to_vec(&entry).map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(pack_response(move |pack| {
         pack.record(Kind::Action, &key, &json)?;
-        for (d, bytes) in &trees {
+        for (d, bytes) in trees.iter().filter(|_| with_trees) {
             pack.record(Kind::Tree, d, bytes)?;
         }
         let (n, bytes) = pack.written();

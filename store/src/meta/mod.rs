@@ -36,10 +36,16 @@ pub enum Family {
     Sha256,
     /// digest-function tag, action digest → a Bazel action entry (`cas.rs`)
     BazelActions,
+    /// layer digest → where it is held when this store holds it only
+    /// remotely (JSON, `lazy.rs`)
+    Remote,
+    /// action key → an action entry recorded without its layers (JSON,
+    /// `lazy.rs`): a hit of a cache that fetches layers when they are read
+    LazyActions,
 }
 
 impl Family {
-    pub const ALL: [Family; 12] = [
+    pub const ALL: [Family; 14] = [
         Family::Trees,
         Family::Layers,
         Family::Lineage,
@@ -52,6 +58,8 @@ impl Family {
         Family::Events,
         Family::Sha256,
         Family::BazelActions,
+        Family::Remote,
+        Family::LazyActions,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,6 +76,8 @@ impl Family {
             Family::Events => "events",
             Family::Sha256 => "sha256",
             Family::BazelActions => "bazel_actions",
+            Family::Remote => "remote",
+            Family::LazyActions => "lazy_actions",
         }
     }
 
