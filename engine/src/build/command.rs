@@ -422,12 +422,15 @@ impl Engine {
             })
             .collect();
         let reads = !mounts.is_empty() || prev.is_some();
-        let read: Vec<Digest> = mounts
-            .iter()
-            .map(|(_, l)| *l)
-            .chain(base)
-            .chain(prev)
-            .collect();
+        let read: Vec<Digest> =
+            mounts
+                .iter()
+                .map(|(_, l)| *l)
+                .chain(base)
+                .chain(prev.iter().flat_map(|p| {
+                    std::iter::once(p.output).chain(p.inputs.iter().map(|(_, l)| *l))
+                }))
+                .collect();
         self.fetch_inputs(&read).await?;
         // Most often nothing here blocks for long: views are added to a
         // mount already made and the work directory is the slot's empty
