@@ -18,7 +18,8 @@ pub struct ActionPreimage {
     pub version: String,
     /// `run`, `merge`, `local_source` or `git_source`.
     pub kind: String,
-    /// Where it runs: `host/linux-x86_64`, `docker/linux-x86_64`…
+    /// Where it runs: `host/linux-x86_64/sandbox` (a sandboxed host task;
+    /// `host/linux-x86_64` without the sandbox), `docker/linux-x86_64`…
     pub platform: String,
     /// The image's content id (never a tag), for container tasks.
     pub image: Option<String>,
