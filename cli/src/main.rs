@@ -149,6 +149,15 @@ impl Ctx {
         Ok(Store::open(&self.url()?, OpenMode::Read, &mut |_| {})?)
     }
 
+    /// Opens the store for writing to free space (`ci store gc`): works on
+    /// a full disk, by releasing the store's reserve first.
+    pub fn open_reclaim(&self) -> anyhow::Result<Store> {
+        let mut on_wait = |msg: &str| {
+            let _ = writeln!(std::io::stderr(), "{msg}");
+        };
+        Ok(Store::open(&self.url()?, OpenMode::Reclaim, &mut on_wait)?)
+    }
+
     /// Opens the store for writing, saying so on stderr when it has to wait.
     pub fn open_write(&self) -> anyhow::Result<Store> {
         let mut on_wait = |msg: &str| {
@@ -345,6 +354,8 @@ fn store_exit_code(e: &strata_store::Error) -> u8 {
         | E::BadPattern { .. } => 2,
         E::Io { .. }
         | E::Db { .. }
+        | E::DamagedIndex { .. }
+        | E::DiskFull { .. }
         | E::CorruptTree { .. }
         | E::CorruptRecord { .. }
         | E::MissingTree(_)

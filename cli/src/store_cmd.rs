@@ -89,8 +89,12 @@ pub enum StoreCommand {
         #[arg(long)]
         keep_cache: bool,
     },
-    /// Re-hash every blob and check every reference; exit 1 on any problem
+    /// Check the index's files and records, re-hash every blob and check
+    /// every reference; exit 1 on any problem
     Verify,
+    /// Rebuild a damaged index from what is readable, drop the records that
+    /// name what was lost, and say what that was
+    Repair,
     /// Show how much the store holds
     Du,
     /// Send a layer to a remote cache: only the objects it lacks, checked there
@@ -185,6 +189,7 @@ pub fn run(cmd: StoreCommand, ctx: &Ctx) -> anyhow::Result<Outcome> {
             gc(ctx, &opts, &mut out)?
         }
         StoreCommand::Verify => verify(ctx, &mut out)?,
+        StoreCommand::Repair => repair(ctx, &mut out)?,
         StoreCommand::Du => du(ctx, &mut out)?,
         StoreCommand::Push { layer, url } => {
             crate::cache_cmd::push(ctx, &layer, &url, &mut out)?;
@@ -793,7 +798,13 @@ fn refs(ctx: &Ctx, cmd: RefCommand, out: &mut dyn Write) -> anyhow::Result<Outco
 }
 
 fn gc(ctx: &Ctx, opts: &GcOptions, out: &mut dyn Write) -> anyhow::Result<Outcome> {
-    let store = ctx.open_write()?;
+    // Reclaiming: the store's reserve is released first, so that GC opens
+    // the index on a full disk.
+    let store = if opts.dry_run {
+        ctx.open_write()?
+    } else {
+        ctx.open_reclaim()?
+    };
     let r = store.gc(opts)?;
     if ctx.json {
         json(out, &r)?;
@@ -853,6 +864,48 @@ fn verify(ctx: &Ctx, out: &mut dyn Write) -> anyhow::Result<Outcome> {
         )?;
     }
     Ok(outcome)
+}
+
+fn repair(ctx: &Ctx, out: &mut dyn Write) -> anyhow::Result<Outcome> {
+    let root = match ctx.url()? {
+        strata_store::StoreUrl::Local(root) => root,
+        strata_store::StoreUrl::Memory => {
+            return Err(usage("A memory store has nothing to repair"))
+        }
+    };
+    let mut on_wait = |msg: &str| {
+        let _ = writeln!(io::stderr(), "{msg}");
+    };
+    let report = Store::repair(&root, &mut on_wait)?;
+    if ctx.json {
+        json(out, &report)?;
+        return Ok(Outcome::Clean);
+    }
+    for t in &report.lost_tables {
+        let family = t
+            .family
+            .as_deref()
+            .map_or_else(String::new, |f| format!(" of family `{f}`"));
+        let how = if t.set_aside {
+            "unreadable, set aside"
+        } else {
+            "it was missing"
+        };
+        writeln!(out, "lost: table `{}`{family} ({how})", t.file)?;
+    }
+    for d in &report.dropped {
+        writeln!(out, "{d}")?;
+    }
+    if report.lost_tables.is_empty() && report.dropped.is_empty() {
+        writeln!(out, "repaired: nothing was lost")?;
+    } else {
+        writeln!(
+            out,
+            "repaired: {} tables lost, the records above dropped; `ci build` makes again what they held",
+            report.lost_tables.len(),
+        )?;
+    }
+    Ok(Outcome::Clean)
 }
 
 fn du(ctx: &Ctx, out: &mut dyn Write) -> anyhow::Result<Outcome> {

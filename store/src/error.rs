@@ -21,6 +21,24 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    /// The index's own files are damaged: a table is missing, cut short or
+    /// fails its checksums. `what` names the file or family.
+    #[error("The store index `{path}` is damaged: {what}; `ci store verify` lists the damage, `ci store repair` keeps what is readable and says what it lost")]
+    DamagedIndex {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+
+    /// The filesystem holding the store has no space left.
+    #[error("The disk holding the store `{path}` is full; `ci store gc` frees space (it works on a full disk), or make room on that disk")]
+    DiskFull {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     #[error("`{input}` is not a digest: {reason}")]
     BadDigest { input: String, reason: &'static str },
 

@@ -12,7 +12,10 @@ use std::io::Read;
 use rayon::prelude::*;
 
 use crate::blob::BlobReader;
-use crate::{Batch, Digest, Entry, Family, Flow, Result, Store, Tree};
+use crate::{
+    ActionEntry, Batch, Digest, Entry, Family, Flow, LabelEntry, LayerRecord, Lease, Lineage,
+    Result, Store, Tree,
+};
 
 /// How to collect.
 #[derive(Clone, Debug)]
@@ -100,6 +103,58 @@ fn pid_alive(pid: u32) -> bool {
     // SAFETY: kill with signal 0 only checks that the process exists.
     let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
     rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// What a scan calls with each key and value.
+type ScanFn<'a> = dyn FnMut(&[u8], &[u8]) -> Result<Flow> + 'a;
+
+/// A key as a message shows it: text when it is text, else hex.
+fn show_key(k: &[u8]) -> String {
+    match std::str::from_utf8(k) {
+        Ok(s) if s.chars().all(|c| !c.is_control()) => s.to_owned(),
+        _ => hex::encode(k),
+    }
+}
+
+/// Which stored trees are complete: every blob they name is in `blobs`
+/// and every tree they name is stored and complete.
+fn completeness(
+    trees: &std::collections::HashMap<Digest, Option<Tree>>,
+    blobs: &HashSet<Digest>,
+) -> std::collections::HashMap<Digest, bool> {
+    let mut done: std::collections::HashMap<Digest, bool> = Default::default();
+    for root in trees.keys() {
+        // Children first, without recursion: (tree, whether its children
+        // were pushed).
+        let mut stack = vec![(*root, false)];
+        while let Some((d, expanded)) = stack.pop() {
+            if done.contains_key(&d) {
+                continue;
+            }
+            let Some(Some(tree)) = trees.get(&d) else {
+                done.insert(d, false);
+                continue;
+            };
+            if !expanded {
+                stack.push((d, true));
+                for (_, e) in tree.entries() {
+                    if let Entry::Dir { digest } = e {
+                        if !done.contains_key(digest) {
+                            stack.push((*digest, false));
+                        }
+                    }
+                }
+                continue;
+            }
+            let whole = tree.entries().iter().all(|(_, e)| match e {
+                Entry::File { digest, .. } => blobs.contains(digest),
+                Entry::Dir { digest } => done.get(digest).copied().unwrap_or(false),
+                Entry::Symlink { .. } => true,
+            });
+            done.insert(d, whole);
+        }
+    }
+    done
 }
 
 fn digests_of(v: &[u8]) -> Option<Digest> {
@@ -266,6 +321,11 @@ impl Store {
                 self.blobs.delete(&d)?
             };
         }
+        // A reclaiming open released the reserve; made again if there is
+        // room now (best effort: the store works without it).
+        if let (false, Some(root)) = (opts.dry_run, &self.root) {
+            let _ = crate::open::make_reserve(root);
+        }
         Ok(report)
     }
 
@@ -299,10 +359,50 @@ impl Store {
         Ok(())
     }
 
-    /// Re-hashes every blob and checks every reference between records.
+    /// Checks the index's own files (tables present, whole, checksums),
+    /// re-hashes every blob, decodes every record of every family and
+    /// checks every reference between records. A record that cannot be read
+    /// is a problem naming its family and key, never skipped as absent.
     pub fn verify(&self) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
         let mut problems = Vec::new();
+
+        // A damaged table hides records: what it hides must not read as
+        // absent, so the families it holds are reported and not checked
+        // further (their reads would fail, or see too little).
+        let damage = self.meta.check_integrity()?;
+        let damaged: HashSet<String> = damage.iter().filter_map(|d| d.family.clone()).collect();
+        for d in &damage {
+            problems.push(Problem {
+                what: "damaged index".into(),
+                detail: d.to_string(),
+            });
+        }
+        // Reads every record of `family` into `f`; a read that fails is a
+        // problem, and `false` says the family was not read whole.
+        let scan = |family: Family, problems: &mut Vec<Problem>, f: &mut ScanFn<'_>| -> bool {
+            if damaged.contains(family.name()) {
+                return false;
+            }
+            match self.meta.scan(family, &[], f) {
+                Ok(()) => true,
+                Err(e) => {
+                    problems.push(Problem {
+                        what: "damaged index".into(),
+                        detail: format!("family `{}`: {e}", family.name()),
+                    });
+                    false
+                }
+            }
+        };
+        // With tables missing or unreadable, what the families hold is
+        // some earlier state, each family its own: references between
+        // them mean nothing until the index is repaired. Blobs are checked.
+        let tables_damaged = !damage.is_empty();
+        let corrupt = |family: Family, key: &[u8]| Problem {
+            what: "corrupt record".into(),
+            detail: format!("family `{}`, key `{}`", family.name(), show_key(key)),
+        };
 
         let mut blob_list = Vec::new();
         self.blobs.for_each(&mut |d, size| {
@@ -326,15 +426,19 @@ impl Store {
         problems.extend(bad);
         let blob_sizes: std::collections::HashMap<Digest, u64> = blob_list.into_iter().collect();
 
+        if tables_damaged {
+            report.problems = problems;
+            return Ok(report);
+        }
         let mut tree_keys: HashSet<Digest> = HashSet::new();
         let mut trees: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        self.meta.scan(Family::Trees, &[], &mut |k, v| {
+        let trees_whole = scan(Family::Trees, &mut problems, &mut |k, v| {
             if let Some(d) = Digest::from_slice(k) {
                 tree_keys.insert(d);
             }
             trees.push((k.to_vec(), v.to_vec()));
             Ok(Flow::Continue)
-        })?;
+        });
         report.trees_checked = trees.len() as u64;
         for (k, v) in &trees {
             let key = hex::encode(k);
@@ -369,131 +473,377 @@ impl Store {
                         }),
                         Some(_) => {}
                     },
-                    Entry::Dir { digest } if !tree_keys.contains(digest) => {
-                        problems.push(Problem {
+                    Entry::Dir { digest } if trees_whole && !tree_keys.contains(digest) => problems
+                        .push(Problem {
                             what: "missing tree".into(),
                             detail: format!("`{digest}` (directory `{name}` in tree `{key}`)"),
-                        })
-                    }
+                        }),
                     _ => {}
                 }
             }
         }
 
         // A layer held only remotely is not missing: it is fetched on use.
-        let remote: HashSet<Digest> = self.remote_layers()?.into_iter().map(|(d, _)| d).collect();
+        // With the trees family unreadable, which trees exist is unknown:
+        // references to trees are not checked (the damage is reported).
+        let remote: HashSet<Digest> = match self.remote_layers() {
+            Ok(r) => r.into_iter().map(|(d, _)| d).collect(),
+            Err(e) => {
+                problems.push(Problem {
+                    what: "corrupt record".into(),
+                    detail: format!("family `remote`: {e}"),
+                });
+                HashSet::new()
+            }
+        };
         let mut held_remotely: HashSet<Digest> = HashSet::new();
         let mut need_tree = |what: &str, d: &Digest, problems: &mut Vec<Problem>| {
-            if !tree_keys.contains(d) && remote.contains(d) {
+            if !trees_whole || tree_keys.contains(d) {
+            } else if remote.contains(d) {
                 held_remotely.insert(*d);
-            } else if !tree_keys.contains(d) {
+            } else {
                 problems.push(Problem {
                     what: "missing tree".into(),
                     detail: format!("`{d}` ({what})"),
                 });
             }
         };
-        for (d, _) in self.layers()? {
-            need_tree("a recorded layer", &d, &mut problems);
-            if let Some(l) = self.lineage(&d)? {
-                if let Some(p) = l.parent {
-                    need_tree(
-                        &format!("the parent of layer `{}`", d.short()),
-                        &p,
+        let mut found: Vec<(Family, Vec<u8>, Vec<u8>)> = Vec::new();
+        for family in [
+            Family::Layers,
+            Family::Lineage,
+            Family::Refs,
+            Family::Labels,
+            Family::Actions,
+            Family::Runs,
+            Family::Leases,
+            Family::Events,
+            Family::StatCache,
+            Family::Remote,
+            Family::LazyActions,
+        ] {
+            scan(family, &mut problems, &mut |k, v| {
+                found.push((family, k.to_vec(), v.to_vec()));
+                Ok(Flow::Continue)
+            });
+        }
+        let need_blob = |what: &str, b: &Digest, problems: &mut Vec<Problem>| {
+            if !blob_sizes.contains_key(b) {
+                problems.push(Problem {
+                    what: "missing blob".into(),
+                    detail: format!("`{b}` ({what})"),
+                });
+            }
+        };
+        for (family, k, v) in &found {
+            let family = *family;
+            let digest_key = Digest::from_slice(k);
+            match family {
+                Family::Layers => match (digest_key, serde_json::from_slice::<LayerRecord>(v)) {
+                    (Some(d), Ok(_)) => need_tree("a recorded layer", &d, &mut problems),
+                    _ => problems.push(corrupt(family, k)),
+                },
+                Family::Lineage => match (digest_key, serde_json::from_slice::<Lineage>(v)) {
+                    (Some(d), Ok(l)) => {
+                        if let Some(p) = l.parent {
+                            need_tree(
+                                &format!("the parent of layer `{}`", d.short()),
+                                &p,
+                                &mut problems,
+                            );
+                        }
+                    }
+                    _ => problems.push(corrupt(family, k)),
+                },
+                Family::Refs => match (std::str::from_utf8(k), Digest::from_slice(v)) {
+                    (Ok(name), Some(d)) if crate::records::check_ref_name(name).is_ok() => {
+                        need_tree(&format!("ref `{name}`"), &d, &mut problems)
+                    }
+                    _ => problems.push(corrupt(family, k)),
+                },
+                Family::Labels => match serde_json::from_slice::<LabelEntry>(v) {
+                    Ok(e) => need_tree(
+                        &format!("the output of `{}`", String::from_utf8_lossy(k)),
+                        &e.layer,
                         &mut problems,
-                    );
+                    ),
+                    Err(_) => problems.push(corrupt(family, k)),
+                },
+                Family::Actions => match (digest_key, serde_json::from_slice::<ActionEntry>(v)) {
+                    (Some(d), Ok(a)) => {
+                        let what = format!("action `{}`", &d.to_hex()[..12]);
+                        for l in &a.layers {
+                            need_tree(&what, l, &mut problems);
+                        }
+                        for b in &a.blobs {
+                            need_blob(&what, b, &mut problems);
+                        }
+                    }
+                    _ => problems.push(corrupt(family, k)),
+                },
+                Family::Runs => {
+                    let id = String::from_utf8_lossy(k);
+                    match self.run(&id) {
+                        Ok(Some(run)) => {
+                            let what = format!("run `{id}`");
+                            for l in &run.layers {
+                                need_tree(&what, l, &mut problems);
+                            }
+                            for b in &run.blobs {
+                                need_blob(&what, b, &mut problems);
+                            }
+                        }
+                        _ => problems.push(corrupt(family, k)),
+                    }
                 }
+                Family::LazyActions => match (digest_key, serde_json::from_slice::<ActionEntry>(v))
+                {
+                    (Some(d), Ok(a)) => {
+                        let what = format!("lazy action `{}`", &d.to_hex()[..12]);
+                        for l in &a.layers {
+                            need_tree(&what, l, &mut problems);
+                        }
+                        for b in &a.blobs {
+                            need_blob(&what, b, &mut problems);
+                        }
+                    }
+                    _ => problems.push(corrupt(family, k)),
+                },
+                Family::Remote => {
+                    let ok = digest_key.is_some()
+                        && serde_json::from_slice::<crate::RemoteLayer>(v).is_ok();
+                    if !ok {
+                        problems.push(corrupt(family, k));
+                    }
+                }
+                Family::Leases => {
+                    if serde_json::from_slice::<Lease>(v).is_err() {
+                        problems.push(corrupt(family, k));
+                    }
+                }
+                Family::Events => {
+                    // The key is a run id, 0, a big-endian sequence number;
+                    // the value the engine's JSON, which the store only
+                    // checks is JSON.
+                    let key_ok = k.len() > 9 && k[k.len() - 9] == 0;
+                    let value_ok = serde_json::from_slice::<serde::de::IgnoredAny>(v).is_ok();
+                    if !key_ok || !value_ok {
+                        problems.push(corrupt(family, k));
+                    }
+                }
+                Family::StatCache => match v.get(48..80).and_then(Digest::from_slice) {
+                    Some(d) if blob_sizes.contains_key(&d) => {}
+                    Some(_) => problems.push(Problem {
+                        what: "stale stat-cache entry".into(),
+                        detail: format!("`{}`", String::from_utf8_lossy(k)),
+                    }),
+                    None => problems.push(corrupt(family, k)),
+                },
+                _ => {}
             }
         }
-        for (name, d) in self.refs()? {
-            need_tree(&format!("ref `{name}`"), &d, &mut problems);
-        }
-        for (label, e) in self.labels()? {
-            need_tree(&format!("the output of `{label}`"), &e.layer, &mut problems);
-        }
-        let mut actions = Vec::new();
-        self.meta.scan(Family::Actions, &[], &mut |k, v| {
-            actions.push((
-                hex::encode(k),
-                serde_json::from_slice::<crate::ActionEntry>(v).ok(),
-            ));
-            Ok(Flow::Continue)
-        })?;
-        for (key, a) in actions {
-            let Some(a) = a else {
+        if !damaged.contains(Family::Sha256.name())
+            && !damaged.contains(Family::BazelActions.name())
+        {
+            if let Err(e) = self.cas_verify(&blob_sizes, &mut problems) {
                 problems.push(Problem {
-                    what: "corrupt record".into(),
-                    detail: format!("action `{key}`"),
+                    what: "damaged index".into(),
+                    detail: format!("Bazel's families: {e}"),
                 });
-                continue;
-            };
-            for l in &a.layers {
-                need_tree(&format!("action `{}`", &key[..12]), l, &mut problems);
-            }
-            for b in &a.blobs {
-                if !blob_sizes.contains_key(b) {
-                    problems.push(Problem {
-                        what: "missing blob".into(),
-                        detail: format!("`{b}` (action `{}`)", &key[..12]),
-                    });
-                }
             }
         }
-        for (key, a) in self.lazy_actions()? {
-            let key = key.to_hex();
-            let Some(a) = a else {
-                problems.push(Problem {
-                    what: "corrupt record".into(),
-                    detail: format!("lazy action `{key}`"),
-                });
-                continue;
-            };
-            for l in &a.layers {
-                need_tree(&format!("lazy action `{}`", &key[..12]), l, &mut problems);
-            }
-            for b in &a.blobs {
-                if !blob_sizes.contains_key(b) {
-                    problems.push(Problem {
-                        what: "missing blob".into(),
-                        detail: format!("`{b}` (lazy action `{}`)", &key[..12]),
-                    });
-                }
-            }
-        }
-        for id in self.run_ids()? {
-            let Some(run) = self.run(&id).ok().flatten() else {
-                problems.push(Problem {
-                    what: "corrupt record".into(),
-                    detail: format!("run `{id}`"),
-                });
-                continue;
-            };
-            for l in &run.layers {
-                need_tree(&format!("run `{id}`"), l, &mut problems);
-            }
-            for b in &run.blobs {
-                if !blob_sizes.contains_key(b) {
-                    problems.push(Problem {
-                        what: "missing blob".into(),
-                        detail: format!("`{b}` (run `{id}`)"),
-                    });
-                }
-            }
-        }
-        self.meta.scan(Family::StatCache, &[], &mut |k, v| {
-            match v.get(48..80).and_then(Digest::from_slice) {
-                Some(d) if blob_sizes.contains_key(&d) => {}
-                _ => problems.push(Problem {
-                    what: "stale stat-cache entry".into(),
-                    detail: format!("`{}`", String::from_utf8_lossy(k)),
-                }),
-            }
-            Ok(Flow::Continue)
-        })?;
-        self.cas_verify(&blob_sizes, &mut problems)?;
         report.held_remotely = held_remotely.len() as u64;
         report.problems = problems;
         Ok(report)
+    }
+
+    /// Drops every record that names an object no longer stored (after a
+    /// repair set tables aside, or a blob was deleted by hand), so that the
+    /// index is consistent again: a tree is complete when every blob it
+    /// names is stored and every tree it names is complete; incomplete
+    /// trees go, and so do layer records, refs, labels and action entries
+    /// naming an incomplete layer (a build then runs again what made it).
+    /// Run records keep the engine's record and lose only the GC roots that
+    /// are gone; lineage loses a parent that is gone. Stat-cache entries and
+    /// Bazel's rows of missing blobs go too. Returns what was dropped.
+    pub fn drop_dangling(&self) -> Result<Vec<Problem>> {
+        self.check_writable()?;
+        let _exclusive = self.publishing.write();
+        let mut dropped = Vec::new();
+        let mut batch = Batch::new();
+        let mut blobs: HashSet<Digest> = HashSet::new();
+        self.blobs.for_each(&mut |d, _| {
+            blobs.insert(d);
+            Ok(())
+        })?;
+        let mut trees: std::collections::HashMap<Digest, Option<Tree>> = Default::default();
+        self.meta.scan(Family::Trees, &[], &mut |k, v| {
+            match Digest::from_slice(k) {
+                Some(d) => {
+                    let tree = Tree::decode(v).ok().filter(|_| Digest::of(v) == d);
+                    trees.insert(d, tree);
+                }
+                None => batch.delete(Family::Trees, k.to_vec()),
+            }
+            Ok(Flow::Continue)
+        })?;
+        let complete = completeness(&trees, &blobs);
+        let mut lost_trees = 0;
+        for (d, ok) in &complete {
+            if !ok {
+                batch.delete(Family::Trees, d.as_bytes().to_vec());
+                lost_trees += 1;
+            }
+        }
+        if lost_trees > 0 {
+            dropped.push(Problem {
+                what: "dropped".into(),
+                detail: format!("{lost_trees} trees that name objects no longer stored"),
+            });
+        }
+        // A layer with a `remote` record is held remotely once its local
+        // trees are gone: records may name it (not an action entry).
+        let mut remote: HashSet<Digest> = HashSet::new();
+        self.meta.scan(Family::Remote, &[], &mut |k, _| {
+            remote.extend(Digest::from_slice(k));
+            Ok(Flow::Continue)
+        })?;
+        let whole = |d: &Digest| complete.get(d).copied().unwrap_or(false);
+        let ok = |d: &Digest| whole(d) || remote.contains(d);
+        let mut drop = |batch: &mut Batch, family: Family, k: &[u8], detail: String| {
+            batch.delete(family, k.to_vec());
+            dropped.push(Problem {
+                what: "dropped".into(),
+                detail,
+            });
+        };
+
+        let mut rows: Vec<(Family, Vec<u8>, Vec<u8>)> = Vec::new();
+        for family in [
+            Family::Layers,
+            Family::Lineage,
+            Family::Refs,
+            Family::Labels,
+            Family::Actions,
+            Family::Runs,
+            Family::StatCache,
+        ] {
+            self.meta.scan(family, &[], &mut |k, v| {
+                rows.push((family, k.to_vec(), v.to_vec()));
+                Ok(Flow::Continue)
+            })?;
+        }
+        let mut runs = Vec::new();
+        for (family, k, v) in rows {
+            let key = show_key(&k);
+            match family {
+                Family::Layers => {
+                    if !Digest::from_slice(&k).is_some_and(|d| ok(&d)) {
+                        drop(&mut batch, family, &k, format!("layer `{key}`"));
+                    }
+                }
+                Family::Lineage => match (
+                    Digest::from_slice(&k),
+                    serde_json::from_slice::<Lineage>(&v),
+                ) {
+                    (Some(d), Ok(mut l)) if ok(&d) => {
+                        if l.parent.is_some_and(|p| !ok(&p)) {
+                            l.parent = None;
+                            batch.put(
+                                family,
+                                k.clone(),
+                                serde_json::to_vec(&l).unwrap_or_default(),
+                            );
+                        }
+                    }
+                    _ => batch.delete(family, k.clone()),
+                },
+                Family::Refs => {
+                    if !Digest::from_slice(&v).is_some_and(|d| ok(&d)) {
+                        drop(
+                            &mut batch,
+                            family,
+                            &k,
+                            format!("ref `{key}` (its layer is gone)"),
+                        );
+                    }
+                }
+                Family::Labels => {
+                    if !serde_json::from_slice::<LabelEntry>(&v).is_ok_and(|e| ok(&e.layer)) {
+                        drop(
+                            &mut batch,
+                            family,
+                            &k,
+                            format!("the latest output of `{key}` (it will be built again)"),
+                        );
+                    }
+                }
+                Family::Actions => {
+                    let whole = serde_json::from_slice::<ActionEntry>(&v).is_ok_and(|a| {
+                        a.layers.iter().all(whole) && a.blobs.iter().all(|b| blobs.contains(b))
+                    });
+                    if !whole {
+                        let key = hex::encode(&k);
+                        drop(
+                            &mut batch,
+                            family,
+                            &k,
+                            format!("cached action `{}`", &key[..key.len().min(12)]),
+                        );
+                    }
+                }
+                Family::Runs => runs.push(key),
+                Family::StatCache => {
+                    if !v
+                        .get(48..80)
+                        .and_then(Digest::from_slice)
+                        .is_some_and(|d| blobs.contains(&d))
+                    {
+                        batch.delete(family, k.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        let bazel = self.cas_sweep(&blobs, &mut batch)?;
+        if bazel > 0 {
+            dropped.push(Problem {
+                what: "dropped".into(),
+                detail: format!("{bazel} Bazel action entries naming missing blobs"),
+            });
+        }
+        self.meta.write(batch)?;
+        for id in runs {
+            match self.run(&id) {
+                Ok(Some(mut run)) => {
+                    let (layers, blobs_before) = (run.layers.len(), run.blobs.len());
+                    run.layers.retain(|l| ok(l));
+                    run.blobs.retain(|b| blobs.contains(b));
+                    let gone = layers - run.layers.len() + blobs_before - run.blobs.len();
+                    if gone > 0 {
+                        self.put_run(&id, &run)?;
+                        dropped.push(Problem {
+                            what: "dropped".into(),
+                            detail: format!(
+                                "{gone} outputs and logs of run `{id}` (the run stays)"
+                            ),
+                        });
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => {
+                    let mut b = Batch::new();
+                    b.delete(Family::Runs, id.as_bytes().to_vec());
+                    self.meta.write(b)?;
+                    dropped.push(Problem {
+                        what: "dropped".into(),
+                        detail: format!("run `{id}` (its record cannot be read)"),
+                    });
+                }
+            }
+        }
+        self.meta.sync()?;
+        Ok(dropped)
     }
 
     fn check_blob(&self, d: &Digest) -> std::result::Result<(), Problem> {

@@ -36,8 +36,8 @@ pub use error::{special_file_kind, Error, Result};
 pub use gc::{GcOptions, GcReport, Problem, Usage, VerifyReport};
 pub use ingest::{IngestOptions, IngestReport};
 pub use lazy::RemoteLayer;
-pub use meta::{Batch, Family, Flow, MetaStore};
-pub use open::{OpenMode, StoreUrl};
+pub use meta::{Batch, Family, Flow, IndexDamage, MetaStore};
+pub use open::{LostTable, OpenMode, RepairReport, StoreUrl, RESERVE_BYTES};
 pub use path::RelPath;
 pub use records::{
     ActionEntry, LabelEntry, LayerRecord, LayerStats, Lease, LeaseGuard, Lineage, Payload, RunEntry,

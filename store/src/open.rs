@@ -58,28 +58,32 @@ pub enum OpenMode {
     Write,
     /// Reader: never waits, works while another process writes.
     Read,
+    /// A writer that frees space (`ci store gc`): releases the store's
+    /// reserve file before it opens the index, so that it opens on a full
+    /// disk; [`Store::gc`] makes the reserve again when there is room.
+    Reclaim,
 }
+
+/// The size of `<store>/reserve`: space held back from everything else on
+/// the store's filesystem, released by a [`OpenMode::Reclaim`] open. It
+/// covers what RocksDB needs to open read-write (a new log, manifest,
+/// options and info-log file, the previous log replayed into a table) and
+/// GC's batch of deletions, for a store of some hundred thousand records.
+pub const RESERVE_BYTES: u64 = 16 << 20;
+
+/// The reserve is made only when the filesystem has this many times its
+/// size free: it must never be what fills the disk.
+const RESERVE_ROOM: u64 = 4;
 
 /// The held write lock of a store directory (an `flock` on `lock`).
 pub(crate) struct StoreLock {
     _file: File,
 }
 
-impl Store {
-    /// Opens the store at `url`. In [`OpenMode::Write`], when another process
-    /// holds the store, `on_wait` is called once with a message saying who,
-    /// and the call blocks until the store is free.
-    pub fn open(url: &StoreUrl, mode: OpenMode, on_wait: &mut dyn FnMut(&str)) -> Result<Store> {
-        match url {
-            StoreUrl::Memory => Ok(Store::memory()),
-            StoreUrl::Local(root) => match mode {
-                OpenMode::Write => Store::open_write(root, on_wait),
-                OpenMode::Read => Store::open_read(root),
-            },
-        }
-    }
-
-    fn open_write(root: &Path, on_wait: &mut dyn FnMut(&str)) -> Result<Store> {
+impl StoreLock {
+    /// Takes the write lock of the store at `root` (creating the store when
+    /// the directory is new or empty), waiting for another writer.
+    fn acquire(root: &Path, on_wait: &mut dyn FnMut(&str)) -> Result<StoreLock> {
         fs::create_dir_all(root).map_err(Error::io("create the store directory", root))?;
         // Refuse a directory that is not a store before writing anything in it.
         check_format(root, false)?;
@@ -122,16 +126,191 @@ impl Store {
         // Under the lock: two writers creating one store at once must not
         // both decide it is new (or read the other's half-written FORMAT).
         check_format(root, true)?;
+        Ok(StoreLock { _file: file })
+    }
+}
+
+/// What [`Store::repair`] did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RepairReport {
+    /// Tables RocksDB could not read whole, set aside (kept for inspection).
+    pub lost_tables: Vec<LostTable>,
+    /// Records dropped because an object they name is gone.
+    pub dropped: Vec<crate::Problem>,
+}
+
+/// A table set aside by a repair.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LostTable {
+    /// Its path inside the store.
+    pub file: String,
+    /// The family it held, when the manifest could still be read.
+    pub family: Option<String>,
+    /// Moved to `db/lost/` because it could not be read whole; `false`:
+    /// it was missing already.
+    pub set_aside: bool,
+}
+
+fn list_names(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Bytes free to an unprivileged writer on the filesystem of `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Makes `<store>/reserve` ([`RESERVE_BYTES`], allocated, not sparse)
+/// when it is missing and the filesystem has room for it several times
+/// over. Returns whether the reserve is there.
+pub(crate) fn make_reserve(root: &Path) -> Result<bool> {
+    use std::os::unix::io::AsRawFd;
+    let path = root.join("reserve");
+    if path.exists() {
+        return Ok(true);
+    }
+    if free_bytes(root).is_none_or(|free| free < RESERVE_ROOM * RESERVE_BYTES) {
+        return Ok(false);
+    }
+    let tmp = root.join("reserve.tmp");
+    let file = File::create(&tmp).map_err(Error::io("create", &tmp))?;
+    // SAFETY: a valid descriptor, offset and length.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, RESERVE_BYTES as libc::off_t) };
+    if rc != 0 {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io("allocate", &tmp)(
+            std::io::Error::from_raw_os_error(rc),
+        ));
+    }
+    drop(file);
+    fs::rename(&tmp, &path).map_err(Error::io("write", &path))?;
+    Ok(true)
+}
+
+/// Removes `<store>/reserve`, giving its space back to the filesystem.
+fn release_reserve(root: &Path) -> Result<()> {
+    for name in ["reserve", "reserve.tmp"] {
+        let path = root.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove", &path)(e)),
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens the store at `url`. In [`OpenMode::Write`], when another process
+    /// holds the store, `on_wait` is called once with a message saying who,
+    /// and the call blocks until the store is free.
+    pub fn open(url: &StoreUrl, mode: OpenMode, on_wait: &mut dyn FnMut(&str)) -> Result<Store> {
+        match url {
+            StoreUrl::Memory => Ok(Store::memory()),
+            StoreUrl::Local(root) => match mode {
+                OpenMode::Write => Store::open_write(root, on_wait, false),
+                OpenMode::Reclaim => Store::open_write(root, on_wait, true),
+                OpenMode::Read => Store::open_read(root),
+            },
+        }
+    }
+
+    fn open_write(root: &Path, on_wait: &mut dyn FnMut(&str), reclaim: bool) -> Result<Store> {
+        let lock = StoreLock::acquire(root, on_wait)?;
+        if reclaim {
+            release_reserve(root)?;
+        }
         let blobs = FsBlobStore::open(root)?;
         blobs.sweep_staging()?;
         let meta = RocksMetaStore::open(&root.join("db"))?;
+        if !reclaim {
+            // Best effort: a store without its reserve still works, and
+            // GC makes it again.
+            let _ = make_reserve(root);
+        }
         Ok(Store {
             blobs: Arc::new(blobs),
             meta: Arc::new(meta),
             root: Some(root.to_owned()),
-            _lock: Some(Arc::new(StoreLock { _file: file })),
+            _lock: Some(Arc::new(lock)),
             publishing: Default::default(),
         })
+    }
+
+    /// Rebuilds the index of the store at `root` from what is readable
+    /// (RocksDB's repair: tables that cannot be read whole, and the logs
+    /// once replayed, are set aside in `db/lost/`), then drops every record
+    /// that names an object no longer there, so that the index is
+    /// consistent again. Says what was set aside and dropped.
+    pub fn repair(root: &Path, on_wait: &mut dyn FnMut(&str)) -> Result<RepairReport> {
+        if !root.join("db").join("CURRENT").exists() && !root.join("db").exists() {
+            return Err(Error::NoStore {
+                path: root.to_owned(),
+            });
+        }
+        let lock = StoreLock::acquire(root, on_wait)?;
+        // Repair writes a new manifest and tables: it needs the space too.
+        release_reserve(root)?;
+        let db = root.join("db");
+        let lost_dir = db.join("lost");
+        // What is damaged, and every table there is: after the repair, a
+        // table no longer in `db/` was lost (set aside in `lost/`, or
+        // missing already).
+        let damaged = RocksMetaStore::check_tables(&db).unwrap_or_default();
+        let families = RocksMetaStore::tables(&db);
+        let mut before: Vec<String> = list_names(&db)
+            .into_iter()
+            .filter(|n| n.ends_with(".sst"))
+            .collect();
+        before.extend(damaged.iter().filter_map(|d| d.file.clone()));
+        before.sort();
+        before.dedup();
+        let lost_before = list_names(&lost_dir);
+        RocksMetaStore::repair(&db)?;
+        let mut report = RepairReport::default();
+        let lost_now = list_names(&lost_dir);
+        for name in before {
+            if !name.ends_with(".sst") || db.join(&name).exists() {
+                continue;
+            }
+            let set_aside = lost_now.contains(&name) && !lost_before.contains(&name);
+            report.lost_tables.push(LostTable {
+                file: if set_aside {
+                    format!("db/lost/{name}")
+                } else {
+                    format!("db/{name}")
+                },
+                family: families.get(&name).cloned(),
+                set_aside,
+            });
+        }
+        let blobs = FsBlobStore::open(root)?;
+        blobs.sweep_staging()?;
+        let meta = RocksMetaStore::open(&db)?;
+        let store = Store {
+            blobs: Arc::new(blobs),
+            meta: Arc::new(meta),
+            root: Some(root.to_owned()),
+            _lock: Some(Arc::new(lock)),
+            publishing: Default::default(),
+        };
+        report.dropped = store.drop_dangling()?;
+        let _ = make_reserve(root);
+        Ok(report)
     }
 
     fn open_read(root: &Path) -> Result<Store> {
@@ -142,8 +321,8 @@ impl Store {
         }
         check_format(root, false)?;
         let blobs = FsBlobStore::open_read_only(root);
-        let meta = RocksMetaStore::open_secondary(&root.join("db"))?;
-        meta_refresh(&meta)?;
+        let mut meta = RocksMetaStore::open_secondary(&root.join("db"))?;
+        meta_refresh(&mut meta)?;
         Ok(Store {
             blobs: Arc::new(blobs),
             meta: Arc::new(meta),
@@ -154,9 +333,11 @@ impl Store {
     }
 }
 
-fn meta_refresh(meta: &RocksMetaStore) -> Result<()> {
+fn meta_refresh(meta: &mut RocksMetaStore) -> Result<()> {
     use crate::MetaStore;
-    meta.refresh()
+    meta.refresh()?;
+    // A reader must not take a damaged index for a smaller one.
+    meta.check_view()
 }
 
 /// Checks the `FORMAT` file: a directory without one must be empty (but

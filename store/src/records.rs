@@ -314,10 +314,15 @@ impl Store {
 
     /// The layer a ref points at.
     pub fn get_ref(&self, name: &str) -> Result<Option<Digest>> {
-        Ok(self
-            .meta
-            .get(Family::Refs, name.as_bytes())?
-            .and_then(|v| Digest::from_slice(&v)))
+        match self.meta.get(Family::Refs, name.as_bytes())? {
+            None => Ok(None),
+            Some(v) => Digest::from_slice(&v)
+                .map(Some)
+                .ok_or_else(|| Error::CorruptRecord {
+                    what: "ref",
+                    key: name.to_owned(),
+                }),
+        }
     }
 
     /// Removes a ref; [`Error::NoSuchRef`] when there is none.
@@ -336,9 +341,16 @@ impl Store {
     pub fn refs(&self) -> Result<Vec<(String, Digest)>> {
         let mut out = Vec::new();
         self.meta.scan(Family::Refs, &[], &mut |k, v| {
-            if let Some(d) = Digest::from_slice(v) {
-                out.push((String::from_utf8_lossy(k).into_owned(), d));
-            }
+            let name = String::from_utf8_lossy(k).into_owned();
+            // A ref that cannot be read is an error, never a ref that is not
+            // there: GC would sweep what it pins.
+            let Some(d) = Digest::from_slice(v) else {
+                return Err(Error::CorruptRecord {
+                    what: "ref",
+                    key: name,
+                });
+            };
+            out.push((name, d));
             Ok(Flow::Continue)
         })?;
         Ok(out)

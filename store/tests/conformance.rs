@@ -64,6 +64,8 @@ conformance!(
     verify_clean_then_missing_blob_and_tree,
     actions_and_runs_round_trip,
     verify_reports_bad_records,
+    verify_decodes_every_family_and_gc_stops_on_an_unreadable_root,
+    drop_dangling_makes_a_store_with_a_lost_blob_consistent,
     ingest_counts_a_new_blob_once,
     ingest_records_the_given_lineage,
     gc_concurrent_with_ingest_keeps_every_recorded_blob,
@@ -1769,6 +1771,86 @@ fn verify_reports_bad_records(new: Backend) {
     let ps = problems(&t);
     assert!(has(&ps, "missing tree", "ref `dangling`"), "{ps:?}");
     assert!(has(&ps, "missing tree", "a recorded layer"), "{ps:?}");
+}
+
+fn verify_decodes_every_family_and_gc_stops_on_an_unreadable_root(new: Backend) {
+    let t = new();
+    let good = t.ingest_spec(&Dir::new().file("a", "four"));
+    t.set_ref("good", &good).unwrap();
+    t.assert_verified();
+    let mut batch = strata_store::Batch::new();
+    for family in [
+        Family::Layers,
+        Family::Lineage,
+        Family::Labels,
+        Family::Actions,
+        Family::Runs,
+        Family::Leases,
+    ] {
+        batch.put(
+            family,
+            Digest::of(b"k").as_bytes().to_vec(),
+            b"{not json".to_vec(),
+        );
+    }
+    batch.put(Family::Refs, b"broken".to_vec(), b"short".to_vec());
+    batch.put(
+        Family::Events,
+        b"run\0\0\0\0\0\0\0\0\x01".to_vec(),
+        b"{".to_vec(),
+    );
+    t.meta().write(batch).unwrap();
+    let problems = t.verify().unwrap().problems;
+    for family in [
+        "layers", "lineage", "labels", "actions", "runs", "leases", "refs", "events",
+    ] {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.what == "corrupt record" && p.detail.contains(&format!("`{family}`"))),
+            "no corrupt record reported for `{family}`: {problems:?}"
+        );
+    }
+    // An unreadable ref might pin anything: GC stops rather than sweep.
+    let mut batch = strata_store::Batch::new();
+    for family in [
+        Family::Layers,
+        Family::Lineage,
+        Family::Labels,
+        Family::Actions,
+        Family::Runs,
+        Family::Leases,
+    ] {
+        batch.delete(family, Digest::of(b"k").as_bytes().to_vec());
+    }
+    t.meta().write(batch).unwrap();
+    match t.gc(&GcOptions::default()) {
+        Err(Error::CorruptRecord { what: "ref", key }) => assert_eq!(key, "broken"),
+        other => panic!("expected GC to stop on the unreadable ref, got {other:?}"),
+    }
+    assert!(t.has_tree(&good).unwrap());
+}
+
+fn drop_dangling_makes_a_store_with_a_lost_blob_consistent(new: Backend) {
+    let t = new();
+    let kept = t.ingest_spec(&Dir::new().file("k", "kept"));
+    let lost = t.ingest_spec(
+        &Dir::new()
+            .dir("sub", Dir::new().file("a", "lost"))
+            .file("k", "kept"),
+    );
+    t.set_ref("kept", &kept).unwrap();
+    t.set_ref("lost", &lost).unwrap();
+    t.blobs().delete(&Digest::of(b"lost")).unwrap();
+    assert!(!t.verify().unwrap().problems.is_empty());
+    let dropped = t.drop_dangling().unwrap();
+    let text: Vec<String> = dropped.iter().map(|p| p.to_string()).collect();
+    assert!(text.iter().any(|d| d.contains("ref `lost`")), "{text:?}");
+    assert!(!text.iter().any(|d| d.contains("ref `kept`")), "{text:?}");
+    t.assert_verified();
+    assert_eq!(t.get_ref("kept").unwrap(), Some(kept));
+    assert_eq!(t.get_ref("lost").unwrap(), None);
+    assert!(!t.has_tree(&lost).unwrap());
 }
 
 fn ingest_counts_a_new_blob_once(new: Backend) {

@@ -110,6 +110,29 @@ impl Batch {
     }
 }
 
+/// Damage to the index's own files, found by [`MetaStore::check_integrity`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexDamage {
+    /// The family whose records the damage hides, when known.
+    pub family: Option<String>,
+    /// The damaged file (e.g. `000012.sst`), when known.
+    pub file: Option<String>,
+    /// What is wrong, in words.
+    pub detail: String,
+}
+
+impl std::fmt::Display for IndexDamage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.file, &self.family) {
+            (Some(file), Some(family)) => write!(f, "`{file}` (family `{family}`): ")?,
+            (Some(file), None) => write!(f, "`{file}`: ")?,
+            (None, Some(family)) => write!(f, "family `{family}`: ")?,
+            (None, None) => {}
+        }
+        f.write_str(&self.detail)
+    }
+}
+
 /// What a scan callback wants next.
 pub enum Flow {
     Continue,
@@ -152,5 +175,13 @@ pub trait MetaStore: Send + Sync {
     /// Whether writes are refused.
     fn is_read_only(&self) -> bool {
         false
+    }
+    /// Checks the index's own files: every table it needs is there and
+    /// whole, and every entry of every family reads back with its checksums
+    /// verified. Returns one item per damaged file or family, none when the
+    /// index is whole; `Err` only when the check itself cannot run. Backends
+    /// without files of their own have nothing to check.
+    fn check_integrity(&self) -> Result<Vec<IndexDamage>> {
+        Ok(Vec::new())
     }
 }
