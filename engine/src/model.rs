@@ -80,6 +80,11 @@ pub struct Settings {
     /// How tasks see their inputs (default: mounted where FUSE works, else copied).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inputs: Option<InputMode>,
+    /// The largest partial output of a failed attempt that is kept, in MiB
+    /// (default [`FAILED_OUTPUT_MAX_MIB`]; 0 keeps none): a failing task
+    /// that wrote until the disk was full must not fill the store too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_output_max_mib: Option<u64>,
     /// `name` at the top of `ci.toml`: the workspace's name under `ci serve`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -96,6 +101,9 @@ pub struct Settings {
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub remote_cache_fetch: Option<String>,
 }
+
+/// The default of [`Settings::failed_output_max_mib`].
+pub const FAILED_OUTPUT_MAX_MIB: u64 = 16;
 
 /// How a task's inputs (and previous output) are laid out for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -155,3 +155,129 @@ fn a_truncated_or_deleted_table_is_a_clear_error_and_repair_recovers() {
         assert_eq!(out.stdout_str(), "next\n");
     }
 }
+
+// ---- a full disk ----
+
+/// A size-limited tmpfs mounted for the test (root only), unmounted when
+/// dropped, whatever the test did.
+struct SmallFs {
+    dir: std::path::PathBuf,
+}
+
+impl SmallFs {
+    #[track_caller]
+    fn mount(dir: std::path::PathBuf, mib: u64) -> SmallFs {
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0755"),
+                "tmpfs",
+            ])
+            .arg(&dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a {mib} MiB tmpfs and must run as root: mount said {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallFs { dir }
+    }
+
+    fn free_bytes(&self) -> u64 {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(self.dir.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path and a zeroed out-struct.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+
+    /// Writes `name` until the filesystem is full.
+    fn fill(&self, name: &str) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.dir.join(name)).unwrap();
+        let chunk = vec![0u8; 1 << 16];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling the filesystem: {e}"),
+            }
+        }
+        // The last bytes that fit, a page at a time.
+        let page = vec![0u8; 4096];
+        while f.write(&page).is_ok_and(|n| n > 0) {}
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_caps_partial_outputs_and_gc_frees_it() {
+    let env = Env::new();
+    let fs = SmallFs::mount(env.root().join("small"), 128);
+    let store = fs.dir.join("store");
+    let ci = |args: &[&str]| {
+        let mut cmd = env.command(args);
+        cmd.env("CI_STORE", &store);
+        env.output(cmd)
+    };
+    write(env.work(), "ci.toml", "[build]\nexecutor = \"host\"\n");
+    write(
+        env.work(),
+        "BUILD.star",
+        "local_source(name = \"src\", path = \"src\")\n\
+         task(name = \"fill\", script = 'dd if=/dev/zero of=big bs=1M count=400 2>/dev/null; exit 1')\n\
+         task(name = \"ok\", deps = [\":src\"], script = 'cp \"$CI_IN/src/in.txt\" out')\n",
+    );
+    write(env.work(), "src/in.txt", "one\n");
+    ci(&["build", "//:ok"]).success();
+
+    // A failing task writes until the disk is full: its partial output is
+    // over the cap, not kept, and its space comes back.
+    let out = ci(&["build", "//:fill"]).failure(1);
+    if !out.all_str().contains("partial output was not kept") {
+        out.fail("expected the failed task's huge partial output to be refused");
+    }
+    let du = ci(&["--json", "store", "du"]).success().json();
+    assert!(du["blob_bytes"].as_u64().unwrap() < 1 << 20, "{du}");
+    ci(&["store", "verify"]).success();
+
+    // The store fills the disk: an unreferenced 40 MiB layer, then a file
+    // beside the store takes the rest.
+    write(env.work(), "junk/big.bin", pseudo_random(7, 40 << 20));
+    ci(&["store", "add", "junk"]).success();
+    fs.fill("filler");
+    assert!(fs.free_bytes() < 1 << 20, "{} bytes free", fs.free_bytes());
+    write(env.work(), "src/in.txt", "two\n");
+    let out = ci(&["build", "//:ok"]);
+    if out.code() != Some(0) {
+        let err = out.stderr_str();
+        if !(err.contains("full") && err.contains("ci store gc")) {
+            out.fail("expected a build on a full disk to say so and what to do");
+        }
+    }
+    ci(&["store", "verify"]).success();
+
+    // GC opens on the full disk and frees the layer; the next build works.
+    let out = ci(&["--json", "store", "gc"]).success();
+    let freed = out.json()["bytes_freed"].as_u64().unwrap();
+    assert!(freed >= 40 << 20, "freed {freed} bytes");
+    ci(&["build", "//:ok"]).success();
+    let out = ci(&["store", "cat", "//:ok", "out"]).success();
+    assert_eq!(out.stdout_str(), "two\n");
+    ci(&["store", "verify"]).success();
+    drop(fs);
+}

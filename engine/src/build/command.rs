@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::events::Event;
 use crate::exec::{ExecOutcome, ExecRequest, Executor, LogSink, TaskDirs};
 use crate::key::ActionPreimage;
-use crate::model::{self, Command, Task};
+use crate::model::{self, Command, Task, FAILED_OUTPUT_MAX_MIB};
 use crate::record::{now_ms, TaskRecord, TaskState};
 use crate::scratch::{Scratch, SlotPaths};
 use crate::{BuildError, Label};
@@ -276,19 +276,36 @@ impl Engine {
                 ..ExecOutcome::default()
             }),
         };
-        // Capture even a failed attempt: its partial output is kept.
+        // Capture even a failed attempt: its partial output is kept, up to
+        // the workspace's cap.
+        let failed = !matches!(&outcome, Ok(o) if o.success());
+        let cap = failed.then(|| {
+            inner
+                .ws
+                .settings
+                .failed_output_max_mib
+                .unwrap_or(FAILED_OUTPUT_MAX_MIB)
+                .saturating_mul(1 << 20)
+        });
         let finished = self
-            .finish_attempt(scratch, prepared, slot.paths(), label, base)
+            .finish_attempt(scratch, prepared, slot.paths(), label, base, cap)
             .await;
         let outcome = outcome?;
-        let (output, log_blob, written) = finished?;
+        let Finished {
+            output,
+            log: log_blob,
+            written,
+            dropped,
+        } = finished?;
         slot.reusable();
-        rec.output = Some(output);
+        rec.output = output;
         rec.log = log_blob;
         rec.exit_code = outcome.exit_code;
         if outcome.success() {
-            self.command_succeeded(cmd, output, log_blob, written, rec)?;
-            return Ok(Ended::ForGood);
+            if let Some(output) = output {
+                self.command_succeeded(cmd, output, log_blob, written, rec)?;
+                return Ok(Ended::ForGood);
+            }
         }
         rec.state = if outcome.cancelled {
             TaskState::Cancelled
@@ -300,6 +317,12 @@ impl Engine {
         if !tail.is_empty() && !outcome.cancelled {
             why.push('\n');
             why.push_str(&tail.join("\n"));
+        }
+        if dropped {
+            why.push_str(&format!(
+                "\nIts partial output was not kept: it is over {} MiB (`failed_output_max_mib` in `ci.toml`'s `[build]`)",
+                cap.unwrap_or(0) >> 20
+            ));
         }
         rec.error = Some(why);
         if outcome.cancelled || cmd.cancel.is_cancelled() {
@@ -525,9 +548,10 @@ impl Engine {
         }
     }
 
-    /// Captures the work directory, stores the log, reads the context file,
-    /// and leaves the slot as it was found (work directory empty, views
-    /// removed, copies deleted).
+    /// Captures the work directory (unless `cap` is given and what the
+    /// attempt wrote beyond its base is larger), stores the log, reads the
+    /// context file, and leaves the slot as it was found (work directory
+    /// empty, views removed, copies deleted).
     async fn finish_attempt(
         &self,
         scratch: &Arc<Scratch>,
@@ -535,14 +559,8 @@ impl Engine {
         slot: SlotPaths,
         label: &str,
         base: Option<Digest>,
-    ) -> Result<
-        (
-            Digest,
-            Option<Digest>,
-            Result<BTreeMap<String, String>, String>,
-        ),
-        BuildError,
-    > {
+        cap: Option<u64>,
+    ) -> Result<Finished, BuildError> {
         let store = self.inner.store.clone();
         let scratch = scratch.clone();
         let label = label.to_owned();
@@ -579,6 +597,28 @@ impl Engine {
             } else {
                 Some(store.blobs().put(&log_bytes)?.0)
             };
+            let ctx_path = prepared.dirs.context.clone();
+            let written = match std::fs::read(&ctx_path) {
+                Ok(bytes) => parse_context(&bytes),
+                Err(e) => Err(format!("Cannot read the context file: {e}")),
+            };
+            if let Some(cap) = cap {
+                let base_bytes = match base {
+                    Some(b) => store.layer(&b)?.map_or(0, |r| r.stats.bytes),
+                    None => 0,
+                };
+                let wrote = bytes_under(prepared.work.path(), cap.saturating_add(base_bytes))
+                    .saturating_sub(base_bytes);
+                if wrote > cap {
+                    prepared.work.close()?;
+                    return Ok(Finished {
+                        output: None,
+                        log,
+                        written,
+                        dropped: true,
+                    });
+                }
+            }
             let output = prepared.work.capture_and_close(&store)?;
             store.record_layer(
                 &output,
@@ -589,16 +629,49 @@ impl Engine {
                     created: now_ms() / 1000,
                 }),
             )?;
-            let ctx_path = &prepared.dirs.context;
-            let written = match std::fs::read(ctx_path) {
-                Ok(bytes) => parse_context(&bytes),
-                Err(e) => Err(format!("Cannot read the context file: {e}")),
-            };
-            Ok((output, log, written))
+            Ok(Finished {
+                output: Some(output),
+                log,
+                written,
+                dropped: false,
+            })
         })
         .await
         .map_err(|e| BuildError::Join(e.to_string()))?
     }
+}
+
+/// What an attempt left: its output layer (`None` when a failed attempt
+/// wrote more than the cap: `dropped`), its log, and the context it wrote.
+struct Finished {
+    output: Option<Digest>,
+    log: Option<Digest>,
+    written: Result<BTreeMap<String, String>, String>,
+    dropped: bool,
+}
+
+/// The bytes of the regular files under `dir` (symlinks not followed),
+/// counted until they pass `limit`.
+fn bytes_under(dir: &Path, limit: u64) -> u64 {
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else if meta.is_file() {
+                total = total.saturating_add(meta.len());
+                if total > limit {
+                    return total;
+                }
+            }
+        }
+    }
+    total
 }
 
 struct Prepared {
