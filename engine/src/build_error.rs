@@ -60,6 +60,14 @@ pub enum BuildError {
     #[error("No task `{label}` in the last build; `ci build {label}` first")]
     NoHistory { label: String },
 
+    /// An input's output lacks an object the store no longer has (a blob
+    /// removed by hand). The scheduler runs the producer again when it can.
+    #[error("Input `{input}` lacks `{object}`, which is no longer in the store; `ci store repair` drops what names it, then `ci build` makes it again")]
+    IncompleteInput {
+        input: crate::Label,
+        object: strata_store::Digest,
+    },
+
     #[error("The engine's worker failed: {0}")]
     Join(String),
 

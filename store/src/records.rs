@@ -490,6 +490,14 @@ impl Store {
         self.meta.write(b)
     }
 
+    /// Removes the cached result of an action (an entry whose output turned
+    /// out incomplete): the next lookup misses and the action runs again.
+    pub fn drop_action(&self, key: &Digest) -> Result<()> {
+        let mut b = Batch::new();
+        b.delete(Family::Actions, key.as_bytes().to_vec());
+        self.meta.write(b)
+    }
+
     /// The cached result of an action, `None` on a miss. Its layers and blobs
     /// are stored: [`Store::put_action`] checks them, and GC removes an entry
     /// with them.

@@ -162,6 +162,9 @@ impl Engine {
                 cached_output = Some(hit.output);
             }
         }
+        // Before anything is mounted: an input whose objects are not all
+        // stored (a blob removed by hand) would fail the command with EIO.
+        self.check_inputs(inputs).await?;
         let secrets = match secrets_of(r) {
             Ok(s) => s,
             Err(why) => {
@@ -303,6 +306,9 @@ impl Engine {
         rec.exit_code = outcome.exit_code;
         if outcome.success() {
             if let Some(output) = output {
+                // A blob that went missing while the command ran read as
+                // EIO through the mount: such a success is not recorded.
+                self.check_inputs(cmd.inputs).await?;
                 self.command_succeeded(cmd, output, log_blob, written, rec)?;
                 return Ok(Ended::ForGood);
             }
@@ -380,6 +386,28 @@ impl Engine {
             cmd.run_id,
             cmd.cacheable,
         )
+    }
+
+    /// Whether every object of the inputs' outputs is stored (trees read,
+    /// blob files checked to exist); the first that is not is
+    /// [`BuildError::IncompleteInput`].
+    pub(super) async fn check_inputs(&self, inputs: &[(Label, Done)]) -> Result<(), BuildError> {
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        let store = self.inner.store.clone();
+        let inputs: Vec<(Label, Digest)> =
+            inputs.iter().map(|(l, d)| (l.clone(), d.output)).collect();
+        tokio::task::spawn_blocking(move || {
+            for (input, layer) in inputs {
+                if let Some(object) = store.first_missing(&[layer])? {
+                    return Err(BuildError::IncompleteInput { input, object });
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| BuildError::Join(e.to_string()))?
     }
 
     /// Says once per engine which work-directory strategy tasks get.

@@ -111,7 +111,10 @@ impl Engine {
         let mut ready: BTreeSet<usize> = (0..order.len()).filter(|&i| unmet[i] == 0).collect();
         let mut done: Vec<Option<Done>> = vec![None; order.len()];
         let mut state: Vec<TaskState> = vec![TaskState::Pending; order.len()];
-        let mut running: JoinSet<(usize, TaskRecord)> = JoinSet::new();
+        let mut running: JoinSet<(usize, TaskRecord, Option<Incomplete>)> = JoinSet::new();
+        // Producers run again in this run because an output of theirs
+        // turned out incomplete (at most once each).
+        let mut remade: Vec<bool> = vec![false; order.len()];
         let mut last_save = Instant::now();
         // The periodic save (a sync of the index's log, up to hundreds of ms
         // on a busy disk) runs on a blocking thread: this thread keeps
@@ -175,10 +178,10 @@ impl Engine {
                 let opts = opts.clone();
                 let run_id = sched.run.id.clone();
                 running.spawn(async move {
-                    let rec = me
+                    let (rec, incomplete) = me
                         .run_task(&task, inputs, &scratch, &opts, &run_id, cancel)
                         .await;
-                    (i, rec)
+                    (i, rec, incomplete)
                 });
             }
             if running.is_empty() {
@@ -193,7 +196,45 @@ impl Engine {
                 }
             };
             let Some(joined) = joined else { break };
-            let (i, rec) = joined.map_err(|e| BuildError::Join(e.to_string()))?;
+            let (i, rec, incomplete) = joined.map_err(|e| BuildError::Join(e.to_string()))?;
+            // An input lacking an object (a blob removed by hand): its
+            // producer's cache entry is dropped and the producer runs again,
+            // then this task. A source cannot be made again: the task fails
+            // with the object and the command that repairs it.
+            if let (Some(Incomplete { input, object }), false) = (incomplete, stopping) {
+                let j = index[&input];
+                let remakeable = matches!(tasks[j].kind, TaskKind::Run(_) | TaskKind::Merge(_));
+                if remakeable && !remade[j] {
+                    remade[j] = true;
+                    if let Some(key) = sched.run.tasks.get(&input.to_string()).and_then(|t| t.key) {
+                        inner.store.drop_action(&key)?;
+                    }
+                    inner.events.send(Event::Note {
+                        message: format!(
+                            "The output of `{input}` lacks `{object}`, which is no longer in the store: running `{input}` again, then `{}`",
+                            order[i]
+                        ),
+                    });
+                    // Whoever still waits for it waits for the new output.
+                    done[j] = None;
+                    sched.state[j] = TaskState::Pending;
+                    for &u in &users[j] {
+                        if sched.state[u] == TaskState::Pending {
+                            sched.unmet[u] += 1;
+                        }
+                    }
+                    sched.ready.insert(j);
+                    sched.state[i] = TaskState::Pending;
+                    sched.unmet[i] += 1;
+                    continue;
+                }
+                if remade[j] && matches!(sched.state[j], TaskState::Pending | TaskState::Running) {
+                    // Being made again for another task: wait for it too.
+                    sched.state[i] = TaskState::Pending;
+                    sched.unmet[i] += 1;
+                    continue;
+                }
+            }
             if rec.state == TaskState::Succeeded {
                 if let Some(output) = rec.output {
                     done[i] = Some(Done {
@@ -309,6 +350,7 @@ impl Engine {
     }
 
     /// Runs one task to a record; never fails (a problem is a failed record).
+    /// Says which input lacked an object, when that is why it failed.
     async fn run_task(
         &self,
         task: &Task,
@@ -317,7 +359,7 @@ impl Engine {
         opts: &BuildOptions,
         run_id: &str,
         cancel: CancellationToken,
-    ) -> TaskRecord {
+    ) -> (TaskRecord, Option<Incomplete>) {
         let started = Instant::now();
         let mut rec = TaskRecord::pending();
         rec.started_ms = now_ms();
@@ -343,12 +385,19 @@ impl Engine {
                     .await
             }
         };
+        let mut incomplete = None;
         if let Err(e) = res {
+            if let BuildError::IncompleteInput { input, object } = &e {
+                incomplete = Some(Incomplete {
+                    input: input.clone(),
+                    object: *object,
+                });
+            }
             rec.state = TaskState::Failed;
             rec.error = Some(error_chain(&e));
         }
         rec.duration_ms = (started.elapsed().as_millis() as u64).saturating_sub(rec.queued_ms);
-        rec
+        (rec, incomplete)
     }
 }
 
@@ -356,6 +405,12 @@ impl Engine {
 /// far): a build killed outright still shows what it did in `ci runs`, and
 /// each save (a log sync) makes every record before it durable.
 const RUN_SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// An input of a task whose output lacks an object.
+struct Incomplete {
+    input: Label,
+    object: strata_store::Digest,
+}
 
 /// The scheduler's bookkeeping, by task number (position in topological order).
 struct Sched<'a> {
