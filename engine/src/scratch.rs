@@ -45,6 +45,10 @@ pub(crate) struct Scratch {
     slots: AtomicUsize,
     views: AtomicU64,
     jobs: Semaphore,
+    /// The blobs of every input layer found complete in this run, so that
+    /// a layer's trees are read once per run, not once per reader.
+    complete:
+        Mutex<std::collections::HashMap<strata_store::Digest, Arc<Vec<strata_store::Digest>>>>,
 }
 
 impl Scratch {
@@ -68,7 +72,60 @@ impl Scratch {
             slots: AtomicUsize::new(0),
             views: AtomicU64::new(0),
             jobs: Semaphore::new(jobs.max(1)),
+            complete: Mutex::new(Default::default()),
         }
+    }
+
+    /// Whether the run's inputs mount has answered a read with an error
+    /// (a blob gone from the store reads as `EIO`).
+    pub(crate) fn mount_failed(&self) -> bool {
+        self.inputs
+            .get()
+            .and_then(|m| m.as_ref())
+            .is_some_and(|m| m.last_error().is_some())
+    }
+
+    /// The first object of `layer` that is not stored, or `None`. Before a
+    /// command (`again` false) a layer found complete earlier in the run is
+    /// not looked at again; after one (`again` true), its blob files are
+    /// checked to still exist (no tree goes during a run: the build holds
+    /// the store's write lock, so no other process writes the index).
+    pub(crate) fn first_missing(
+        &self,
+        layer: strata_store::Digest,
+        again: bool,
+    ) -> Result<Option<strata_store::Digest>, BuildError> {
+        let known = self
+            .complete
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&layer).cloned());
+        if let Some(blobs) = known {
+            if !again {
+                return Ok(None);
+            }
+            for b in blobs.iter() {
+                if !self.store.blobs().contains(b)? {
+                    return Ok(Some(*b));
+                }
+            }
+            return Ok(None);
+        }
+        let closure = match self.store.closure(&[layer]) {
+            Ok(c) => c,
+            Err(strata_store::Error::MissingTree(d)) => return Ok(Some(d)),
+            Err(e) => return Err(e.into()),
+        };
+        for (b, _) in &closure.blobs {
+            if !self.store.blobs().contains(b)? {
+                return Ok(Some(*b));
+            }
+        }
+        let blobs = closure.blobs.into_iter().map(|(b, _)| b).collect();
+        if let Ok(mut m) = self.complete.lock() {
+            m.insert(layer, Arc::new(blobs));
+        }
+        Ok(None)
     }
 
     /// Waits for a job token (first come, first served); `None` when

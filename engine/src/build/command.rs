@@ -164,7 +164,7 @@ impl Engine {
         }
         // Before anything is mounted: an input whose objects are not all
         // stored (a blob removed by hand) would fail the command with EIO.
-        self.check_inputs(inputs).await?;
+        self.check_inputs(scratch, inputs, false).await?;
         let secrets = match secrets_of(r) {
             Ok(s) => s,
             Err(why) => {
@@ -308,7 +308,10 @@ impl Engine {
             if let Some(output) = output {
                 // A blob that went missing while the command ran read as
                 // EIO through the mount: such a success is not recorded.
-                self.check_inputs(cmd.inputs).await?;
+                // Checked when the mount has failed a read at all.
+                if scratch.mount_failed() {
+                    self.check_inputs(scratch, cmd.inputs, true).await?;
+                }
                 self.command_succeeded(cmd, output, log_blob, written, rec)?;
                 return Ok(Ended::ForGood);
             }
@@ -389,18 +392,24 @@ impl Engine {
     }
 
     /// Whether every object of the inputs' outputs is stored (trees read,
-    /// blob files checked to exist); the first that is not is
+    /// blob files checked to exist; `again`: after the command, see
+    /// [`Scratch::first_missing`]); the first that is not is
     /// [`BuildError::IncompleteInput`].
-    pub(super) async fn check_inputs(&self, inputs: &[(Label, Done)]) -> Result<(), BuildError> {
+    pub(super) async fn check_inputs(
+        &self,
+        scratch: &Arc<Scratch>,
+        inputs: &[(Label, Done)],
+        again: bool,
+    ) -> Result<(), BuildError> {
         if inputs.is_empty() {
             return Ok(());
         }
-        let store = self.inner.store.clone();
+        let scratch = scratch.clone();
         let inputs: Vec<(Label, Digest)> =
             inputs.iter().map(|(l, d)| (l.clone(), d.output)).collect();
         tokio::task::spawn_blocking(move || {
             for (input, layer) in inputs {
-                if let Some(object) = store.first_missing(&[layer])? {
+                if let Some(object) = scratch.first_missing(layer, again)? {
                     return Err(BuildError::IncompleteInput { input, object });
                 }
             }
