@@ -113,6 +113,13 @@ impl Scratch {
         }
         let closure = match self.store.closure(&[layer]) {
             Ok(c) => c,
+            // Held only remotely: fetched, every object checked, when the
+            // task's directories are made.
+            Err(strata_store::Error::MissingTree(d))
+                if d == layer && self.store.remote_layer(&layer)?.is_some() =>
+            {
+                return Ok(None)
+            }
             Err(strata_store::Error::MissingTree(d)) => return Ok(Some(d)),
             Err(e) => return Err(e.into()),
         };
