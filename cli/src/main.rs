@@ -251,6 +251,11 @@ pub enum Outcome {
     Interrupted,
 }
 
+/// Counts what each thread holds, so that loading a pipeline can refuse to
+/// take more than its `[load] max_heap_mib` (strata_engine's `limits.rs`).
+#[global_allocator]
+static ALLOC: strata_engine::CountingAlloc = strata_engine::CountingAlloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut ctx = Ctx {

@@ -286,6 +286,18 @@ pub enum Invalid {
     LoadCycle(Vec<String>),
     #[error("Directory `{0}` holds a `BUILD.star`, but its path cannot be a package name; rename it using `A-Z a-z 0-9 . _ -`")]
     BadPackageDir(String),
+    /// The load's step budget (`[load] max_steps`) ran out.
+    #[error("Evaluating the pipeline took more than {max} steps (loop iterations and calls), the limit; if it really needs more, raise `max_steps` under `[load]` in `ci.toml`")]
+    StepLimit { max: u64 },
+    /// The load's heap budget (`[load] max_heap_mib`) would be or was exceeded.
+    #[error("Evaluating the pipeline needs more than {max_mib} MiB, the limit: {what}; if it really needs more, raise `max_heap_mib` under `[load]` in `ci.toml`")]
+    HeapLimit { max_mib: u64, what: String },
+    /// A `range()` longer than the step budget.
+    #[error("`range()` of {len} elements is longer than the limit of {max} steps, so going through it would exceed it; if the pipeline really needs it, raise `max_steps` under `[load]` in `ci.toml`")]
+    RangeOverSteps { len: u64, max: u64 },
+    /// `x *= n`, which repeats without a size check.
+    #[error("`*=` is not allowed in pipelines: a repetition is checked against the memory limit only when written `x = x * n`; write it so")]
+    RepeatAssign,
 }
 
 fn build_file(package: &str) -> String {

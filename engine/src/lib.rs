@@ -37,7 +37,7 @@ pub use error::{Invalid, LoadError, ModelError};
 pub use events::{Event, EventSink, Stream};
 pub use graph::{expand, render_graph, Graph, GraphFormat, GraphJson};
 pub use label::{Label, LabelError, Pattern};
-pub use loader::{find_root, Loader};
+pub use loader::{find_root, CountingAlloc, LoadLimits, Loader};
 pub use model::{
     Command, Dep, Executor, GitSource, HookKind, InputMode, LocalSource, Location, Merge,
     OnConflict, Run, Service, Settings, Stage, Task, TaskKind, Timer, Webhook, Workspace,

@@ -132,3 +132,140 @@ fn long_names_and_escaping_sources_are_refused_at_load() {
     symlink(env.work(), "link", outside.path().to_str().unwrap());
     refused(&env, "leaves the workspace");
 }
+
+/// `ci graph` of `build` (with `toml` as ci.toml) exits 2 within `secs`
+/// seconds, with an error at `at` that names `limit`.
+fn limited(build: &str, toml: &str, at: &str, limit: &str, secs: u64) {
+    let env = Env::new();
+    write(env.work(), "ci.toml", toml);
+    write(env.work(), "BUILD.star", build);
+    let start = std::time::Instant::now();
+    let out = env.ci(["graph"]).failure(2);
+    let err = out.stderr_str();
+    assert!(
+        err.contains(&format!("error: {at}")) && err.contains(limit),
+        "wanted `{at}` and `{limit}`: {err}"
+    );
+    assert!(
+        start.elapsed().as_secs() < secs,
+        "took {:?}: {err}",
+        start.elapsed()
+    );
+}
+
+const DEFAULTS: &str = "[build]\nexecutor = \"host\"\n";
+
+#[test]
+fn a_long_loop_ends_at_the_step_limit() {
+    // Used to run until killed.
+    limited(
+        "for i in range(2000000000):\n    pass\n",
+        DEFAULTS,
+        "BUILD.star:1:10: `range()` of 2000000000 elements",
+        "`max_steps` under `[load]`",
+        10,
+    );
+    limited(
+        "def f():\n    for a in range(100000):\n        for b in range(100000):\n            pass\nf()\n",
+        DEFAULTS,
+        "BUILD.star:3:",
+        "took more than 10000000 steps",
+        20,
+    );
+}
+
+#[test]
+fn list_repetition_is_refused_before_it_is_made() {
+    // 16 GB in one operation: used to take the machine's memory.
+    limited(
+        "x = [0] * 2000000000\n",
+        DEFAULTS,
+        "BUILD.star:1:5: Evaluating the pipeline needs more than 1024 MiB",
+        "`max_heap_mib` under `[load]`",
+        10,
+    );
+}
+
+#[test]
+fn string_repetition_is_refused_before_it_is_made() {
+    limited(
+        "x = \"x\" * 2000000000\n",
+        DEFAULTS,
+        "BUILD.star:1:5: Evaluating the pipeline needs more than 1024 MiB",
+        "`*` would make a value of 3814 MiB",
+        10,
+    );
+    // `*=` cannot be checked, so it is refused when parsed.
+    limited(
+        "x = [0]\nx *= 2000000000\n",
+        DEFAULTS,
+        "BUILD.star:2:1: `*=` is not allowed",
+        "write it so",
+        10,
+    );
+}
+
+#[test]
+fn a_big_comprehension_ends_at_a_limit() {
+    limited(
+        "x = [i for i in range(2000000000)]\n",
+        DEFAULTS,
+        "BUILD.star:1:17: `range()`",
+        "`max_steps`",
+        10,
+    );
+    limited(
+        "x = [a for a in range(5000) for b in range(5000)]\n",
+        DEFAULTS,
+        "BUILD.star:1:",
+        "took more than 10000000 steps",
+        20,
+    );
+}
+
+#[test]
+fn string_doubling_ends_at_the_heap_limit() {
+    // 40 doublings took 4 GB in 3.7 s, and then all memory.
+    limited(
+        "s = \"x\"\nfor i in range(40):\n    s = s + s\n",
+        DEFAULTS,
+        "BUILD.star:3:",
+        "more than 1024 MiB",
+        20,
+    );
+    // In place, without a loop: checked before each statement.
+    let doublings: String = (0..40).map(|_| "s += s\n").collect();
+    limited(
+        &format!("s = \"x\"\n{doublings}"),
+        DEFAULTS,
+        "BUILD.star:",
+        "more than 1024 MiB",
+        20,
+    );
+}
+
+#[test]
+fn raising_a_limit_in_ci_toml_lets_a_slightly_bigger_pipeline_load() {
+    // 11 million steps, 10% over the default.
+    let steps = "def f():\n    for a in range(1100):\n        for b in range(10000):\n            pass\nf()\n\
+                 task(name = \"t\", cmd = [\"true\"])\n";
+    limited(steps, DEFAULTS, "BUILD.star:", "`max_steps`", 20);
+    let env = workspace(steps);
+    write(
+        env.work(),
+        "ci.toml",
+        "[build]\nexecutor = \"host\"\n[load]\nmax_steps = 20000000\n",
+    );
+    env.ci(["graph"]).success();
+
+    // A 600 MB string takes 1.2 GB while it is made, over the default 1 GiB.
+    let heap = "x = \"x\" * 600000000\ntask(name = \"t\", cmd = [\"true\"])\n";
+    limited(heap, DEFAULTS, "BUILD.star:1:5:", "`max_heap_mib`", 10);
+    let env = workspace(heap);
+    write(
+        env.work(),
+        "ci.toml",
+        "[build]\nexecutor = \"host\"\n[load]\nmax_heap_mib = 2048\n",
+    );
+    env.ci(["graph"]).success();
+}

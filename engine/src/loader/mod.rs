@@ -7,9 +7,11 @@
 //! about one task in a large workspace stays fast. Every result passes
 //! [`Workspace::validate`] before it is returned. With [`Loader::with_cache`], a load
 //! whose files are all unchanged reuses the model of the last same load (`cache.rs`).
+//! Every load is bounded in steps and memory (`limits.rs`, `[load]` in `ci.toml`).
 
 mod builtins;
 mod cache;
+mod limits;
 mod settings;
 
 use std::cell::RefCell;
@@ -17,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use starlark::environment::{FrozenModule, Globals, GlobalsBuilder, LibraryExtension, Module};
 use starlark::eval::{Evaluator, FileLoader};
@@ -28,6 +31,7 @@ use crate::error::{Invalid, LoadError, ModelError};
 use crate::label::{valid_package, valid_segment, Pattern};
 use crate::model::{Location, Stage, Task, Workspace};
 
+pub use limits::{CountingAlloc, LoadLimits, DEFAULT_MAX_HEAP_MIB, DEFAULT_MAX_STEPS};
 pub use settings::read_settings;
 
 /// The file that makes a directory the workspace root.
@@ -155,6 +159,7 @@ impl Loader {
             LibraryExtension::Print,
         ])
         .with(builtins::strata_builtins)
+        .with(limits::checked_ops)
         .build();
         Loader {
             root: root.into(),
@@ -233,9 +238,10 @@ impl Loader {
 
     /// Evaluates and validates; also says what was read, for the cache.
     fn evaluate(&self, patterns: &[Pattern]) -> Result<(Workspace, cache::Reads), LoadError> {
-        let (settings, settings_text) = settings::read_settings_text(&self.root)?;
+        let (settings, limits, settings_text) = settings::read_settings_text(&self.root)?;
         let session = Session {
             loader: self,
+            budget: Rc::new(limits::Budget::new(limits)),
             libs: RefCell::new(HashMap::new()),
             loading: RefCell::new(Vec::new()),
             reads: RefCell::new(cache::Reads::default()),
@@ -410,12 +416,15 @@ pub(crate) struct EvalContext {
     pub stages: RefCell<BTreeMap<String, Stage>>,
     /// Workspace directories found to exist (`local_source`), for the cache.
     pub dirs: RefCell<Vec<String>>,
+    /// The load's step and heap budget.
+    pub budget: Rc<limits::Budget>,
 }
 
 /// State of one load: libraries already evaluated, and the chain being loaded (for
 /// cycle detection).
 struct Session<'l> {
     loader: &'l Loader,
+    budget: Rc<limits::Budget>,
     libs: RefCell<HashMap<String, FrozenModule>>,
     loading: RefCell<Vec<String>>,
     /// Every file read, by digest of the very bytes evaluated.
@@ -456,7 +465,8 @@ impl Session<'_> {
     fn eval_package(&self, package: &str) -> Result<PackageDecls, LoadError> {
         let file = build_file(package);
         let source = self.read(&file)?;
-        let ast = AstModule::parse(&file, source, &Self::dialect()).map_err(convert_error)?;
+        let mut ast = AstModule::parse(&file, source, &Self::dialect()).map_err(convert_error)?;
+        limits::prepare(&mut ast)?;
         let ctx = EvalContext {
             package: package.to_owned(),
             file,
@@ -465,6 +475,7 @@ impl Session<'_> {
             tasks: RefCell::new(BTreeMap::new()),
             stages: RefCell::new(BTreeMap::new()),
             dirs: RefCell::new(Vec::new()),
+            budget: self.budget.clone(),
         };
         let libs = LibLoader {
             session: self,
@@ -474,8 +485,12 @@ impl Session<'_> {
             let mut eval = Evaluator::new(&module);
             eval.set_loader(&libs);
             eval.extra = Some(&ctx);
-            eval.eval_module(ast, &self.loader.globals).map(|_| ())
+            self.budget.watch(&mut eval);
+            let result = eval.eval_module(ast, &self.loader.globals).map(|_| ());
+            self.budget.finished(eval.get_total_tick_count());
+            result
         })
+        .map_err(|e| self.limit_error(e))
         .map_err(convert_error)?;
         self.reads.borrow_mut().dirs.extend(ctx.dirs.into_inner());
         Ok((
@@ -539,7 +554,8 @@ impl Session<'_> {
             }
         };
         self.reads.borrow_mut().file(&file, source.as_bytes());
-        let ast = AstModule::parse(&file, source, &Self::dialect())?;
+        let mut ast = AstModule::parse(&file, source, &Self::dialect())?;
+        limits::prepare(&mut ast).map_err(starlark::Error::new_native)?;
         let ctx = EvalContext {
             package: lib_package.clone(),
             file: file.clone(),
@@ -548,6 +564,7 @@ impl Session<'_> {
             tasks: RefCell::new(BTreeMap::new()),
             stages: RefCell::new(BTreeMap::new()),
             dirs: RefCell::new(Vec::new()),
+            budget: self.budget.clone(),
         };
         let libs = LibLoader {
             session: self,
@@ -559,7 +576,10 @@ impl Session<'_> {
                 let mut eval = Evaluator::new(&module);
                 eval.set_loader(&libs);
                 eval.extra = Some(&ctx);
-                eval.eval_module(ast, &self.loader.globals)?;
+                self.budget.watch(&mut eval);
+                let result = eval.eval_module(ast, &self.loader.globals);
+                self.budget.finished(eval.get_total_tick_count());
+                result.map_err(|e| self.limit_error(e))?;
             }
             module.freeze().map_err(starlark::Error::new_other)
         });
@@ -568,6 +588,24 @@ impl Session<'_> {
         let module = result?;
         self.libs.borrow_mut().insert(file, module.clone());
         Ok(module)
+    }
+}
+
+impl Session<'_> {
+    /// The error of an evaluation that a limit stopped: the evaluator
+    /// reports it as a cancellation, which becomes the limit's own located
+    /// error here; any other error is returned as it is.
+    fn limit_error(&self, err: starlark::Error) -> starlark::Error {
+        let Some((problem, statement)) = self.budget.take_exceeded() else {
+            return err;
+        };
+        if let ErrorKind::Native(e) | ErrorKind::Other(e) = err.kind() {
+            if e.downcast_ref::<ModelError>().is_some() {
+                return err;
+            }
+        }
+        let location = error_location(&err).or(statement);
+        starlark::Error::new_native(ModelError::new(location, problem))
     }
 }
 
@@ -629,15 +667,20 @@ pub(crate) fn location_of(span: &starlark::codemap::FileSpan) -> Location {
     }
 }
 
-/// Turns Starlark's error into ours, keeping our own typed problems typed.
-fn convert_error(err: starlark::Error) -> LoadError {
-    let location = err.span().map(location_of).or_else(|| {
+/// Where a Starlark error happened: its span, else its innermost located frame.
+fn error_location(err: &starlark::Error) -> Option<Location> {
+    err.span().map(location_of).or_else(|| {
         err.call_stack()
             .frames
             .iter()
             .rev()
             .find_map(|f| f.location.as_ref().map(location_of))
-    });
+    })
+}
+
+/// Turns Starlark's error into ours, keeping our own typed problems typed.
+fn convert_error(err: starlark::Error) -> LoadError {
+    let location = error_location(&err);
     let message = err.without_diagnostic().to_string();
     match err.into_kind() {
         ErrorKind::Native(e) | ErrorKind::Other(e) => {

@@ -13,8 +13,11 @@
 //! `[server] url = "http://..."` (the `ci serve` that commands go through).
 //! `[cache] remote = "http://..."`, `mode = "read"|"write"` and `fetch = "all"|"needed"`
 //! (the remote cache).
+//! `[load] max_steps = N` and `max_heap_mib = N`: the limits of evaluating
+//! `BUILD.star` files (`limits.rs`).
 
 use std::fs;
+use std::num::NonZeroU64;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -22,6 +25,7 @@ use serde::Deserialize;
 use crate::error::LoadError;
 use crate::model::{Location, Settings};
 
+use super::limits::LoadLimits;
 use super::WORKSPACE_FILE;
 
 #[derive(Deserialize)]
@@ -36,6 +40,19 @@ struct CiToml {
     server: ServerToml,
     #[serde(default)]
     cache: CacheToml,
+    #[serde(default)]
+    load: LoadToml,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LoadToml {
+    /// Starlark steps (loop iterations and calls) a load may take.
+    #[serde(default)]
+    max_steps: Option<NonZeroU64>,
+    /// MiB a load's evaluation may hold.
+    #[serde(default)]
+    max_heap_mib: Option<NonZeroU64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -63,11 +80,12 @@ struct ServerToml {
 /// Reads and checks `root/ci.toml`. Unknown tables and keys are refused, so a typo is
 /// an error rather than a setting silently ignored.
 pub fn read_settings(root: &Path) -> Result<Settings, LoadError> {
-    read_settings_text(root).map(|(settings, _)| settings)
+    read_settings_text(root).map(|(settings, _, _)| settings)
 }
 
-/// [`read_settings`], with the text read (the load cache keeps its digest).
-pub(crate) fn read_settings_text(root: &Path) -> Result<(Settings, String), LoadError> {
+/// [`read_settings`], with the load limits and the text read (the load
+/// cache keeps its digest).
+pub(crate) fn read_settings_text(root: &Path) -> Result<(Settings, LoadLimits, String), LoadError> {
     let path = root.join(WORKSPACE_FILE);
     if !super::pipeline_file(root, WORKSPACE_FILE)? {
         return Err(LoadError::Io {
@@ -92,19 +110,39 @@ pub(crate) fn read_settings_text(root: &Path) -> Result<(Settings, String), Load
             });
         }
     };
-    Ok((parse_settings(&text)?, text))
+    let (settings, limits) = parse(&text)?;
+    Ok((settings, limits, text))
 }
 
-pub(crate) fn parse_settings(text: &str) -> Result<Settings, LoadError> {
+#[cfg(test)]
+fn parse_settings(text: &str) -> Result<Settings, LoadError> {
+    parse(text).map(|(settings, _)| settings)
+}
+
+fn parse(text: &str) -> Result<(Settings, LoadLimits), LoadError> {
     match toml::from_str::<CiToml>(text) {
-        Ok(file) => Ok(Settings {
-            name: file.name,
-            server_url: file.server.url,
-            remote_cache: file.cache.remote,
-            remote_cache_mode: file.cache.mode,
-            remote_cache_fetch: file.cache.fetch,
-            ..file.build
-        }),
+        Ok(file) => {
+            let default = LoadLimits::default();
+            let limits = LoadLimits {
+                max_steps: file
+                    .load
+                    .max_steps
+                    .map_or(default.max_steps, NonZeroU64::get),
+                max_heap_mib: file
+                    .load
+                    .max_heap_mib
+                    .map_or(default.max_heap_mib, NonZeroU64::get),
+            };
+            let settings = Settings {
+                name: file.name,
+                server_url: file.server.url,
+                remote_cache: file.cache.remote,
+                remote_cache_mode: file.cache.mode,
+                remote_cache_fetch: file.cache.fetch,
+                ..file.build
+            };
+            Ok((settings, limits))
+        }
         Err(e) => {
             let (line, col) = match e.span() {
                 Some(span) => line_col(text, span.start),
@@ -160,6 +198,18 @@ mod tests {
             .to_string();
         assert!(e.starts_with("ci.toml:2:1: "), "{e}");
         let e = parse_settings("[build]\nexecutor = \"k8s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("ci.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn reads_load_limits() {
+        let (_, limits) = parse("[load]\nmax_steps = 7\nmax_heap_mib = 9\n").unwrap();
+        assert_eq!(limits.max_steps, 7);
+        assert_eq!(limits.max_heap_mib, 9);
+        assert_eq!(parse("").unwrap().1, LoadLimits::default());
+        let e = parse_settings("[load]\nmax_steps = 0\n")
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("ci.toml:2:"), "{e}");
