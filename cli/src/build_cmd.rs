@@ -263,19 +263,43 @@ fn watch(mut args: BuildArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
         .enable_all()
         .build()
         .context("Cannot start the async runtime")?;
-    let next = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<PathBuf>, quiet: Option<Duration>| {
+    // Made once, before the first build: a signal that arrives between two
+    // rounds (while the pipeline loads, or just after "watching" is printed)
+    // is kept by these streams until the next wait reads it. A listener made
+    // anew for each wait missed it, and ci went on watching.
+    use tokio::signal::unix::{signal, Signal, SignalKind};
+    let (mut int, mut term) = rt.block_on(async {
+        (
+            signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::terminate()).ok(),
+        )
+    });
+    async fn either(s: &mut Option<Signal>) {
+        match s.as_mut() {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
+    let mut next = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<PathBuf>,
+                    quiet: Option<Duration>| {
         rt.block_on(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             let got = async {
                 match quiet {
-                    Some(d) => tokio::time::timeout(d, rx.recv()).await.ok().flatten().map(Some).unwrap_or(None),
+                    Some(d) => tokio::time::timeout(d, rx.recv())
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(Some)
+                        .unwrap_or(None),
                     None => rx.recv().await,
                 }
             };
             tokio::select! {
                 p = got => Ok(p),
-                _ = tokio::signal::ctrl_c() => Err(()),
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => Err(()),
+                _ = either(&mut int) => Err(()),
+                _ = either(&mut term) => Err(()),
             }
         })
     };
