@@ -48,6 +48,19 @@ impl Dav {
         self.http.read_small(path, res).map(Some)
     }
 
+    /// The entry stored under `key`, decoded; `None` when there is none.
+    fn get_entry(&self, key: &Digest) -> Result<Option<ActionEntry>, RemoteError> {
+        let Some(json) = self.get_small(&format!("/actions/{}", key.to_hex()))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&json).map(Some).map_err(|e| {
+            RemoteError::Corrupt(PackError::BadAction {
+                key: *key,
+                reason: e.to_string(),
+            })
+        })
+    }
+
     /// Every tree under `roots` that the store lacks, into `rx`, a level of
     /// the trees at a time.
     fn trees_into(&self, rx: &Mutex<Receiver<'_>>, roots: &[Digest]) -> Result<(), RemoteError> {
@@ -135,15 +148,9 @@ impl Backend for Dav {
         store: &Store,
         key: &Digest,
     ) -> Result<Option<ActionEntry>, RemoteError> {
-        let Some(json) = self.get_small(&format!("/actions/{}", key.to_hex()))? else {
+        let Some(entry) = self.get_entry(key)? else {
             return Ok(None);
         };
-        let entry: ActionEntry = serde_json::from_slice(&json).map_err(|e| {
-            RemoteError::Corrupt(PackError::BadAction {
-                key: *key,
-                reason: e.to_string(),
-            })
-        })?;
         let rx = Mutex::new(Receiver::new(store));
         match self.trees_into(&rx, &entry.layers) {
             // An entry whose objects are gone is a miss.
@@ -160,15 +167,9 @@ impl Backend for Dav {
     }
 
     fn fetch_entry(&self, store: &Store, key: &Digest) -> Result<Option<ActionEntry>, RemoteError> {
-        let Some(json) = self.get_small(&format!("/actions/{}", key.to_hex()))? else {
+        let Some(entry) = self.get_entry(key)? else {
             return Ok(None);
         };
-        let entry: ActionEntry = serde_json::from_slice(&json).map_err(|e| {
-            RemoteError::Corrupt(PackError::BadAction {
-                key: *key,
-                reason: e.to_string(),
-            })
-        })?;
         // Entries are written after their objects: the roots are enough.
         if !self.holds(&entry.layers)? {
             return Ok(None);

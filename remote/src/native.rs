@@ -49,6 +49,40 @@ impl Native {
     }
 
     /// Asks for `digests` and takes the pack into `rx`.
+    /// Asks for `key`'s entry, with the trees of its layers when `trees`:
+    /// `None` on a miss, else what was received (not committed) and the
+    /// entry.
+    fn look_up<'s>(
+        &self,
+        store: &'s Store,
+        key: &Digest,
+        trees: bool,
+    ) -> Result<Option<(Receiver<'s>, ActionEntry)>, RemoteError> {
+        let mut path = format!("/api/v1/cache/actions/{}", key.to_hex());
+        if !trees {
+            path.push_str("?trees=false");
+        }
+        let res = self.http.call("look up an action", self.http.get(&path))?;
+        if res.status().as_u16() == 404 {
+            return Ok(None);
+        }
+        let mut rx = Receiver::new(store);
+        let mut pack = PackReader::new(self.http.reader(res))?;
+        rx.read(&mut pack)?;
+        let entry = rx
+            .actions
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, e)| e.clone())
+            .ok_or_else(|| {
+                RemoteError::Corrupt(crate::PackError::BadAction {
+                    key: *key,
+                    reason: "the answer does not hold the entry asked for".into(),
+                })
+            })?;
+        Ok(Some((rx, entry)))
+    }
+
     fn fetch_into(&self, rx: &mut Receiver<'_>, digests: &[Digest]) -> Result<(), RemoteError> {
         if digests.is_empty() {
             return Ok(());
@@ -127,25 +161,9 @@ impl Backend for Native {
         store: &Store,
         key: &Digest,
     ) -> Result<Option<ActionEntry>, RemoteError> {
-        let path = format!("/api/v1/cache/actions/{}", key.to_hex());
-        let res = self.http.call("look up an action", self.http.get(&path))?;
-        if res.status().as_u16() == 404 {
+        let Some((mut rx, entry)) = self.look_up(store, key, true)? else {
             return Ok(None);
-        }
-        let mut rx = Receiver::new(store);
-        let mut pack = PackReader::new(self.http.reader(res))?;
-        rx.read(&mut pack)?;
-        let entry = rx
-            .actions
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, e)| e.clone())
-            .ok_or_else(|| {
-                RemoteError::Corrupt(crate::PackError::BadAction {
-                    key: *key,
-                    reason: "the answer does not hold the entry asked for".into(),
-                })
-            })?;
+        };
         for layer in &entry.layers {
             if !rx.has_tree(layer)? {
                 return Err(RemoteError::Corrupt(crate::PackError::Incomplete {
@@ -162,28 +180,11 @@ impl Backend for Native {
 
     fn fetch_entry(&self, store: &Store, key: &Digest) -> Result<Option<ActionEntry>, RemoteError> {
         // Without the trees: the server answers only entries it holds
-        // whole, and the layers come when they are read.
-        let path = format!("/api/v1/cache/actions/{}?trees=false", key.to_hex());
-        let res = self.http.call("look up an action", self.http.get(&path))?;
-        if res.status().as_u16() == 404 {
+        // whole, and the layers come when they are read. What was read is
+        // never committed: the entry goes in the store as a lazy one, and
+        // trees an older server sends anyway are dropped.
+        let Some((_, entry)) = self.look_up(store, key, false)? else {
             return Ok(None);
-        }
-        // Read apart and never committed: the entry goes in the store as a
-        // lazy one, and trees an older server sends anyway are dropped.
-        let entry = {
-            let mut rx = Receiver::new(store);
-            let mut pack = PackReader::new(self.http.reader(res))?;
-            rx.read(&mut pack)?;
-            rx.actions
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, e)| e.clone())
-                .ok_or_else(|| {
-                    RemoteError::Corrupt(crate::PackError::BadAction {
-                        key: *key,
-                        reason: "the answer does not hold the entry asked for".into(),
-                    })
-                })?
         };
         let mut rx = Receiver::new(store);
         let missing = rx.missing_blobs(&entry.blobs)?;

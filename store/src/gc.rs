@@ -571,18 +571,25 @@ impl Store {
                     ),
                     Err(_) => problems.push(corrupt(family, k)),
                 },
-                Family::Actions => match (digest_key, serde_json::from_slice::<ActionEntry>(v)) {
-                    (Some(d), Ok(a)) => {
-                        let what = format!("action `{}`", &d.to_hex()[..12]);
-                        for l in &a.layers {
-                            need_tree(&what, l, &mut problems);
+                Family::Actions | Family::LazyActions => {
+                    match (digest_key, serde_json::from_slice::<ActionEntry>(v)) {
+                        (Some(d), Ok(a)) => {
+                            let lazy = if family == Family::LazyActions {
+                                "lazy "
+                            } else {
+                                ""
+                            };
+                            let what = format!("{lazy}action `{}`", &d.to_hex()[..12]);
+                            for l in &a.layers {
+                                need_tree(&what, l, &mut problems);
+                            }
+                            for b in &a.blobs {
+                                need_blob(&what, b, &mut problems);
+                            }
                         }
-                        for b in &a.blobs {
-                            need_blob(&what, b, &mut problems);
-                        }
+                        _ => problems.push(corrupt(family, k)),
                     }
-                    _ => problems.push(corrupt(family, k)),
-                },
+                }
                 Family::Runs => {
                     let id = String::from_utf8_lossy(k);
                     match self.run(&id) {
@@ -598,19 +605,6 @@ impl Store {
                         _ => problems.push(corrupt(family, k)),
                     }
                 }
-                Family::LazyActions => match (digest_key, serde_json::from_slice::<ActionEntry>(v))
-                {
-                    (Some(d), Ok(a)) => {
-                        let what = format!("lazy action `{}`", &d.to_hex()[..12]);
-                        for l in &a.layers {
-                            need_tree(&what, l, &mut problems);
-                        }
-                        for b in &a.blobs {
-                            need_blob(&what, b, &mut problems);
-                        }
-                    }
-                    _ => problems.push(corrupt(family, k)),
-                },
                 Family::Remote => {
                     let ok = digest_key.is_some()
                         && serde_json::from_slice::<crate::RemoteLayer>(v).is_ok();

@@ -1773,20 +1773,26 @@ fn verify_reports_bad_records(new: Backend) {
     assert!(has(&ps, "missing tree", "a recorded layer"), "{ps:?}");
 }
 
+/// The families whose records are keyed by a digest and hold JSON (or a
+/// fixed layout): one bad record each in the test below.
+const DIGEST_KEYED: [Family; 8] = [
+    Family::Layers,
+    Family::Lineage,
+    Family::Labels,
+    Family::Actions,
+    Family::LazyActions,
+    Family::Remote,
+    Family::Runs,
+    Family::Leases,
+];
+
 fn verify_decodes_every_family_and_gc_stops_on_an_unreadable_root(new: Backend) {
     let t = new();
     let good = t.ingest_spec(&Dir::new().file("a", "four"));
     t.set_ref("good", &good).unwrap();
     t.assert_verified();
     let mut batch = strata_store::Batch::new();
-    for family in [
-        Family::Layers,
-        Family::Lineage,
-        Family::Labels,
-        Family::Actions,
-        Family::Runs,
-        Family::Leases,
-    ] {
+    for family in DIGEST_KEYED {
         batch.put(
             family,
             Digest::of(b"k").as_bytes().to_vec(),
@@ -1802,7 +1808,16 @@ fn verify_decodes_every_family_and_gc_stops_on_an_unreadable_root(new: Backend) 
     t.meta().write(batch).unwrap();
     let problems = t.verify().unwrap().problems;
     for family in [
-        "layers", "lineage", "labels", "actions", "runs", "leases", "refs", "events",
+        "layers",
+        "lineage",
+        "labels",
+        "actions",
+        "lazy_actions",
+        "remote",
+        "runs",
+        "leases",
+        "refs",
+        "events",
     ] {
         assert!(
             problems
@@ -1813,14 +1828,7 @@ fn verify_decodes_every_family_and_gc_stops_on_an_unreadable_root(new: Backend) 
     }
     // An unreadable ref might pin anything: GC stops rather than sweep.
     let mut batch = strata_store::Batch::new();
-    for family in [
-        Family::Layers,
-        Family::Lineage,
-        Family::Labels,
-        Family::Actions,
-        Family::Runs,
-        Family::Leases,
-    ] {
+    for family in DIGEST_KEYED {
         batch.delete(family, Digest::of(b"k").as_bytes().to_vec());
     }
     t.meta().write(batch).unwrap();

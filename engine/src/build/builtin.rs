@@ -198,21 +198,8 @@ impl Engine {
             .map_err(|e| BuildError::Join(e.to_string()))??;
         drop(token);
         let pre = Self::local_source_preimage(s, report.layer);
-        if self
-            .try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)
-            .await?
-        {
-            return Ok(());
-        }
-        self.settle(
-            &label,
-            &pre,
-            &BTreeMap::new(),
-            report.layer,
-            BTreeMap::new(),
-            run_id,
-            rec,
-        )
+        self.settle_ingested(&label, &pre, report.layer, run_id, rec)
+            .await
     }
 
     /// A timer or webhook: its output is the payload this run was given (the
@@ -249,21 +236,24 @@ impl Engine {
             .await?;
         let mut pre = ActionPreimage::new(task.kind_name(), "store");
         pre.base = Some(layer);
-        if self
-            .try_cache(&label, &pre, &BTreeMap::new(), run_id, rec)
-            .await?
-        {
+        self.settle_ingested(&label, &pre, layer, run_id, rec).await
+    }
+
+    /// A source whose layer is made before its key is known (the key is
+    /// the layer): a hit is reported as cached, else `layer` is recorded.
+    async fn settle_ingested(
+        &self,
+        label: &str,
+        pre: &ActionPreimage,
+        layer: Digest,
+        run_id: &str,
+        rec: &mut TaskRecord,
+    ) -> Result<(), BuildError> {
+        let no_inputs = BTreeMap::new();
+        if self.try_cache(label, pre, &no_inputs, run_id, rec).await? {
             return Ok(());
         }
-        self.settle(
-            &label,
-            &pre,
-            &BTreeMap::new(),
-            layer,
-            BTreeMap::new(),
-            run_id,
-            rec,
-        )
+        self.settle(label, pre, &no_inputs, layer, BTreeMap::new(), run_id, rec)
     }
 
     /// Ingests a directory this run made in its scratch (a fetched

@@ -51,6 +51,7 @@ use futures_util::{Stream as FuturesStream, StreamExt};
 use tokio::task::JoinHandle;
 
 use super::{ExecOutcome, ExecRequest, Executor, LogSink};
+use crate::build::error_chain;
 use crate::events::Stream;
 use crate::BuildError;
 
@@ -952,17 +953,6 @@ fn refused(log: &LogSink, what: &str, e: DockerError) -> Result<ExecOutcome, Bui
 fn docker_error(action: impl Into<String>) -> impl FnOnce(DockerError) -> BuildError {
     let action = action.into();
     move |source| BuildError::Docker { action, source }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// `name` → `name:latest`; a reference with a tag or digest is kept.

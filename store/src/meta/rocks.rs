@@ -121,6 +121,22 @@ fn cf_names() -> Vec<&'static str> {
     Family::ALL.iter().map(|f| f.name()).collect()
 }
 
+/// Options for opening the index at `path` without writing, and the
+/// families to open: a store written by an earlier version may lack a
+/// family that was added since (the writer creates it on its next open), so
+/// a reader opens what is there, and a missing family reads as empty.
+fn read_only_options(path: &Path) -> Result<(Options, Vec<&'static str>)> {
+    let mut opts = options();
+    opts.create_if_missing(false);
+    opts.create_missing_column_families(false);
+    let existing = DB::list_cf(&opts, path).map_err(db_err(path, "opening read-only", None))?;
+    let names = cf_names()
+        .into_iter()
+        .filter(|n| existing.iter().any(|e| e == n))
+        .collect();
+    Ok((opts, names))
+}
+
 impl RocksMetaStore {
     /// Opens (creating when missing) the database at `path` for writing.
     /// The caller must hold the store's write lock.
@@ -151,17 +167,7 @@ impl RocksMetaStore {
             .prefix("strata-reader-")
             .tempdir()
             .map_err(Error::io("create a directory in", std::env::temp_dir()))?;
-        let mut opts = options();
-        opts.create_if_missing(false);
-        opts.create_missing_column_families(false);
-        // A store written by an earlier version may lack a family that was
-        // added since (the writer creates it on its next open): a reader
-        // opens what is there, and a missing family reads as empty.
-        let existing = DB::list_cf(&opts, path).map_err(db_err(path, "opening read-only", None))?;
-        let names: Vec<&str> = cf_names()
-            .into_iter()
-            .filter(|n| existing.iter().any(|e| e == n))
-            .collect();
+        let (opts, names) = read_only_options(path)?;
         let db = DB::open_cf_as_secondary(&opts, path, dir.path(), names).map_err(db_err(
             path,
             "opening read-only",
@@ -239,14 +245,7 @@ impl RocksMetaStore {
     /// is the damage. It may also report a table that a running writer has
     /// just compacted away; a second check then finds nothing.
     pub fn check_tables(path: &Path) -> Result<Vec<IndexDamage>> {
-        let mut opts = options();
-        opts.create_if_missing(false);
-        opts.create_missing_column_families(false);
-        let existing = DB::list_cf(&opts, path).map_err(db_err(path, "opening read-only", None))?;
-        let names: Vec<&str> = cf_names()
-            .into_iter()
-            .filter(|n| existing.iter().any(|e| e == n))
-            .collect();
+        let (opts, names) = read_only_options(path)?;
         match DB::open_cf_for_read_only(&opts, path, names, false) {
             Ok(db) => {
                 let store = RocksMetaStore {
