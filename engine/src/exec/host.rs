@@ -20,6 +20,10 @@
 //! paths are the containers' ones: an output that embeds them does not
 //! depend on where a machine keeps its store.
 //!
+//! Where `ci` is root, a task without `network = True` gets the same from
+//! the build's sandbox helper ([`super::zygote`]), which costs a fraction of
+//! a bubblewrap of its own; the others get one each.
+//!
 //! Where bubblewrap is missing or cannot make namespaces, tasks run as
 //! plain processes in the host's directories, as before the sandbox; every
 //! build that runs a host task says so once ([`Isolation::Unsandboxed`]).

@@ -63,7 +63,8 @@ pub(crate) struct Zygote {
     _child: tokio::process::Child,
 }
 
-static CURRENT: tokio::sync::Mutex<Option<Arc<Zygote>>> = tokio::sync::Mutex::const_new(None);
+/// The running helpers: one per run (a server runs several at once).
+static CURRENT: tokio::sync::Mutex<Vec<Arc<Zygote>>> = tokio::sync::Mutex::const_new(Vec::new());
 /// Why no helper can run in this process, once found.
 static REFUSED: OnceLock<String> = OnceLock::new();
 
@@ -79,15 +80,16 @@ pub(crate) async fn zygote(
         return Err(why.clone());
     }
     let mut current = CURRENT.lock().await;
-    if let Some(z) = current.as_ref() {
-        if z.private == private && !z.lost.load(Ordering::Relaxed) {
-            return Ok(z.clone());
-        }
+    let usable = |z: &Arc<Zygote>| z.private == private && !z.lost.load(Ordering::Relaxed);
+    if let Some(z) = current.iter().find(|z| usable(z)) {
+        return Ok(z.clone());
     }
+    // Helpers of ended runs (or lost ones) that no task holds any more go.
+    current.retain(|z| Arc::strong_count(z) > 1 && !z.lost.load(Ordering::Relaxed));
     match Zygote::start(bwrap, args, private).await {
         Ok(z) => {
             let z = Arc::new(z);
-            *current = Some(z.clone());
+            current.push(z.clone());
             Ok(z)
         }
         Err(why) => Err(REFUSED.get_or_init(|| why).clone()),
