@@ -582,20 +582,25 @@ fn a_store_under_a_shown_directory_is_hidden() {
     assert_eq!(read.success().stdout_str(), "a\n");
 }
 
-/// A command's exit code is its own, whatever its value: 129 to 192 used
-/// to be reported as a signal (bubblewrap's 128 + N for a command killed by
+/// A command's exit code is its own, whatever its value, with the network
+/// or without: 129 to 192 used to be reported as a signal (bubblewrap's 128 + N for a command killed by
 /// signal N), and a command killed by a signal is still said to be.
 #[test]
 fn a_task_exit_code_is_its_own() {
     let env = host_workspace(
         "task(name = \"code\", script = 'exit 130')\n\
+         task(name = \"net\", network = True, script = 'exit 131')\n\
          task(name = \"signal\", script = 'kill -USR1 $$')\n",
         &[],
     );
     let out = sandboxed(env.ci(["build", "--keep-going"]).failure(1));
     let text = out.all_str();
     assert!(text.contains("exited with status 130"), "{text}");
-    assert!(!text.contains("killed by signal 2"), "{text}");
+    assert!(text.contains("exited with status 131"), "{text}");
+    assert!(
+        !text.contains("killed by signal 2") && !text.contains("killed by signal 3"),
+        "{text}"
+    );
     assert!(text.contains("killed by signal 10"), "{text}");
 }
 

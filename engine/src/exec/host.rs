@@ -20,9 +20,9 @@
 //! paths are the containers' ones: an output that embeds them does not
 //! depend on where a machine keeps its store.
 //!
-//! Where `ci` is root, a task without `network = True` gets the same from
-//! the build's sandbox helper ([`super::zygote`]), which costs a fraction of
-//! a bubblewrap of its own; the others get one each.
+//! Where `ci` is root, tasks get the same from the build's sandbox helpers
+//! ([`super::zygote`]), for a fraction of a bubblewrap of their own; tasks
+//! without the network then share one empty network namespace.
 //!
 //! Where bubblewrap is missing or cannot make namespaces, tasks run as
 //! plain processes in the host's directories, as before the sandbox; every
@@ -192,16 +192,18 @@ fn sandbox_args(req: &ExecRequest, cwd: &Path) -> Vec<OsString> {
     a
 }
 
-/// bubblewrap's arguments for the sandbox helper of a build (up to the
-/// command): the base every task shares, with its own network, IPC, UTS
-/// and PID namespaces, capabilities kept (it mounts each task's `/ci`),
-/// and `ci`'s executable `exe` to run.
-fn helper_args(private: &[PathBuf], exe: &Path) -> Vec<OsString> {
+/// bubblewrap's arguments for a sandbox helper of a build (up to the
+/// command): the base its tasks share, with its own IPC, UTS and PID
+/// namespaces and, unless `network`, network namespace; capabilities kept
+/// (it mounts each task's `/ci`), and `ci`'s executable `exe` to run.
+fn helper_args(private: &[PathBuf], network: bool, exe: &Path) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
+    if !network {
+        a.push("--unshare-net".into());
+    }
     for s in [
         "--die-with-parent",
         "--new-session",
-        "--unshare-net",
         "--unshare-ipc",
         "--unshare-uts",
         "--unshare-pid",
@@ -337,14 +339,15 @@ impl Executor for HostExecutor {
                     ..ExecOutcome::default()
                 });
             };
-            // Tasks without the network share one sandbox helper (and its
+            // Tasks share a sandbox helper (those without the network its
             // empty network namespace); a command line too long for one
             // message gets a sandbox of its own.
             let size: usize = req.argv.iter().map(String::len).sum::<usize>()
                 + env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-            if !req.network && size < zygote::MAX_MESSAGE / 2 {
-                let private = &req.dirs.private;
-                match zygote::zygote(b, |exe| helper_args(private, exe), private).await {
+            if size < zygote::MAX_MESSAGE / 2 {
+                let (private, net) = (&req.dirs.private, req.network);
+                let args = |exe: &Path| helper_args(private, net, exe);
+                match zygote::zygote(b, args, private, net).await {
                     Ok(z) => {
                         let (start, dirs) = zygote_start(&req, &found, &dir, &env);
                         return Ok(z.run(start, dirs, &req, GRACE).await);

@@ -5,8 +5,8 @@
 //! fifteen mounts, its own exec and two forks, ~4 ms of CPU per task
 //! (docs/BENCHMARKS.md, "Host sandboxes"). Here bubblewrap runs once per
 //! build, making the base all tasks share (the host's tools read-only,
-//! `/dev`, one empty network namespace, IPC and UTS namespaces, the store
-//! hidden), and execs `ci __sandbox-helper` in it ([`helper`]). Per task,
+//! `/dev`, one empty network namespace or the host's, IPC and UTS
+//! namespaces, the store hidden), and execs `ci __sandbox-helper` in it ([`helper`]). Per task,
 //! `ci` clones the task's directories as detached mounts (`open_tree`),
 //! read-only where they must be, and sends them with the command, its
 //! environment and its stdout and stderr over a Unix socket; the helper
@@ -14,9 +14,10 @@
 //! its `/ci`. The helper never sees the store or the run's scratch: what it
 //! gets is what the task gets.
 //!
+//! A run has up to two helpers: one whose tasks share an empty network
+//! namespace, one for tasks with `network = True`, which share the host's.
 //! Needs `ci` to be root (cloning a mount needs `CAP_SYS_ADMIN` where `ci`
-//! runs) and tasks without `network = True` (they share the empty network
-//! namespace); other tasks get a bubblewrap sandbox of their own, as before.
+//! runs); otherwise tasks get a bubblewrap sandbox of their own, as before.
 
 pub(crate) mod helper;
 mod wire;
@@ -57,6 +58,9 @@ pub(crate) struct Zygote {
     control: AsyncFd<OwnedFd>,
     /// The store and scratch it hides (a helper serves one run's tasks).
     private: Vec<PathBuf>,
+    /// Whether its tasks have the host's network (else one empty network
+    /// namespace they share).
+    network: bool,
     /// Set when the helper went away: the next task starts another.
     lost: AtomicBool,
     /// bubblewrap, killed with this.
@@ -68,25 +72,29 @@ static CURRENT: tokio::sync::Mutex<Vec<Arc<Zygote>>> = tokio::sync::Mutex::const
 /// Why no helper can run in this process, once found.
 static REFUSED: OnceLock<String> = OnceLock::new();
 
-/// The helper for tasks whose private directories are `private`, started
-/// through `bwrap` with `args` (then `--`) on first use; `Err` says why there
-/// can be none (tasks then get a bubblewrap sandbox each).
+/// The helper for tasks whose private directories are `private`, with the
+/// host's network or without, started through `bwrap` with `args` (then
+/// `--`) on first use; `Err` says why there can be none (tasks then get a
+/// bubblewrap sandbox each).
 pub(crate) async fn zygote(
     bwrap: &Path,
     args: impl FnOnce(&Path) -> Vec<std::ffi::OsString>,
     private: &[PathBuf],
+    network: bool,
 ) -> Result<Arc<Zygote>, String> {
     if let Some(why) = REFUSED.get() {
         return Err(why.clone());
     }
     let mut current = CURRENT.lock().await;
-    let usable = |z: &Arc<Zygote>| z.private == private && !z.lost.load(Ordering::Relaxed);
+    let usable = |z: &Arc<Zygote>| {
+        z.private == private && z.network == network && !z.lost.load(Ordering::Relaxed)
+    };
     if let Some(z) = current.iter().find(|z| usable(z)) {
         return Ok(z.clone());
     }
     // Helpers of ended runs (or lost ones) that no task holds any more go.
     current.retain(|z| Arc::strong_count(z) > 1 && !z.lost.load(Ordering::Relaxed));
-    match Zygote::start(bwrap, args, private).await {
+    match Zygote::start(bwrap, args, private, network).await {
         Ok(z) => {
             let z = Arc::new(z);
             current.push(z.clone());
@@ -101,6 +109,7 @@ impl Zygote {
         bwrap: &Path,
         args: impl FnOnce(&Path) -> Vec<std::ffi::OsString>,
         private: &[PathBuf],
+        network: bool,
     ) -> Result<Zygote, String> {
         // SAFETY: geteuid has no failure mode.
         if unsafe { libc::geteuid() } != 0 {
@@ -160,6 +169,7 @@ impl Zygote {
             return Ok(Zygote {
                 control,
                 private: private.to_vec(),
+                network,
                 lost: AtomicBool::new(false),
                 _child: child,
             });
