@@ -1,7 +1,8 @@
-//! The sandbox helper: `ci __sandbox-helper`, run once per build inside a
-//! bubblewrap sandbox that made the base every task shares (the host's
-//! tools read-only, `/dev`, an empty network namespace, IPC and UTS
-//! namespaces, no view of the store). Single-threaded: it forks.
+//! The sandbox helper: `ci __sandbox-helper`, run once per run (and
+//! network setting) inside a bubblewrap sandbox that made the base its
+//! tasks share (the host's tools read-only, `/dev`, an empty network
+//! namespace or the host's, IPC and UTS namespaces, no view of the store).
+//! It makes `/` and `/dev` read-only first. Single-threaded: it forks.
 //!
 //! For each [`Start`] it clones a child into new mount, PID and IPC
 //! namespaces. That child, PID 1 of its namespace (the task's init):
