@@ -257,6 +257,10 @@ pub enum Outcome {
 static ALLOC: strata_engine::CountingAlloc = strata_engine::CountingAlloc;
 
 fn main() -> ExitCode {
+    // `ci` is also the host sandbox's helper (engine/src/exec/zygote).
+    if let Some(code) = strata_engine::exec::zygote::helper_if_asked() {
+        return ExitCode::from(code);
+    }
     let cli = Cli::parse();
     let mut ctx = Ctx {
         store: cli.store,

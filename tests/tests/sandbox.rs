@@ -581,3 +581,223 @@ fn a_store_under_a_shown_directory_is_hidden() {
     assert_eq!(seen.success().stdout_str(), "", "the task saw the store");
     assert_eq!(read.success().stdout_str(), "a\n");
 }
+
+/// A command's exit code is its own, whatever its value, with the network
+/// or without: 129 to 192 used to be reported as a signal (bubblewrap's 128 + N for a command killed by
+/// signal N), and a command killed by a signal is still said to be.
+#[test]
+fn a_task_exit_code_is_its_own() {
+    let env = host_workspace(
+        "task(name = \"code\", script = 'exit 130')\n\
+         task(name = \"net\", network = True, script = 'exit 131')\n\
+         task(name = \"signal\", script = 'kill -USR1 $$')\n",
+        &[],
+    );
+    let out = sandboxed(env.ci(["build", "--keep-going"]).failure(1));
+    let text = out.all_str();
+    assert!(text.contains("exited with status 130"), "{text}");
+    assert!(text.contains("exited with status 131"), "{text}");
+    assert!(
+        !text.contains("killed by signal 2") && !text.contains("killed by signal 3"),
+        "{text}"
+    );
+    assert!(text.contains("killed by signal 10"), "{text}");
+}
+
+/// Every process below `pid` (by parent), with its command line.
+fn descendants(pid: i32) -> Vec<(i32, String)> {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`: comm may hold spaces, not `)`.
+        let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+        if let Some(ppid) = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse::<i32>().ok())
+        {
+            parents.push((p, ppid));
+        }
+    }
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    found
+        .into_iter()
+        .skip(1)
+        .map(|p| {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            (p, String::from_utf8_lossy(&cmd).replace('\0', " "))
+        })
+        .collect()
+}
+
+/// Pidfds of `pids` (those still alive).
+fn pidfds(pids: &[(i32, String)]) -> Vec<(libc::c_int, String)> {
+    pids.iter()
+        .filter_map(|(p, cmd)| {
+            // SAFETY: pidfd_open returns a new descriptor or -1.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, *p, 0) } as libc::c_int;
+            (fd >= 0).then(|| (fd, format!("{p} {cmd}")))
+        })
+        .collect()
+}
+
+/// Waits (on the pidfds, no polling loop) until every process has exited;
+/// returns those still alive after `timeout`.
+fn still_alive_after(fds: Vec<(libc::c_int, String)>, timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    let mut left: Vec<(libc::c_int, String)> = fds;
+    while !left.is_empty() {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let mut polled: Vec<libc::pollfd> = left
+            .iter()
+            .map(|(fd, _)| libc::pollfd {
+                fd: *fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: a live array of pollfds of the length given.
+        let n = unsafe {
+            libc::poll(
+                polled.as_mut_ptr(),
+                polled.len() as libc::nfds_t,
+                wait.as_millis() as libc::c_int,
+            )
+        };
+        if n == 0 {
+            break;
+        }
+        let mut keep = Vec::new();
+        for ((fd, what), p) in left.into_iter().zip(&polled) {
+            if p.revents == 0 {
+                keep.push((fd, what));
+            } else {
+                // SAFETY: our own descriptor, closed once.
+                unsafe { libc::close(fd) };
+            }
+        }
+        left = keep;
+    }
+    left.into_iter().map(|(_, what)| what).collect()
+}
+
+/// Reads `ci --json build`'s output until a line holds `needle`.
+fn read_until(out: &mut impl BufRead, needle: &str) {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = out.read_line(&mut line).expect("read ci's output");
+        assert!(n > 0, "ci ended before its task said `{needle}`");
+        if line.contains(needle) {
+            return;
+        }
+    }
+}
+
+/// A task without the network (one of the sandbox helper's) that escaped
+/// into a session of its own is killed with the rest when it times out,
+/// while `ci` and the helper go on (another task still runs).
+#[test]
+fn a_timeout_kills_everything_a_task_started() {
+    let env = host_workspace(
+        "task(name = \"slow\", timeout = 1, script = 'setsid sleep 1000 & echo escaped; sleep 1000')\n\
+         task(name = \"other\", script = 'echo other-started; sleep 2000')\n",
+        &[],
+    );
+    let mut build = env.spawn(["--json", "build", "-j", "2", "--keep-going"]);
+    let mut out = BufReader::new(build.take_stdout());
+    read_until(&mut out, "escaped");
+    // The shell, and the child it put in a session of its own (`$!` is
+    // known, so it is forked; it may not have exec'd `sleep` yet).
+    let slow: Vec<_> = descendants(build.id() as i32)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("sleep 1000"))
+        .collect();
+    assert!(slow.len() >= 2, "the task's processes: {slow:?}");
+    let fds = pidfds(&slow);
+    read_until(&mut out, "timed out");
+    let alive = still_alive_after(fds, Duration::from_secs(10));
+    assert!(
+        !build.has_exited(),
+        "ci ended, which would have killed them anyway"
+    );
+    assert!(
+        alive.is_empty(),
+        "still running after the timeout: {alive:?}"
+    );
+    // `Running::kill_after` is SIGKILL.
+    let _ = build.kill_after(Duration::ZERO);
+}
+
+/// `kill -9` of `ci` leaves nothing behind: not the sandbox helper, not a
+/// task, not what a task started in a session of its own.
+#[test]
+fn killing_ci_leaves_no_sandbox_or_task_behind() {
+    let env = host_workspace(
+        "task(name = \"slow\", script = 'setsid sleep 1000 & echo escaped; sleep 1000')\n",
+        &[],
+    );
+    let mut build = env.spawn(["--json", "build"]);
+    let mut out = BufReader::new(build.take_stdout());
+    read_until(&mut out, "escaped");
+    let below = descendants(build.id() as i32);
+    let task = below
+        .iter()
+        .filter(|(_, c)| c.contains("sleep 1000"))
+        .count();
+    assert!(task >= 2, "the task's processes: {below:?}");
+    let fds = pidfds(&below);
+    // `Running::kill_after` is SIGKILL.
+    assert!(
+        build.kill_after(Duration::ZERO).is_none(),
+        "ci ended on its own"
+    );
+    let alive = still_alive_after(fds, Duration::from_secs(10));
+    assert!(
+        alive.is_empty(),
+        "still running after `kill -9` of ci: {alive:?}"
+    );
+}
+
+/// Tasks that share the sandbox helper share nothing writable: the root,
+/// `/dev` and `/ci` are read-only, and `/tmp` and `/dev/shm` are each task's
+/// own.
+#[test]
+fn tasks_of_one_sandbox_share_nothing_writable() {
+    let env = host_workspace(
+        "task(name = \"a\", script = ': > report; echo s > /dev/shm/strata-a; echo t > /tmp/strata-a; for p in /evil /dev/evil /ci/evil; do touch $p 2>/dev/null && echo $p >> report; done; true')\n\
+         task(name = \"b\", deps = [\":a\"], script = 'ls -A /dev/shm /tmp / > seen')\n",
+        &[],
+    );
+    sandboxed(env.ci(["build", "-j", "1"]).success());
+    assert_eq!(
+        cat(&env, "//:a", "report"),
+        "",
+        "a task wrote outside its directories"
+    );
+    let seen = cat(&env, "//:b", "seen");
+    assert!(
+        !seen.contains("strata-a") && !seen.contains("evil"),
+        "{seen}"
+    );
+}

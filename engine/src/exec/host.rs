@@ -20,6 +20,10 @@
 //! paths are the containers' ones: an output that embeds them does not
 //! depend on where a machine keeps its store.
 //!
+//! Where `ci` is root, tasks get the same from the build's sandbox helpers
+//! ([`super::zygote`]), for a fraction of a bubblewrap of their own; tasks
+//! without the network then share one empty network namespace.
+//!
 //! Where bubblewrap is missing or cannot make namespaces, tasks run as
 //! plain processes in the host's directories, as before the sandbox; every
 //! build that runs a host task says so once ([`Isolation::Unsandboxed`]).
@@ -30,6 +34,7 @@
 //! [`TaskDirs::prev`]: super::TaskDirs::prev
 //! [`TaskDirs::prev_in`]: super::TaskDirs::prev_in
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -37,7 +42,7 @@ use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::{pump, ExecOutcome, ExecRequest, Executor, TaskDirs};
+use super::{pump, zygote, ExecOutcome, ExecRequest, Executor, TaskDirs};
 use crate::events::Stream;
 use crate::BuildError;
 
@@ -149,20 +154,81 @@ impl Seen {
 /// bubblewrap's arguments for one task, up to the command.
 fn sandbox_args(req: &ExecRequest, cwd: &Path) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
-    let mut arg = |s: &dyn AsRef<std::ffi::OsStr>| a.push(s.as_ref().to_owned());
     // The sandbox goes when `ci` does; `setsid` keeps the task off the
     // terminal `ci` may have (no TIOCSTI into the user's shell).
     for s in ["--die-with-parent", "--new-session", "--unshare-all"] {
-        arg(&s);
+        a.push(s.into());
     }
     if req.network {
-        arg(&"--share-net");
+        a.push("--share-net".into());
     }
     // Root in the sandbox is root without privileges: it cannot mount,
     // make devices, load modules, trace, or pass file permissions.
     for s in ["--cap-drop", "ALL"] {
-        arg(&s);
+        a.push(s.into());
     }
+    host_root(&req.dirs.private, &mut a);
+    for s in ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"] {
+        a.push(s.into());
+    }
+    let dirs = &req.dirs;
+    let mut bind = |how: &str, host: &Path, inside: &str| {
+        a.push(how.into());
+        a.push(host.into());
+        a.push(inside.into());
+    };
+    bind("--ro-bind", &dirs.inputs, "/ci/in");
+    bind("--bind", &dirs.work, "/ci/work");
+    bind("--bind", &dirs.context, "/ci/context");
+    if let Some(p) = &dirs.prev {
+        bind("--ro-bind", p, "/ci/prev");
+    }
+    if let Some(p) = &dirs.prev_in {
+        bind("--ro-bind", p, "/ci/prev-in");
+    }
+    a.push("--chdir".into());
+    a.push(cwd.into());
+    a.push("--".into());
+    a
+}
+
+/// bubblewrap's arguments for a sandbox helper of a build (up to the
+/// command): the base its tasks share, with its own IPC, UTS and PID
+/// namespaces and, unless `network`, network namespace; capabilities kept
+/// (it mounts each task's `/ci`), and `ci`'s executable `exe` to run.
+fn helper_args(private: &[PathBuf], network: bool, exe: &Path) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    if !network {
+        a.push("--unshare-net".into());
+    }
+    for s in [
+        "--die-with-parent",
+        "--new-session",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-pid",
+        "--unshare-cgroup-try",
+        "--cap-add",
+        "ALL",
+    ] {
+        a.push(s.into());
+    }
+    host_root(private, &mut a);
+    for s in [
+        "--dev", "/dev", "--proc", "/proc", "--dir", "/tmp", "--dir", "/ci",
+    ] {
+        a.push(s.into());
+    }
+    a.push("--ro-bind".into());
+    a.push(exe.into());
+    a.push(zygote::HELPER_EXE.into());
+    a
+}
+
+/// The host's directories, read-only, with whatever of `private` (the
+/// store, the run's scratch) lies under them hidden.
+fn host_root(private: &[PathBuf], a: &mut Vec<OsString>) {
+    let mut arg = |s: &dyn AsRef<std::ffi::OsStr>| a.push(s.as_ref().to_owned());
     for name in HOST_DIRS {
         let host = Path::new("/").join(name);
         match std::fs::symlink_metadata(&host) {
@@ -184,7 +250,6 @@ fn sandbox_args(req: &ExecRequest, cwd: &Path) -> Vec<OsString> {
     // Whatever of the store or the run's scratch lies under those
     // directories is hidden under an empty read-only directory (the
     // outermost only: the scratch is inside the store).
-    let private = &req.dirs.private;
     for p in private {
         let shown = HOST_DIRS
             .iter()
@@ -199,28 +264,6 @@ fn sandbox_args(req: &ExecRequest, cwd: &Path) -> Vec<OsString> {
             arg(p);
         }
     }
-    for s in ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"] {
-        arg(&s);
-    }
-    let dirs = &req.dirs;
-    let mut bind = |how: &str, host: &Path, inside: &str| {
-        arg(&how);
-        arg(&host);
-        arg(&inside);
-    };
-    bind("--ro-bind", &dirs.inputs, "/ci/in");
-    bind("--bind", &dirs.work, "/ci/work");
-    bind("--bind", &dirs.context, "/ci/context");
-    if let Some(p) = &dirs.prev {
-        bind("--ro-bind", p, "/ci/prev");
-    }
-    if let Some(p) = &dirs.prev_in {
-        bind("--ro-bind", p, "/ci/prev-in");
-    }
-    a.push("--chdir".into());
-    a.push(cwd.into());
-    a.push("--".into());
-    a
 }
 
 /// `program` as `execvp` would find it with [`HOST_PATH`], or `None`. The
@@ -282,16 +325,42 @@ impl Executor for HostExecutor {
             Some(w) => seen.work.join(w),
             None => seen.work.clone(),
         };
+        let tmp = match bwrap {
+            Some(_) => PathBuf::from("/tmp"),
+            None => std::env::temp_dir(),
+        };
+        let env = task_env(&req, &seen, &tmp);
+        if let Some(b) = bwrap {
+            let Some(found) = find_program(program) else {
+                let msg = format!("Cannot start `{program}`: not found in {HOST_PATH}");
+                req.log.line(Stream::Stderr, msg.as_bytes());
+                return Ok(ExecOutcome {
+                    spawn_error: Some(msg),
+                    ..ExecOutcome::default()
+                });
+            };
+            // Tasks share a sandbox helper (those without the network its
+            // empty network namespace); a command line too long for one
+            // message gets a sandbox of its own.
+            let size: usize = req.argv.iter().map(String::len).sum::<usize>()
+                + env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            if size < zygote::MAX_MESSAGE / 2 {
+                let (private, net) = (&req.dirs.private, req.network);
+                let args = |exe: &Path| helper_args(private, net, exe);
+                match zygote::zygote(b, args, private, net).await {
+                    Ok(z) => {
+                        let (start, dirs) = zygote_start(&req, &found, &dir, &env);
+                        return Ok(z.run(start, dirs, &req, GRACE).await);
+                    }
+                    Err(why) => req.log.warn_once(
+                        "host-sandbox-helper",
+                        format!("host tasks each start a sandbox of their own (some 4 ms a task): {why}"),
+                    ),
+                }
+            }
+        }
         let mut cmd = match bwrap {
             Some(b) => {
-                if find_program(program).is_none() {
-                    let msg = format!("Cannot start `{program}`: not found in {HOST_PATH}");
-                    req.log.line(Stream::Stderr, msg.as_bytes());
-                    return Ok(ExecOutcome {
-                        spawn_error: Some(msg),
-                        ..ExecOutcome::default()
-                    });
-                }
                 let mut c = tokio::process::Command::new(b);
                 c.args(sandbox_args(&req, &dir)).args(&req.argv);
                 c
@@ -302,32 +371,13 @@ impl Executor for HostExecutor {
                 c
             }
         };
-        let tmp = match bwrap {
-            Some(_) => PathBuf::from("/tmp"),
-            None => std::env::temp_dir(),
-        };
         cmd.env_clear()
-            .env("PATH", HOST_PATH)
-            .env("HOME", &seen.work)
-            .env("TMPDIR", tmp)
-            .env("LANG", "C.UTF-8")
-            .envs(&req.env)
-            .envs(&req.secrets)
-            .env("CI", "true")
-            .env("CI_IN", &seen.inputs)
-            .env("CI_WORK", &seen.work)
-            .env("CI_CONTEXT", &seen.context)
+            .envs(&env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        if let Some(prev) = &seen.prev {
-            cmd.env("CI_PREV", prev);
-        }
-        if let Some(prev_in) = &seen.prev_in {
-            cmd.env("CI_PREV_IN", prev_in);
-        }
         // A task inherits stdin, stdout and stderr only: descriptors this
         // process holds (the store's lock and index, `/dev/fuse` of its
         // mounts, a server's sockets) are marked close-on-exec in the child,
@@ -434,6 +484,71 @@ impl Executor for HostExecutor {
         }
         Ok(outcome)
     }
+}
+
+/// The environment of a task: a fixed base, its own variables and
+/// secrets, then the `CI_*` paths as it sees them (which nothing overrides).
+fn task_env(req: &ExecRequest, seen: &Seen, tmp: &Path) -> BTreeMap<OsString, OsString> {
+    let mut env: BTreeMap<OsString, OsString> = BTreeMap::new();
+    let mut set = |k: &str, v: &dyn AsRef<std::ffi::OsStr>| {
+        env.insert(k.into(), v.as_ref().to_owned());
+    };
+    set("PATH", &HOST_PATH);
+    set("HOME", &seen.work);
+    set("TMPDIR", &tmp);
+    set("LANG", &"C.UTF-8");
+    for (k, v) in req.env.iter().chain(&req.secrets) {
+        set(k, v);
+    }
+    set("CI", &"true");
+    set("CI_IN", &seen.inputs);
+    set("CI_WORK", &seen.work);
+    set("CI_CONTEXT", &seen.context);
+    if let Some(prev) = &seen.prev {
+        set("CI_PREV", prev);
+    }
+    if let Some(prev_in) = &seen.prev_in {
+        set("CI_PREV_IN", prev_in);
+    }
+    env
+}
+
+/// What the sandbox helper gets for one task: the command, and each of the
+/// task's directories (host path, read-only) with where it goes in `/ci`.
+fn zygote_start(
+    req: &ExecRequest,
+    program: &Path,
+    cwd: &Path,
+    env: &BTreeMap<OsString, OsString>,
+) -> (zygote::Start, Vec<(PathBuf, bool)>) {
+    let d = &req.dirs;
+    let mut mounts = Vec::new();
+    let mut dirs = Vec::new();
+    let mut add = |name: &str, host: &Path, read_only: bool, file: bool| {
+        mounts.push(zygote::Mount {
+            name: name.into(),
+            file,
+        });
+        dirs.push((host.to_owned(), read_only));
+    };
+    add("in", &d.inputs, true, false);
+    add("work", &d.work, false, false);
+    add("context", &d.context, false, true);
+    if let Some(p) = &d.prev {
+        add("prev", p, true, false);
+    }
+    if let Some(p) = &d.prev_in {
+        add("prev-in", p, true, false);
+    }
+    let text = |s: &std::ffi::OsStr| s.to_string_lossy().into_owned();
+    let start = zygote::Start {
+        program: text(program.as_os_str()),
+        argv: req.argv.clone(),
+        env: env.iter().map(|(k, v)| (text(k), text(v))).collect(),
+        cwd: text(cwd.as_os_str()),
+        mounts,
+    };
+    (start, dirs)
 }
 
 /// The first child of `pid` (`/proc/<pid>/task/<pid>/children`), if any.

@@ -7,6 +7,7 @@
 
 pub mod docker;
 pub mod host;
+pub mod zygote;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
