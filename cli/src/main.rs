@@ -261,6 +261,9 @@ fn main() -> ExitCode {
     if let Some(code) = strata_engine::exec::zygote::helper_if_asked() {
         return ExitCode::from(code);
     }
+    if let Some(dir) = dirs::cache_dir() {
+        strata_engine::exec::host::remember_probes_in(dir.join("strata"));
+    }
     let cli = Cli::parse();
     let mut ctx = Ctx {
         store: cli.store,

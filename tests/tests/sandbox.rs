@@ -385,6 +385,59 @@ fn without_bwrap_host_tasks_run_and_the_build_says_so_once() {
     assert!(cat(&env, "//:a", "where").starts_with(&store));
 }
 
+/// A build whose tasks are all cached does not run `bwrap` to learn whether
+/// it could: a success is remembered, but only for the same `bwrap`. A
+/// `bwrap` replaced by one that cannot make namespaces is probed again.
+#[test]
+fn a_remembered_probe_is_trusted_only_for_the_same_bwrap() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = host_workspace("task(name = \"a\", script = 'echo a > out')\n", &[]);
+    // `ci` finds `bwrap` on its PATH (tasks get their own PATH).
+    let tools = env.root().join("tools");
+    std::fs::create_dir_all(&tools).expect("create a directory");
+    let bwrap = tools.join("bwrap");
+    let count = env.root().join("bwrap-runs");
+    let wrapper = |body: &str| {
+        std::fs::write(&bwrap, format!("#!/bin/sh\n{body}\n")).expect("write bwrap");
+        std::fs::set_permissions(&bwrap, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    wrapper(&format!(
+        "echo run >> {}\nexec /usr/bin/bwrap \"$@\"",
+        count.display()
+    ));
+    let path = tools.to_str().expect("UTF-8 path").to_owned();
+    sandboxed(env.ci_env(["build"], &[("PATH", &path)]).success());
+    let runs = || {
+        std::fs::read_to_string(&count)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let after_first = runs();
+    assert!(
+        after_first >= 1,
+        "the first build probes (and runs the task)"
+    );
+    // All cached: nothing runs, and the remembered probe spares its bwrap.
+    env.ci_env(["build"], &[("PATH", &path)]).success();
+    assert_eq!(runs(), after_first, "no bwrap for an all-cached build");
+    // A different bwrap (another size and time) is probed again, and its
+    // failure is not trusted away.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    wrapper("echo 'bwrap: No permissions to create new namespace' >&2\nexit 1");
+    std::fs::write(
+        env.work().join("BUILD.star"),
+        "task(name = \"a\", script = 'echo b > out')\n",
+    )
+    .expect("edit BUILD.star");
+    let text = env
+        .ci_env(["build"], &[("PATH", &path)])
+        .success()
+        .all_str();
+    assert!(text.contains("NOT sandboxed"), "{text}");
+    assert!(text.contains("cannot make namespaces"), "{text}");
+}
+
 #[test]
 fn a_host_task_inherits_only_stdio() {
     let env = Env::new();
