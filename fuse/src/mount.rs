@@ -42,7 +42,8 @@ pub struct MountOptions {
     pub trace: bool,
     /// This process unmounts and exits on SIGTERM (it calls
     /// [`MountHandle::wait`]), so [`crate::unmount_path`] may stop it that way
-    /// rather than pulling the mount from under it.
+    /// rather than pulling the mount from under it. SIGINT and SIGTERM are
+    /// caught from the mount on, so one sent before `wait` is not lost.
     pub stop_on_sigterm: bool,
 }
 
@@ -141,6 +142,9 @@ pub struct MountHandle {
     /// also ends the session: its reads of `/dev/fuse` fail).
     conn: Option<u32>,
     record: Option<RecordGuard>,
+    /// SIGINT and SIGTERM listeners of a `stop_on_sigterm` mount, made when
+    /// it is mounted, so a signal before [`MountHandle::wait`] is not lost.
+    signals: Mutex<Option<Signals>>,
     done: bool,
 }
 
@@ -217,7 +221,10 @@ pub(crate) fn mount_inner(
         )?),
         None => None,
     };
-
+    let signals = match opts.stop_on_sigterm {
+        true => Some(listen()?),
+        false => None,
+    };
     let session =
         start_session(fs, &mountpoint, privileged, allow_other).map_err(|source| Error::Mount {
             path: mountpoint.clone(),
@@ -255,6 +262,7 @@ pub(crate) fn mount_inner(
         allow_other,
         conn,
         record: guard,
+        signals: Mutex::new(signals),
         done: false,
     })
 }
@@ -328,6 +336,18 @@ fn probe_passthrough(session: &fuser::Session<LayerFs>, fs: &Inner) {
         // may still do.
         Err(_) => {}
     }
+}
+
+type Signals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
+/// Listeners for SIGINT and SIGTERM on the runtime: from now on those
+/// signals are theirs and no longer end the process.
+fn listen() -> Result<Signals> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let _in_runtime = runtime()?.enter();
+    let int = signal(SignalKind::interrupt()).map_err(|source| Error::Runtime { source })?;
+    let term = signal(SignalKind::terminate()).map_err(|source| Error::Runtime { source })?;
+    Ok((int, term))
 }
 
 /// Checks a mountpoint and returns its absolute path.
@@ -437,24 +457,21 @@ impl MountHandle {
     /// outside. From then on those signals no longer end the process: the
     /// caller unmounts and exits.
     pub fn wait(&self) -> Result<Stop> {
-        use tokio::signal::unix::{signal, SignalKind};
         let rt = runtime()?;
+        // A `stop_on_sigterm` mount listens since it was mounted; others
+        // from now.
+        let held = self
+            .signals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let (mut int, mut term) = match held {
+            Some(s) => s,
+            None => listen()?,
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         let ended = self.ended.clone();
-        // Handlers are installed on the runtime before we wait, so a signal
-        // right after this returns is not lost.
-        let (itx, irx) = std::sync::mpsc::channel();
         rt.spawn(async move {
-            let int = signal(SignalKind::interrupt());
-            let term = signal(SignalKind::terminate());
-            let (mut int, mut term) = match (int, term) {
-                (Ok(i), Ok(t)) => (i, t),
-                (Err(e), _) | (_, Err(e)) => {
-                    let _ = itx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = itx.send(Ok(()));
             let stop = tokio::select! {
                 _ = int.recv() => Stop::Interrupt,
                 _ = term.recv() => Stop::Terminate,
@@ -462,9 +479,6 @@ impl MountHandle {
             };
             let _ = tx.send(stop);
         });
-        irx.recv()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the FUSE runtime stopped")))
-            .map_err(|source| Error::Runtime { source })?;
         Ok(rx.recv().unwrap_or(Stop::Unmounted))
     }
 
