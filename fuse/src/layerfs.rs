@@ -147,9 +147,14 @@ impl std::fmt::Display for ReadPath {
 
 /// The passthrough state of a mount.
 pub(crate) struct Passthrough {
-    /// Asked for, and granted by the kernel at INIT, and not refused since.
+    /// Asked for by the mount (and not turned off by [`PASSTHROUGH_ENV`]).
+    wanted: bool,
+    /// Granted at INIT and not refused by the probe: opens are answered
+    /// for the whole mount (never ENOSYS, which would end them).
+    granted: AtomicBool,
+    /// Granted and not refused since: newly opened inodes get a backing id.
     on: AtomicBool,
-    /// Why reads are served, while `on` is false.
+    /// Why reads are served, once `on` is false.
     why_not: Mutex<String>,
     /// The backing id of each inode open for passthrough, with its opens.
     /// The kernel wants one id per inode for all its open files.
@@ -159,25 +164,36 @@ pub(crate) struct Passthrough {
 impl Passthrough {
     fn new(why_not: Option<String>) -> Passthrough {
         Passthrough {
+            wanted: why_not.is_none(),
+            granted: AtomicBool::new(false),
             on: AtomicBool::new(false),
             why_not: Mutex::new(why_not.unwrap_or_default()),
             backing: Mutex::new(HashMap::new()),
         }
     }
 
-    fn wanted(&self) -> bool {
-        self.why_not
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
+    fn grant(&self) {
+        self.granted.store(true, Ordering::Release);
+        self.on.store(true, Ordering::Release);
+    }
+
+    fn is_granted(&self) -> bool {
+        self.granted.load(Ordering::Acquire)
     }
 
     pub(crate) fn is_on(&self) -> bool {
         self.on.load(Ordering::Acquire)
     }
 
-    /// Stops passthrough for the rest of the mount.
-    pub(crate) fn refuse(&self, why: String) {
+    /// No passthrough for this mount at all: before the first open, so
+    /// opens can still be made to cost no request.
+    pub(crate) fn refuse_before_opens(&self, why: String) {
+        self.refuse(why);
+        self.granted.store(false, Ordering::Release);
+    }
+
+    /// No passthrough for files opened from now on (those open keep theirs).
+    fn refuse(&self, why: String) {
         *self.why_not.lock().unwrap_or_else(|p| p.into_inner()) = why;
         self.on.store(false, Ordering::Release);
     }
@@ -199,15 +215,6 @@ impl Passthrough {
     pub(crate) fn backing_ids(&self) -> usize {
         self.backing.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
-}
-
-/// Whether `e` says this process or kernel can never pass reads through
-/// (as opposed to one file that cannot be a backing file).
-pub(crate) fn refuses_passthrough(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EPERM | libc::ENOTTY | libc::EOPNOTSUPP | libc::ENOSYS)
-    )
 }
 
 struct View {
@@ -936,73 +943,71 @@ impl LayerFs {
         }
     }
 
-    /// Answers a traced or passthrough open of the file `ino`.
+    /// Answers an open of the file `ino` on a traced or passthrough mount.
     fn open_file(&self, ino: u64, reply: ReplyOpen) {
         let fs = &self.inner;
         fs.note(ino, READ);
-        if fs.passthrough.is_on() {
-            match self.open_backing(ino, &reply) {
-                Ok(Some(())) => {
-                    let backing = fs
-                        .passthrough
-                        .backing
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    if let Some((id, _)) = backing.get(&ino) {
-                        return reply.opened_passthrough(
-                            FileHandle(PASSTHROUGH_FH),
-                            FopenFlags::empty(),
-                            id,
-                        );
-                    }
-                }
-                // This file cannot be a backing file (a blob without a file
-                // of its own): it is read through LayerFs.
-                Ok(None) => {}
-                Err(e) if refuses_passthrough(&e) => {
-                    fs.passthrough.refuse(format!(
-                        "the kernel refused a backing file: {e}; passthrough needs CAP_SYS_ADMIN"
-                    ));
-                    if fs.trace.is_none() {
-                        return reply.error(errno(libc::ENOSYS));
-                    }
-                }
-                Err(e) => {
-                    fs.fail("register a blob for passthrough", e);
-                }
+        let reply = match self.open_backing(ino, reply) {
+            Ok(()) => return,
+            Err((reply, None)) => reply,
+            Err((reply, Some(e))) => {
+                // Whatever the cause (no CAP_SYS_ADMIN, blobs on a stacked
+                // filesystem), it holds for the store's other blobs too.
+                fs.passthrough
+                    .refuse(format!("the kernel refused a blob as backing file: {e}"));
+                reply
             }
-        }
+        };
         // No handle: reads are served by inode, as without opens.
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
     }
 
-    /// Takes one more use of the backing id of `ino`, registering its blob
-    /// file first if no open holds one. `Ok(None)`: the blob has no file.
-    /// The blob's descriptor is closed at once: the kernel holds the file.
-    fn open_backing(&self, ino: u64, reply: &ReplyOpen) -> std::io::Result<Option<()>> {
+    /// Answers with the blob file of `ino` as the backing file: the same
+    /// backing id as its other opens, or one registered now (the blob's
+    /// descriptor is closed at once; the kernel holds the file). Gives the
+    /// reply back when the file is to be read through LayerFs, with the
+    /// kernel's error when it refused the blob.
+    fn open_backing(
+        &self,
+        ino: u64,
+        reply: ReplyOpen,
+    ) -> std::result::Result<(), (ReplyOpen, Option<std::io::Error>)> {
         let fs = &self.inner;
         let mut backing = fs
             .passthrough
             .backing
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some((_, uses)) = backing.get_mut(&ino) {
+        // An inode open for passthrough stays so: the kernel refuses a
+        // cached open of it meanwhile (ETXTBSY).
+        if let Some((id, uses)) = backing.get_mut(&ino) {
             *uses += 1;
-            return Ok(Some(()));
+            reply.opened_passthrough(FileHandle(PASSTHROUGH_FH), FopenFlags::empty(), id);
+            return Ok(());
         }
-        let node = fs
-            .node(ino)
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::ENOENT))?;
-        let NodeKind::File { digest, .. } = &node.kind else {
-            return Err(std::io::Error::from_raw_os_error(libc::EISDIR));
+        if !fs.passthrough.is_on() {
+            return Err((reply, None));
+        }
+        let blob = match fs.node(ino).map(|n| match &n.kind {
+            NodeKind::File { digest, .. } => fs.store.blob(digest).ok(),
+            _ => None,
+        }) {
+            Ok(Some(blob)) => blob,
+            // Reads will say what is wrong.
+            _ => return Err((reply, None)),
         };
-        let blob = fs.store.blob(digest).map_err(std::io::Error::other)?;
+        // A blob kept in memory has no file to hand over.
         let Some(file) = blob.file() else {
-            return Ok(None);
+            return Err((reply, None));
         };
-        let id = reply.open_backing(file)?;
-        backing.insert(ino, (id, 1));
-        Ok(Some(()))
+        match reply.open_backing(file) {
+            Ok(id) => {
+                reply.opened_passthrough(FileHandle(PASSTHROUGH_FH), FopenFlags::empty(), &id);
+                backing.insert(ino, (id, 1));
+                Ok(())
+            }
+            Err(e) => Err((reply, Some(e))),
+        }
     }
 }
 
@@ -1018,15 +1023,17 @@ impl Filesystem for LayerFs {
             | InitFlags::FUSE_NO_OPENDIR_SUPPORT;
         let _ = config.add_capabilities(wanted & offered);
         let pt = &self.inner.passthrough;
-        if pt.wanted() {
+        if pt.wanted {
             if !offered.contains(InitFlags::FUSE_PASSTHROUGH) {
-                pt.refuse("the kernel offers no FUSE passthrough (Linux 6.9+)".to_owned());
+                pt.refuse_before_opens(
+                    "the kernel offers no FUSE passthrough (Linux 6.9+)".to_owned(),
+                );
             } else if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 // Blob files on a plain filesystem; the mount itself may
                 // still be the lower layer of an overlay.
                 && config.set_max_stack_depth(1).is_ok()
             {
-                pt.on.store(true, Ordering::Release);
+                pt.grant();
             }
         }
         Ok(())
@@ -1096,7 +1103,7 @@ impl Filesystem for LayerFs {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(errno(libc::EROFS));
         }
-        if fs.trace.is_none() && !fs.passthrough.is_on() {
+        if fs.trace.is_none() && !fs.passthrough.is_granted() {
             // From now on the kernel opens files without asking (see the
             // module's doc); only a traced or passthrough mount sees opens.
             return reply.error(errno(libc::ENOSYS));

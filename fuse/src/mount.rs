@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use strata_store::Store;
 
-use crate::layerfs::{refuses_passthrough, Inner, LayerFs, Layers, ReadPath};
+use crate::layerfs::{Inner, LayerFs, Layers, ReadPath};
 use crate::state::{self, RecordGuard};
 use crate::trace::AccessTrace;
 use crate::{sys, Error, Result};
@@ -316,9 +316,9 @@ fn start_session(
     session
 }
 
-/// Registers a backing file once, right after INIT, so that a process or
-/// kernel that cannot pass reads through (no CAP_SYS_ADMIN: EPERM) serves
-/// them from the first open, and says so before any file is opened.
+/// Registers a backing file once, right after INIT and before any open,
+/// so that a process or kernel that cannot pass reads through (no
+/// CAP_SYS_ADMIN: EPERM) keeps zero-message opens, and says so at once.
 fn probe_passthrough(session: &fuser::Session<LayerFs>, fs: &Inner) {
     use std::os::fd::AsFd;
     let probe = match std::fs::File::open("/proc/self/exe") {
@@ -329,11 +329,13 @@ fn probe_passthrough(session: &fuser::Session<LayerFs>, fs: &Inner) {
         Ok(id) => {
             let _ = sys::fuse_backing_close(session.as_fd(), id);
         }
-        Err(e) if refuses_passthrough(&e) => fs.passthrough.refuse(format!(
-            "the kernel refused a backing file: {e}; passthrough needs CAP_SYS_ADMIN"
-        )),
-        // Something about this one file (on a stacked filesystem): blobs
-        // may still do.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOTTY)) => {
+            fs.passthrough.refuse_before_opens(format!(
+                "the kernel refused a backing file: {e}; FUSE passthrough needs CAP_SYS_ADMIN"
+            ))
+        }
+        // Something about this one file (the binary on a stacked
+        // filesystem): blobs may still do.
         Err(_) => {}
     }
 }

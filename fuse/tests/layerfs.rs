@@ -117,6 +117,12 @@ fn views_come_and_go_while_mounted() {
     let layers: Vec<Digest> = fixtures.iter().map(|(_, d)| t.ingest(d)).collect();
     let mnt = t.mkdir("mnt");
     let m = mount_layers(&t.store, &Layers::Views, &mnt, &opts()).expect("mount views");
+    // Tasks read small inputs through views: opens cost no request there.
+    assert!(
+        matches!(m.read_path(), ReadPath::Served(_)),
+        "{:?}",
+        m.read_path()
+    );
     assert_eq!(fs::read_dir(&mnt).expect("list").count(), 0, "starts empty");
     // A name that is not served yet: the miss must not be cached.
     assert!(!mnt.join("v1").exists());
@@ -561,8 +567,15 @@ fn helper_process() {
                 !m.privileged(),
                 "an ordinary user mounts through fusermount3"
             );
+            // No CAP_SYS_ADMIN: the probe is refused, reads are served.
+            let path = m.read_path();
+            assert!(
+                matches!(&path, ReadPath::Served(why) if why.contains("CAP_SYS_ADMIN")),
+                "{path:?}"
+            );
             let content = fs::read(mnt.join("hello.txt")).expect("read through the user's mount");
             assert_eq!(content, b"hello\n");
+            assert!(m.read_requests() > 0, "served reads are requests");
             say(&format!("allow_other={}", m.allow_other()));
             m.unmount().expect("unmount as a user");
             say("ok");
