@@ -9,7 +9,9 @@
 # Builds `ci` in release mode, generates one layer holding a deterministic tree
 # (bench/gen-tree.py, 20,000 files) and one big file (1 GiB), adds it to a fresh store,
 # checks it out, and serves it four ways:
-#   layerfs       `ci mount --background LAYER` (the store itself, nothing copied)
+#   layerfs       `ci mount --background LAYER` (the store itself, nothing copied; FUSE
+#                 passthrough where the kernel has it: the kernel reads the blob files)
+#   layerfs-served  the same with CI_FUSE_PASSTHROUGH=0: every read served by LayerFs
 #   kernel-ovl    kernel overlayfs, lower = the checkout, empty upper (what a task sees)
 #   fuse-ovl      fuse-overlayfs, lower = the checkout, empty upper
 #   checkout      the checkout itself (the local-disk reference)
@@ -87,13 +89,14 @@ log "layer $LAYER; checking it out"
 rm -rf "$WORK/src"
 sync
 
-SETUPS=(layerfs kernel-ovl fuse-ovl checkout)
+SETUPS=(layerfs layerfs-served kernel-ovl fuse-ovl checkout)
 mount_setup() {
     local s=$1 m=$WORK/mnt-$1
     rm -rf "$WORK/upper-$s" "$WORK/work-$s"
     mkdir -p "$m" "$WORK/upper-$s" "$WORK/work-$s"
     case $s in
         layerfs) "$CI_BIN" mount --background "$LAYER" "$m" 2>/dev/null ;;
+        layerfs-served) CI_FUSE_PASSTHROUGH=0 "$CI_BIN" mount --background "$LAYER" "$m" 2>/dev/null ;;
         kernel-ovl) mount -t overlay overlay -o "lowerdir=$WORK/checkout,upperdir=$WORK/upper-$s,workdir=$WORK/work-$s,redirect_dir=off" "$m" ;;
         fuse-ovl) fuse-overlayfs -o "lowerdir=$WORK/checkout,upperdir=$WORK/upper-$s,workdir=$WORK/work-$s" "$m" ;;
         checkout) ;;
@@ -103,7 +106,7 @@ dir_of() { if [[ $1 == checkout ]]; then echo "$WORK/checkout"; else echo "$WORK
 unmount_setup() {
     local m=$WORK/mnt-$1
     case $1 in
-        layerfs) "$CI_BIN" umount "$m" ;;
+        layerfs | layerfs-served) "$CI_BIN" umount "$m" ;;
         kernel-ovl | fuse-ovl) umount "$m" ;;
         checkout) ;;
     esac

@@ -137,6 +137,9 @@ fn mount(args: MountArgs, ctx: &Ctx) -> anyhow::Result<Outcome> {
             &serde_json::json!({"mounted": dir, "what": what, "pid": std::process::id()}),
         )?;
     } else {
+        if ctx.verbose {
+            eprintln!("File reads: {}", handle.read_path());
+        }
         eprintln!(
             "Mounted {what} at `{}`; Ctrl-C or `ci umount {}` unmounts it",
             dir.display(),

@@ -16,19 +16,26 @@
 //! file handle either), from a few blob files kept open. The mount is read-only, so the
 //! kernel refuses writing opens itself. A task reading three small inputs
 //! makes 8 requests instead of 14.
+//!
+//! A mount made with [`ReadPath::Passthrough`] (`ci mount`) answers opens
+//! instead, with FUSE passthrough (Linux 6.9+, CAP_SYS_ADMIN): the open
+//! reply names the blob file (a backing id, one per inode while it is
+//! open), and the kernel reads it itself, with no request and no copy per
+//! read. Where the kernel or the process cannot, the mount falls back to
+//! the zero-message opens and reads above ([`ReadPath::Served`]).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::num::NonZeroU32;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use fuse3::raw::prelude::*;
-use fuse3::{Errno, FileType, Timestamp};
-use futures_util::stream::{self, Stream};
+use fuser::{
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+};
 use strata_store::{Blob, Digest, Entry, Name, RelPath, Store, Target, Tree, FIXED_MTIME};
 
 use crate::trace::{AccessTrace, TracedPath};
@@ -37,10 +44,13 @@ use crate::{Error, Result};
 /// How long the kernel may trust what we reply: layers never change.
 const TTL: Duration = Duration::from_secs(u32::MAX as u64);
 
-/// `fuse_open_out.open_flags`: keep the page cache across opens.
-const FOPEN_KEEP_CACHE: u32 = 1 << 1;
-/// `fuse_open_out.open_flags`: the kernel may cache readdir results.
-const FOPEN_CACHE_DIR: u32 = 1 << 3;
+/// The handle of a passthrough open (others get 0): its release drops a
+/// use of the inode's backing id.
+const PASSTHROUGH_FH: u64 = 1;
+
+/// Set to `0` to serve every read through LayerFs, as where the kernel
+/// cannot pass reads through (documented in docs/BENCHMARKS.md, "FUSE").
+pub const PASSTHROUGH_ENV: &str = "CI_FUSE_PASSTHROUGH";
 
 /// Trees kept in memory at most, counted in entries (about 100 bytes each).
 const TREE_CACHE_ENTRIES: usize = 2_000_000;
@@ -110,6 +120,101 @@ pub(crate) struct Inner {
     trace: Option<Mutex<HashMap<u64, u8>>>,
     /// The last error met while serving, for diagnostics (replies say EIO).
     last_error: Mutex<Option<String>>,
+    pub(crate) passthrough: Passthrough,
+    /// Read requests served (none for a file the kernel reads itself).
+    reads: AtomicU64,
+}
+
+/// How a mount's file reads are done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadPath {
+    /// The kernel reads the blob files itself (FUSE passthrough).
+    Passthrough,
+    /// Every read is a request LayerFs answers, for the reason given.
+    Served(String),
+}
+
+impl std::fmt::Display for ReadPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadPath::Passthrough => {
+                write!(f, "the kernel reads blob files itself (FUSE passthrough)")
+            }
+            ReadPath::Served(why) => write!(f, "LayerFs serves every read ({why})"),
+        }
+    }
+}
+
+/// The passthrough state of a mount.
+pub(crate) struct Passthrough {
+    /// Asked for by the mount (and not turned off by [`PASSTHROUGH_ENV`]).
+    wanted: bool,
+    /// Granted at INIT and not refused by the probe: opens are answered
+    /// for the whole mount (never ENOSYS, which would end them).
+    granted: AtomicBool,
+    /// Granted and not refused since: newly opened inodes get a backing id.
+    on: AtomicBool,
+    /// Why reads are served, once `on` is false.
+    why_not: Mutex<String>,
+    /// The backing id of each inode open for passthrough, with its opens.
+    /// The kernel wants one id per inode for all its open files.
+    backing: Mutex<HashMap<u64, (BackingId, u64)>>,
+}
+
+impl Passthrough {
+    fn new(why_not: Option<String>) -> Passthrough {
+        Passthrough {
+            wanted: why_not.is_none(),
+            granted: AtomicBool::new(false),
+            on: AtomicBool::new(false),
+            why_not: Mutex::new(why_not.unwrap_or_default()),
+            backing: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn grant(&self) {
+        self.granted.store(true, Ordering::Release);
+        self.on.store(true, Ordering::Release);
+    }
+
+    fn is_granted(&self) -> bool {
+        self.granted.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_on(&self) -> bool {
+        self.on.load(Ordering::Acquire)
+    }
+
+    /// No passthrough for this mount at all: before the first open, so
+    /// opens can still be made to cost no request.
+    pub(crate) fn refuse_before_opens(&self, why: String) {
+        self.refuse(why);
+        self.granted.store(false, Ordering::Release);
+    }
+
+    /// No passthrough for files opened from now on (those open keep theirs).
+    fn refuse(&self, why: String) {
+        *self.why_not.lock().unwrap_or_else(|p| p.into_inner()) = why;
+        self.on.store(false, Ordering::Release);
+    }
+
+    pub(crate) fn read_path(&self) -> ReadPath {
+        if self.is_on() {
+            ReadPath::Passthrough
+        } else {
+            ReadPath::Served(
+                self.why_not
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            )
+        }
+    }
+
+    /// Backing ids held (one per inode open for passthrough).
+    pub(crate) fn backing_ids(&self) -> usize {
+        self.backing.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
 }
 
 struct View {
@@ -190,14 +295,22 @@ impl TreeCache {
 }
 
 fn errno(e: i32) -> Errno {
-    Errno::from(e)
+    Errno::from_i32(e)
 }
 
 impl LayerFs {
     /// A filesystem serving `layers` from `store`, recording accesses when
-    /// `trace` is set. Fails when a layer's root tree is not in the store or
-    /// a name of [`Layers::Named`] is invalid or repeated.
-    pub fn new(store: Store, layers: &Layers, trace: bool) -> Result<LayerFs> {
+    /// `trace` is set, asking the kernel for passthrough reads when
+    /// `passthrough` is set. Fails when a layer's root tree is not in the
+    /// store or a name of [`Layers::Named`] is invalid or repeated.
+    pub fn new(store: Store, layers: &Layers, trace: bool, passthrough: bool) -> Result<LayerFs> {
+        let why_not = if !passthrough {
+            Some("this mount opens files without asking LayerFs".to_owned())
+        } else if std::env::var_os(PASSTHROUGH_ENV).is_some_and(|v| v == "0") {
+            Some(format!("{PASSTHROUGH_ENV}=0"))
+        } else {
+            None
+        };
         let mut synthetic = HashMap::new();
         let root = root_kind(&store, layers, &mut synthetic)?;
         let shared_files = matches!(root, NodeKind::Views).then(|| Mutex::new(HashMap::new()));
@@ -219,6 +332,8 @@ impl LayerFs {
                 next_fh: AtomicU64::new(1),
                 trace: trace.then(|| Mutex::new(HashMap::new())),
                 last_error: Mutex::new(None),
+                passthrough: Passthrough::new(why_not),
+                reads: AtomicU64::new(0),
             }),
         })
     }
@@ -555,14 +670,15 @@ impl Inner {
             }
             NodeKind::Views => (FileType::Directory, 0o755, 4096, 2),
         };
-        let t = Timestamp::new(FIXED_MTIME, 0);
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(FIXED_MTIME.max(0) as u64);
         Ok(FileAttr {
-            ino,
+            ino: INodeNo(ino),
             size,
             blocks: size.div_ceil(512),
             atime: t,
             mtime: t,
             ctime: t,
+            crtime: t,
             kind,
             perm,
             nlink,
@@ -570,6 +686,7 @@ impl Inner {
             gid: 0,
             rdev: 0,
             blksize: BLKSIZE,
+            flags: 0,
         })
     }
 
@@ -619,6 +736,11 @@ impl Inner {
                 })
                 .collect(),
         ))
+    }
+
+    /// Read requests served so far.
+    pub(crate) fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
     }
 
     pub(crate) fn last_error(&self) -> Option<String> {
@@ -712,7 +834,7 @@ struct Listed {
     ino: u64,
     kind: FileType,
     name: OsString,
-    offset: i64,
+    offset: u64,
     node: Arc<Node>,
 }
 
@@ -724,7 +846,7 @@ impl DirIter {
             return None;
         }
         self.pos += 1;
-        let offset = (pos + 1) as i64;
+        let offset = pos + 1;
         let res = match pos {
             0 => Ok(Listed {
                 ino: self.ino,
@@ -759,47 +881,8 @@ impl DirIter {
     }
 }
 
-struct Plain(DirIter);
-
-impl Iterator for Plain {
-    type Item = fuse3::Result<DirectoryEntry>;
-    fn next(&mut self) -> Option<Self::Item> {
-        self.0.next_entry().map(|r| {
-            r.map(|l| DirectoryEntry {
-                inode: l.ino,
-                kind: l.kind,
-                name: l.name,
-                offset: l.offset,
-            })
-        })
-    }
-}
-
-struct Plus(DirIter);
-
-impl Iterator for Plus {
-    type Item = fuse3::Result<DirectoryEntryPlus>;
-    fn next(&mut self) -> Option<Self::Item> {
-        self.0.next_entry().map(|r| {
-            r.and_then(|l| {
-                let attr = self.0.fs.attr(l.ino, &l.node)?;
-                Ok(DirectoryEntryPlus {
-                    inode: l.ino,
-                    generation: 0,
-                    kind: l.kind,
-                    name: l.name,
-                    offset: l.offset,
-                    attr,
-                    entry_ttl: TTL,
-                    attr_ttl: TTL,
-                })
-            })
-        })
-    }
-}
-
 impl LayerFs {
-    fn dir_iter(&self, ino: u64, fh: u64, offset: u64) -> fuse3::Result<DirIter> {
+    fn dir_iter(&self, ino: u64, fh: u64, offset: u64) -> std::result::Result<DirIter, Errno> {
         let fs = &self.inner;
         let node = fs.node(ino)?;
         let held = fs
@@ -821,18 +904,8 @@ impl LayerFs {
             pos: offset,
         })
     }
-}
 
-impl Filesystem for LayerFs {
-    async fn init(&self, _req: Request) -> fuse3::Result<ReplyInit> {
-        Ok(ReplyInit::new(
-            NonZeroU32::new(1 << 20).unwrap_or(NonZeroU32::MIN),
-        ))
-    }
-
-    async fn destroy(&self, _req: Request) {}
-
-    async fn lookup(&self, _req: Request, parent: u64, name: &OsStr) -> fuse3::Result<ReplyEntry> {
+    fn lookup_entry(&self, parent: u64, name: &OsStr) -> std::result::Result<FileAttr, Errno> {
         let fs = &self.inner;
         let pnode = fs.node(parent)?;
         if let NodeKind::Views = pnode.kind {
@@ -847,11 +920,7 @@ impl Filesystem for LayerFs {
                 .ok_or_else(|| errno(libc::ENOENT))?;
             let node = fs.node(ino)?;
             fs.note(ino, LOOKED_UP);
-            return Ok(ReplyEntry {
-                ttl: TTL,
-                attr: fs.attr(ino, &node)?,
-                generation: 0,
-            });
+            return fs.attr(ino, &node);
         }
         let tree = fs.dir_tree(&pnode)?;
         match tree
@@ -862,226 +931,387 @@ impl Filesystem for LayerFs {
                 let ino = fs.child(parent, &pnode, &tree, idx);
                 let node = fs.node(ino)?;
                 fs.note(ino, LOOKED_UP);
-                Ok(ReplyEntry {
-                    ttl: TTL,
-                    attr: fs.attr(ino, &node)?,
-                    generation: 0,
-                })
+                fs.attr(ino, &node)
             }
             // A reply with inode 0 is a negative entry the kernel caches
             // too: compilers probing include paths ask again and again.
             Err(_) => {
                 let mut attr = fs.attr(parent, &pnode)?;
-                attr.ino = 0;
-                Ok(ReplyEntry {
-                    ttl: TTL,
-                    attr,
-                    generation: 0,
-                })
+                attr.ino = INodeNo(0);
+                Ok(attr)
             }
         }
     }
 
-    async fn getattr(
-        &self,
-        _req: Request,
-        inode: u64,
-        _fh: Option<u64>,
-        _flags: u32,
-    ) -> fuse3::Result<ReplyAttr> {
-        let node = self.inner.node(inode)?;
-        Ok(ReplyAttr {
-            ttl: TTL,
-            attr: self.inner.attr(inode, &node)?,
-        })
-    }
-
-    async fn setattr(
-        &self,
-        _req: Request,
-        _inode: u64,
-        _fh: Option<u64>,
-        _set_attr: SetAttr,
-    ) -> fuse3::Result<ReplyAttr> {
-        Err(errno(libc::EROFS))
-    }
-
-    async fn readlink(&self, _req: Request, inode: u64) -> fuse3::Result<ReplyData> {
-        let node = self.inner.node(inode)?;
-        match &node.kind {
-            NodeKind::Symlink { target } => {
-                self.inner.note(inode, READ);
-                Ok(ReplyData {
-                    data: Bytes::copy_from_slice(target.as_bytes()),
-                })
-            }
-            _ => Err(errno(libc::EINVAL)),
-        }
-    }
-
-    async fn open(&self, _req: Request, inode: u64, flags: u32) -> fuse3::Result<ReplyOpen> {
+    /// Answers an open of the file `ino` on a traced or passthrough mount.
+    fn open_file(&self, ino: u64, reply: ReplyOpen) {
         let fs = &self.inner;
-        let node = fs.node(inode)?;
-        let NodeKind::File { .. } = &node.kind else {
-            return Err(errno(libc::EISDIR));
+        fs.note(ino, READ);
+        let reply = match self.open_backing(ino, reply) {
+            Ok(()) => return,
+            Err((reply, None)) => reply,
+            Err((reply, Some(e))) => {
+                // Whatever the cause (no CAP_SYS_ADMIN, blobs on a stacked
+                // filesystem), it holds for the store's other blobs too.
+                fs.passthrough
+                    .refuse(format!("the kernel refused a blob as backing file: {e}"));
+                reply
+            }
         };
-        if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
-            return Err(errno(libc::EROFS));
-        }
-        if fs.trace.is_none() {
-            // From now on the kernel opens files without asking (see the
-            // module's doc); only a traced mount needs to see opens.
-            return Err(errno(libc::ENOSYS));
-        }
-        fs.note(inode, READ);
         // No handle: reads are served by inode, as without opens.
-        Ok(ReplyOpen {
-            fh: 0,
-            flags: FOPEN_KEEP_CACHE,
-        })
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
     }
 
-    async fn read(
+    /// Answers with the blob file of `ino` as the backing file: the same
+    /// backing id as its other opens, or one registered now (the blob's
+    /// descriptor is closed at once; the kernel holds the file). Gives the
+    /// reply back when the file is to be read through LayerFs, with the
+    /// kernel's error when it refused the blob.
+    fn open_backing(
         &self,
-        _req: Request,
-        inode: u64,
-        _fh: u64,
-        offset: u64,
-        size: u32,
-    ) -> fuse3::Result<ReplyData> {
+        ino: u64,
+        reply: ReplyOpen,
+    ) -> std::result::Result<(), (ReplyOpen, Option<std::io::Error>)> {
         let fs = &self.inner;
-        let blob = fs.blob_of(inode)?;
-        let len = (size as u64).min(blob.size().saturating_sub(offset)) as usize;
-        if len == 0 {
-            return Ok(ReplyData { data: Bytes::new() });
+        let mut backing = fs
+            .passthrough
+            .backing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // An inode open for passthrough stays so: the kernel refuses a
+        // cached open of it meanwhile (ETXTBSY).
+        if let Some((id, uses)) = backing.get_mut(&ino) {
+            *uses += 1;
+            reply.opened_passthrough(FileHandle(PASSTHROUGH_FH), FopenFlags::empty(), id);
+            return Ok(());
         }
-        let data = if len <= INLINE_READ {
-            read_up_to(&*blob, len, offset).map_err(|e| fs.fail("read a blob", e))?
-        } else {
-            tokio::task::spawn_blocking(move || read_up_to(&*blob, len, offset))
-                .await
-                .map_err(|e| fs.fail("read a blob", e))?
-                .map_err(|e| fs.fail("read a blob", e))?
+        if !fs.passthrough.is_on() {
+            return Err((reply, None));
+        }
+        let blob = match fs.node(ino).map(|n| match &n.kind {
+            NodeKind::File { digest, .. } => fs.store.blob(digest).ok(),
+            _ => None,
+        }) {
+            Ok(Some(blob)) => blob,
+            // Reads will say what is wrong.
+            _ => return Err((reply, None)),
         };
-        Ok(ReplyData { data: data.into() })
+        // A blob kept in memory has no file to hand over.
+        let Some(file) = blob.file() else {
+            return Err((reply, None));
+        };
+        match reply.open_backing(file) {
+            Ok(id) => {
+                reply.opened_passthrough(FileHandle(PASSTHROUGH_FH), FopenFlags::empty(), &id);
+                backing.insert(ino, (id, 1));
+                Ok(())
+            }
+            Err(e) => Err((reply, Some(e))),
+        }
     }
+}
 
-    async fn release(
-        &self,
-        _req: Request,
-        _inode: u64,
-        _fh: u64,
-        _flags: u32,
-        _lock_owner: u64,
-        _flush: bool,
-    ) -> fuse3::Result<()> {
-        // Opens hold nothing (reads are served by inode).
+impl Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let offered = config.capabilities();
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_NO_OPEN_SUPPORT
+            | InitFlags::FUSE_NO_OPENDIR_SUPPORT;
+        let _ = config.add_capabilities(wanted & offered);
+        let pt = &self.inner.passthrough;
+        if pt.wanted {
+            if !offered.contains(InitFlags::FUSE_PASSTHROUGH) {
+                pt.refuse_before_opens(
+                    "the kernel offers no FUSE passthrough (Linux 6.9+)".to_owned(),
+                );
+            } else if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                // Blob files on a plain filesystem; the mount itself may
+                // still be the lower layer of an overlay.
+                && config.set_max_stack_depth(1).is_ok()
+            {
+                pt.grant();
+            }
+        }
         Ok(())
     }
 
-    async fn flush(
-        &self,
-        _req: Request,
-        _inode: u64,
-        _fh: u64,
-        _lock_owner: u64,
-    ) -> fuse3::Result<()> {
-        // Nothing to flush on a read-only filesystem; ENOSYS tells the kernel
-        // to stop sending flush on every close.
-        Err(errno(libc::ENOSYS))
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.lookup_entry(parent.0, name) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
     }
 
-    async fn statfs(&self, _req: Request, _inode: u64) -> fuse3::Result<ReplyStatFs> {
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self
+            .inner
+            .node(ino.0)
+            .and_then(|n| self.inner.attr(ino.0, &n))
+        {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(errno(libc::EROFS))
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.inner.node(ino.0) {
+            Ok(node) => match &node.kind {
+                NodeKind::Symlink { target } => {
+                    self.inner.note(ino.0, READ);
+                    reply.data(target.as_bytes())
+                }
+                _ => reply.error(errno(libc::EINVAL)),
+            },
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let fs = &self.inner;
+        let node = match fs.node(ino.0) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let NodeKind::File { .. } = &node.kind else {
+            return reply.error(errno(libc::EISDIR));
+        };
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(errno(libc::EROFS));
+        }
+        if fs.trace.is_none() && !fs.passthrough.is_granted() {
+            // From now on the kernel opens files without asking (see the
+            // module's doc); only a traced or passthrough mount sees opens.
+            return reply.error(errno(libc::ENOSYS));
+        }
+        self.open_file(ino.0, reply)
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let fs = &self.inner;
+        fs.reads.fetch_add(1, Ordering::Relaxed);
+        let blob = match fs.blob_of(ino.0) {
+            Ok(b) => b,
+            Err(e) => return reply.error(e),
+        };
+        let len = (size as u64).min(blob.size().saturating_sub(offset)) as usize;
+        if len == 0 {
+            return reply.data(&[]);
+        }
+        let answer = move |fs: &Inner, blob: &dyn Blob, reply: ReplyData| match read_up_to(
+            blob, len, offset,
+        ) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(fs.fail("read a blob", e)),
+        };
+        match crate::mount::runtime() {
+            // Large reads leave the session's thread free for other requests.
+            Ok(rt) if len > INLINE_READ => {
+                let fs = fs.clone();
+                rt.spawn_blocking(move || answer(&fs, &*blob, reply));
+            }
+            _ => answer(fs, &*blob, reply),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if fh.0 == PASSTHROUGH_FH {
+            let mut backing = self
+                .inner
+                .passthrough
+                .backing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some((_, uses)) = backing.get_mut(&ino.0) {
+                *uses -= 1;
+                if *uses == 0 {
+                    // Dropping the id closes it: the kernel lets go of the
+                    // blob file once no open file uses it.
+                    backing.remove(&ino.0);
+                }
+            }
+        }
+        reply.ok()
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Nothing to flush on a read-only filesystem; ENOSYS tells the kernel
+        // to stop sending flush on every close.
+        reply.error(errno(libc::ENOSYS))
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let files = self
             .inner
             .nodes
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .len() as u64;
-        Ok(ReplyStatFs {
-            blocks: 0,
-            bfree: 0,
-            bavail: 0,
+        reply.statfs(
+            0,
+            0,
+            0,
             files,
-            ffree: 0,
-            bsize: BLKSIZE,
-            namelen: strata_store::NAME_MAX as u32,
-            frsize: BLKSIZE,
-        })
+            0,
+            BLKSIZE,
+            strata_store::NAME_MAX as u32,
+            BLKSIZE,
+        )
     }
 
-    async fn opendir(&self, _req: Request, inode: u64, _flags: u32) -> fuse3::Result<ReplyOpen> {
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let fs = &self.inner;
-        let node = fs.node(inode)?;
-        let listing = fs.listing(&node)?;
+        let listing = match fs.node(ino.0).and_then(|n| Ok((fs.listing(&n)?, n))) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
+        };
+        let (listing, node) = listing;
         // The views root changes: its listing must not be cached.
         let flags = match node.kind {
-            NodeKind::Views => 0,
-            _ => FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR,
+            NodeKind::Views => FopenFlags::empty(),
+            _ => FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
         };
         let fh = fs.next_fh.fetch_add(1, Ordering::Relaxed);
         fs.dirs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(fh, listing);
-        fs.note(inode, LISTED);
-        Ok(ReplyOpen { fh, flags })
+        fs.note(ino.0, LISTED);
+        reply.opened(FileHandle(fh), flags)
     }
 
-    async fn readdir<'a>(
-        &'a self,
-        _req: Request,
-        parent: u64,
-        fh: u64,
-        offset: i64,
-    ) -> fuse3::Result<ReplyDirectory<impl Stream<Item = fuse3::Result<DirectoryEntry>> + Send + 'a>>
-    {
-        let it = self.dir_iter(parent, fh, offset.max(0) as u64)?;
-        Ok(ReplyDirectory {
-            entries: stream::iter(Plain(it)),
-        })
-    }
-
-    async fn readdirplus<'a>(
-        &'a self,
-        _req: Request,
-        parent: u64,
-        fh: u64,
-        offset: u64,
-        _lock_owner: u64,
-    ) -> fuse3::Result<
-        ReplyDirectoryPlus<impl Stream<Item = fuse3::Result<DirectoryEntryPlus>> + Send + 'a>,
-    > {
-        let it = self.dir_iter(parent, fh, offset)?;
-        Ok(ReplyDirectoryPlus {
-            entries: stream::iter(Plus(it)),
-        })
-    }
-
-    async fn releasedir(
+    fn readdir(
         &self,
-        _req: Request,
-        _inode: u64,
-        fh: u64,
-        _flags: u32,
-    ) -> fuse3::Result<()> {
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let mut it = match self.dir_iter(ino.0, fh.0, offset) {
+            Ok(it) => it,
+            Err(e) => return reply.error(e),
+        };
+        while let Some(entry) = it.next_entry() {
+            match entry {
+                // Full: the kernel asks again from this entry's offset.
+                Ok(l) => {
+                    if reply.add(INodeNo(l.ino), l.offset, l.kind, &l.name) {
+                        break;
+                    }
+                }
+                Err(e) => return reply.error(e),
+            }
+        }
+        reply.ok()
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let mut it = match self.dir_iter(ino.0, fh.0, offset) {
+            Ok(it) => it,
+            Err(e) => return reply.error(e),
+        };
+        while let Some(entry) = it.next_entry() {
+            let attr = entry.and_then(|l| Ok((self.inner.attr(l.ino, &l.node)?, l)));
+            match attr {
+                Ok((attr, l)) => {
+                    if reply.add(
+                        INodeNo(l.ino),
+                        l.offset,
+                        &l.name,
+                        &TTL,
+                        &attr,
+                        Generation(0),
+                    ) {
+                        break;
+                    }
+                }
+                Err(e) => return reply.error(e),
+            }
+        }
+        reply.ok()
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.inner
             .dirs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh);
-        Ok(())
+            .remove(&fh.0);
+        reply.ok()
     }
 
-    async fn access(&self, _req: Request, inode: u64, mask: u32) -> fuse3::Result<()> {
-        self.inner.node(inode)?;
-        if mask as i32 & libc::W_OK != 0 {
-            return Err(errno(libc::EROFS));
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if let Err(e) = self.inner.node(ino.0) {
+            return reply.error(e);
         }
-        Ok(())
-    }
-
-    async fn interrupt(&self, _req: Request, _unique: u64) -> fuse3::Result<()> {
-        Ok(())
+        if mask.contains(AccessFlags::W_OK) {
+            return reply.error(errno(libc::EROFS));
+        }
+        reply.ok()
     }
 }

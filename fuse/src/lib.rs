@@ -28,7 +28,7 @@ mod workdir;
 
 pub use control::{detach_stdio, unmount_path, Unmounted};
 pub use error::{Error, Result};
-pub use layerfs::{LayerFs, Layers};
+pub use layerfs::{LayerFs, Layers, ReadPath, PASSTHROUGH_ENV};
 pub use mount::{mount_layers, AllowOther, MountHandle, MountOptions, Stop};
 pub use state::{cleanup_stale, live_mounts, state_dir, Cleaned, LiveMount};
 pub use trace::{AccessTrace, TracedPath};

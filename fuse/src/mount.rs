@@ -1,11 +1,12 @@
 //! Mounting a [`LayerFs`] and owning the mount: [`mount_layers`] and
 //! [`MountHandle`].
 //!
-//! Every mount of the process is served by one private tokio runtime on its
-//! own thread ([`runtime`]). Keeping it apart from the caller's runtime
-//! matters: a caller that does blocking file I/O on its own runtime's threads
-//! against its own mount could otherwise starve the very threads that answer
-//! the kernel.
+//! Each mount is served by a thread of its own reading `/dev/fuse`
+//! (`fuser`'s session loop); large reads go to the blocking threads of one
+//! private tokio runtime ([`runtime`]), which also waits for signals. Keeping
+//! them apart from the caller's runtime matters: a caller that does blocking
+//! file I/O on its own runtime's threads against its own mount could
+//! otherwise starve the very threads that answer the kernel.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use strata_store::Store;
 
-use crate::layerfs::{Inner, LayerFs, Layers};
+use crate::layerfs::{Inner, LayerFs, Layers, ReadPath};
 use crate::state::{self, RecordGuard};
 use crate::trace::AccessTrace;
 use crate::{sys, Error, Result};
@@ -41,7 +42,8 @@ pub struct MountOptions {
     pub trace: bool,
     /// This process unmounts and exits on SIGTERM (it calls
     /// [`MountHandle::wait`]), so [`crate::unmount_path`] may stop it that way
-    /// rather than pulling the mount from under it.
+    /// rather than pulling the mount from under it. SIGINT and SIGTERM are
+    /// caught from the mount on, so one sent before `wait` is not lost.
     pub stop_on_sigterm: bool,
 }
 
@@ -104,11 +106,9 @@ const READ_AHEAD_KIB: u32 = 1024;
 static RUNTIME: OnceLock<tokio::runtime::Handle> = OnceLock::new();
 static RUNTIME_INIT: Mutex<()> = Mutex::new(());
 
-/// The runtime serving every mount of this process: one thread
-/// (`strata-fuse`) driving a current-thread runtime. fuse3 spawns a task per
-/// request; on a multi-threaded runtime each spawn woke another worker,
-/// and those wake-ups cost more than the requests themselves (lookups and
-/// small reads take microseconds). Large reads go to its blocking threads.
+/// The runtime helping every mount of this process: one thread
+/// (`strata-fuse`) driving a current-thread runtime, for signals, and its
+/// blocking threads for large reads.
 pub(crate) fn runtime() -> Result<&'static tokio::runtime::Handle> {
     if let Some(rt) = RUNTIME.get() {
         return Ok(rt);
@@ -138,11 +138,13 @@ pub struct MountHandle {
     ended: Arc<Ended>,
     privileged: bool,
     allow_other: bool,
-    /// The FUSE connection's id in fusectl, to abort a busy mount.
+    /// The FUSE connection's id in fusectl, to abort a busy mount (which
+    /// also ends the session: its reads of `/dev/fuse` fail).
     conn: Option<u32>,
-    /// Ends the session without the kernel's help (after a lazy detach).
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
     record: Option<RecordGuard>,
+    /// SIGINT and SIGTERM listeners of a `stop_on_sigterm` mount, made when
+    /// it is mounted, so a signal before [`MountHandle::wait`] is not lost.
+    signals: Mutex<Option<Signals>>,
     done: bool,
 }
 
@@ -160,7 +162,9 @@ impl std::fmt::Debug for MountHandle {
 /// and returns once the mount is ready.
 ///
 /// As root the mount is made directly; an ordinary user goes through
-/// `fusermount3`. The mount is recorded in the state directory so that, if
+/// `fusermount3`. File reads use FUSE passthrough where the kernel and the
+/// process allow it ([`MountHandle::read_path`]), except for
+/// [`Layers::Views`], whose opens cost no request at all instead. The mount is recorded in the state directory so that, if
 /// this process dies, the next [`crate::cleanup_stale`] unmounts it.
 ///
 /// Errors: [`Error::StaleMount`] when `mountpoint` is a dead mount (the
@@ -180,7 +184,10 @@ pub fn mount_layers(
         Layers::Named(v) => format!("{} layers", v.len()),
         Layers::Views => "views of layers".to_owned(),
     };
-    mount_inner(store, layers, mountpoint, opts, Some(&what))
+    // The views mount is read by tasks through many small inputs: an open
+    // request each would cost more than the reads it saves.
+    let passthrough = !matches!(layers, Layers::Views);
+    mount_inner(store, layers, mountpoint, opts, Some(&what), passthrough)
 }
 
 pub(crate) fn mount_inner(
@@ -189,19 +196,16 @@ pub(crate) fn mount_inner(
     mountpoint: &Path,
     opts: &MountOptions,
     record: Option<&str>,
+    passthrough: bool,
 ) -> Result<MountHandle> {
     let mountpoint = check_mountpoint(mountpoint)?;
     if let Some(reason) = sys::fuse_problem() {
         return Err(Error::FuseUnavailable { reason });
     }
-    let fs = LayerFs::new(store.clone(), layers, opts.trace)?;
+    let fs = LayerFs::new(store.clone(), layers, opts.trace, passthrough)?;
     let inner = fs.inner();
     let root = sys::is_root();
-    // Root mounts through fusermount3 too when it is installed: fuse3 then
-    // reads /dev/fuse non-blocking on the mount's runtime thread, where a
-    // direct mount reads it on a blocking thread, a thread switch each way
-    // per request (a third of the requests' cost for short tasks).
-    let privileged = root && sys::find_program("fusermount3").is_none();
+    let privileged = root;
     let allow_other = match opts.allow_other {
         AllowOther::No => false,
         AllowOther::IfPermitted => root || sys::user_allow_other(),
@@ -217,55 +221,31 @@ pub(crate) fn mount_inner(
         )?),
         None => None,
     };
-
-    let mut mo = fuse3::MountOptions::default();
-    mo.fs_name("strata")
-        .read_only(true)
-        .default_permissions(true)
-        .allow_other(allow_other)
-        .custom_options("subtype=strata");
-    let rt = runtime()?;
-    let (tx, rx) = std::sync::mpsc::channel();
+    let signals = match opts.stop_on_sigterm {
+        true => Some(listen()?),
+        false => None,
+    };
+    let session =
+        start_session(fs, &mountpoint, privileged, allow_other).map_err(|source| Error::Mount {
+            path: mountpoint.clone(),
+            source,
+        })?;
+    if inner.passthrough.is_on() {
+        probe_passthrough(&session, &inner);
+    }
     let ended = Arc::new(Ended::default());
     let ended2 = ended.clone();
-    let path = mountpoint.clone();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    rt.spawn(async move {
-        let session = fuse3::raw::Session::new(mo);
-        let mounted = if privileged {
-            session.mount(fs, &path).await
-        } else {
-            session.mount_with_unprivileged(fs, &path).await
-        };
-        match mounted {
-            Ok(mut handle) => {
-                let _ = tx.send(Ok(()));
-                tokio::select! {
-                    // The kernel ended the session: unmounted, by us or
-                    // from outside.
-                    _ = &mut handle => {}
-                    // We detached a busy mount: end the session ourselves.
-                    // (fuse3 then tries its own unmount of the path, which
-                    // fails harmlessly: it is already detached.)
-                    Ok(()) = stop_rx => {
-                        let _ = handle.unmount().await;
-                    }
-                }
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e));
-            }
-        }
-        ended2.set();
-    });
-    let mounted = rx
-        .recv()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the FUSE runtime stopped")));
-    if let Err(source) = mounted {
-        return Err(Error::Mount {
-            path: mountpoint,
-            source,
+    let served = std::thread::Builder::new()
+        .name("strata-fuse-session".into())
+        .spawn(move || {
+            // Returns when the kernel ends the connection: unmounted (by us
+            // or from outside) or aborted.
+            let _ = session.run();
+            ended2.set();
         });
+    if let Err(source) = served {
+        let _ = sys::unmount_any(&mountpoint, true);
+        return Err(Error::Runtime { source });
     }
     let entry = sys::mount_at(&mountpoint).ok().flatten();
     if let Some(m) = &entry {
@@ -281,10 +261,95 @@ pub(crate) fn mount_inner(
         privileged,
         allow_other,
         conn,
-        stop: Some(stop_tx),
         record: guard,
+        signals: Mutex::new(signals),
         done: false,
     })
+}
+
+/// Mounts the FUSE filesystem and answers the kernel's INIT; the session
+/// is then ready to run. Root mounts directly (`fuse.strata` in the mount
+/// table), an ordinary user through `fusermount3`.
+fn start_session(
+    fs: LayerFs,
+    mountpoint: &Path,
+    privileged: bool,
+    allow_other: bool,
+) -> std::io::Result<fuser::Session<LayerFs>> {
+    use fuser::{MountOption, SessionACL};
+    let mut config = fuser::Config::default();
+    // Without allow_other the kernel lets only the owner in anyway.
+    config.acl = if allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    if !privileged {
+        config.mount_options = vec![
+            MountOption::FSName("strata".into()),
+            MountOption::Subtype("strata".into()),
+            MountOption::RO,
+            MountOption::DefaultPermissions,
+        ];
+        return fuser::Session::new(fs, mountpoint, &config);
+    }
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    let data = format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions{}",
+        std::os::fd::AsRawFd::as_raw_fd(&dev),
+        if allow_other { ",allow_other" } else { "" }
+    );
+    sys::mount_fs_flags(
+        "strata",
+        mountpoint,
+        "fuse.strata",
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        &data,
+    )?;
+    let session = fuser::Session::from_fd(fs, dev.into(), config.acl, config);
+    if session.is_err() {
+        let _ = sys::unmount_any(mountpoint, true);
+    }
+    session
+}
+
+/// Registers a backing file once, right after INIT and before any open,
+/// so that a process or kernel that cannot pass reads through (no
+/// CAP_SYS_ADMIN: EPERM) keeps zero-message opens, and says so at once.
+fn probe_passthrough(session: &fuser::Session<LayerFs>, fs: &Inner) {
+    use std::os::fd::AsFd;
+    let probe = match std::fs::File::open("/proc/self/exe") {
+        Ok(f) => f,
+        Err(_) => return,
+    };
+    match fuser::BackingId::create_raw(session.as_fd(), &probe) {
+        Ok(id) => {
+            let _ = sys::fuse_backing_close(session.as_fd(), id);
+        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOTTY)) => {
+            fs.passthrough.refuse_before_opens(format!(
+                "the kernel refused a backing file: {e}; FUSE passthrough needs CAP_SYS_ADMIN"
+            ))
+        }
+        // Something about this one file (the binary on a stacked
+        // filesystem): blobs may still do.
+        Err(_) => {}
+    }
+}
+
+type Signals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
+/// Listeners for SIGINT and SIGTERM on the runtime: from now on those
+/// signals are theirs and no longer end the process.
+fn listen() -> Result<Signals> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let _in_runtime = runtime()?.enter();
+    let int = signal(SignalKind::interrupt()).map_err(|source| Error::Runtime { source })?;
+    let term = signal(SignalKind::terminate()).map_err(|source| Error::Runtime { source })?;
+    Ok((int, term))
 }
 
 /// Checks a mountpoint and returns its absolute path.
@@ -361,6 +426,25 @@ impl MountHandle {
         self.fs.remove_view(name)
     }
 
+    /// How file reads are done: by the kernel from the blob files (FUSE
+    /// passthrough), or served by LayerFs and why. Can change from
+    /// passthrough to served once, when the kernel first refuses a blob.
+    pub fn read_path(&self) -> ReadPath {
+        self.fs.passthrough.read_path()
+    }
+
+    /// Read requests LayerFs has answered (a file read with passthrough
+    /// makes none).
+    pub fn read_requests(&self) -> u64 {
+        self.fs.reads()
+    }
+
+    /// Backing ids held now: one per file open for passthrough, released
+    /// when the kernel releases the last open of it.
+    pub fn backing_ids(&self) -> usize {
+        self.fs.passthrough.backing_ids()
+    }
+
     /// The last error met while serving (replied to the kernel as `EIO`).
     pub fn last_error(&self) -> Option<String> {
         self.fs.last_error()
@@ -375,24 +459,21 @@ impl MountHandle {
     /// outside. From then on those signals no longer end the process: the
     /// caller unmounts and exits.
     pub fn wait(&self) -> Result<Stop> {
-        use tokio::signal::unix::{signal, SignalKind};
         let rt = runtime()?;
+        // A `stop_on_sigterm` mount listens since it was mounted; others
+        // from now.
+        let held = self
+            .signals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let (mut int, mut term) = match held {
+            Some(s) => s,
+            None => listen()?,
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         let ended = self.ended.clone();
-        // Handlers are installed on the runtime before we wait, so a signal
-        // right after this returns is not lost.
-        let (itx, irx) = std::sync::mpsc::channel();
         rt.spawn(async move {
-            let int = signal(SignalKind::interrupt());
-            let term = signal(SignalKind::terminate());
-            let (mut int, mut term) = match (int, term) {
-                (Ok(i), Ok(t)) => (i, t),
-                (Err(e), _) | (_, Err(e)) => {
-                    let _ = itx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = itx.send(Ok(()));
             let stop = tokio::select! {
                 _ = int.recv() => Stop::Interrupt,
                 _ = term.recv() => Stop::Terminate,
@@ -400,9 +481,6 @@ impl MountHandle {
             };
             let _ = tx.send(stop);
         });
-        irx.recv()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the FUSE runtime stopped")))
-            .map_err(|source| Error::Runtime { source })?;
         Ok(rx.recv().unwrap_or(Stop::Unmounted))
     }
 
@@ -454,18 +532,14 @@ impl MountHandle {
         Ok(())
     }
 
-    /// Stops serving, then cuts the connection so that whoever still uses
-    /// the (detached) filesystem gets errors instead of waiting forever. In
-    /// this order: fuse3 spins on reads of an aborted connection while it
-    /// still serves.
+    /// Cuts the connection so that whoever still uses the (detached)
+    /// filesystem gets errors instead of waiting forever; the session's
+    /// next read of `/dev/fuse` fails and it ends.
     fn force_stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.ended.wait(Duration::from_secs(30));
         if let Some(conn) = self.conn {
             sys::abort_fuse_connection(conn);
         }
+        self.ended.wait(Duration::from_secs(30));
     }
 }
 

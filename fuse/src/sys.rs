@@ -218,6 +218,17 @@ pub(crate) fn set_read_ahead_kib(dev: &str, kib: u32) -> bool {
 
 /// `mount(2)` of a filesystem with a data string.
 pub(crate) fn mount_fs(source: &str, target: &Path, fstype: &str, data: &str) -> io::Result<()> {
+    mount_fs_flags(source, target, fstype, 0, data)
+}
+
+/// `mount(2)` with mount flags (`MS_RDONLY`…) and a data string.
+pub(crate) fn mount_fs_flags(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
     let src = cstr(OsStr::new(source))?;
     let tgt = cstr(target.as_os_str())?;
     let ty = cstr(OsStr::new(fstype))?;
@@ -228,8 +239,29 @@ pub(crate) fn mount_fs(source: &str, target: &Path, fstype: &str, data: &str) ->
             src.as_ptr(),
             tgt.as_ptr(),
             ty.as_ptr(),
-            0,
+            flags,
             data.as_ptr() as *const libc::c_void,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `FUSE_DEV_IOC_BACKING_CLOSE`: `_IOW(229, 2, uint32_t)` (linux/fuse.h).
+const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = 0x4004_e502;
+
+/// Closes the backing id `id` registered on the FUSE device `dev`.
+pub(crate) fn fuse_backing_close(dev: std::os::fd::BorrowedFd<'_>, id: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the ioctl reads one u32 through a pointer valid during the call.
+    let rc = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            FUSE_DEV_IOC_BACKING_CLOSE,
+            &id as *const u32,
         )
     };
     if rc == 0 {

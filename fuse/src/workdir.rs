@@ -313,6 +313,9 @@ impl WorkDir {
             &lower,
             &mo,
             None,
+            // A task reads its base through the overlay, often many small
+            // files: zero-message opens, as for the views mount.
+            false,
         )?);
         Ok(())
     }

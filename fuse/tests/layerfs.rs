@@ -1,6 +1,7 @@
 //! LayerFs against real FUSE mounts: every fixture equals its checkout, big
 //! files and big directories, concurrency, unmounting while busy, tracing,
-//! stale mounts of a killed process, and an ordinary user through fusermount3.
+//! stale mounts of a killed process, an ordinary user through fusermount3,
+//! and FUSE passthrough (reads the kernel does itself) and its fallback.
 //!
 //! Under `CI=true` a machine without FUSE fails these tests.
 
@@ -15,7 +16,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::*;
-use strata_fuse::{mount_layers, Error, Layers, MountOptions};
+use strata_fuse::{mount_layers, Error, Layers, MountOptions, ReadPath, PASSTHROUGH_ENV};
 use strata_store::{Digest, Entry, Name, OpenMode, RelPath, Store, StoreUrl, Tree};
 
 fn opts() -> MountOptions {
@@ -116,6 +117,12 @@ fn views_come_and_go_while_mounted() {
     let layers: Vec<Digest> = fixtures.iter().map(|(_, d)| t.ingest(d)).collect();
     let mnt = t.mkdir("mnt");
     let m = mount_layers(&t.store, &Layers::Views, &mnt, &opts()).expect("mount views");
+    // Tasks read small inputs through views: opens cost no request there.
+    assert!(
+        matches!(m.read_path(), ReadPath::Served(_)),
+        "{:?}",
+        m.read_path()
+    );
     assert_eq!(fs::read_dir(&mnt).expect("list").count(), 0, "starts empty");
     // A name that is not served yet: the miss must not be cached.
     assert!(!mnt.join("v1").exists());
@@ -545,13 +552,30 @@ fn helper_process() {
                 std::thread::park();
             }
         }
+        "served" => {
+            // The parent set CI_FUSE_PASSTHROUGH=0.
+            let path = m.read_path();
+            assert_eq!(path, ReadPath::Served(format!("{PASSTHROUGH_ENV}=0")));
+            let content = fs::read(mnt.join("big.bin")).expect("read through a served mount");
+            assert!(m.read_requests() > 0, "reads are requests when served");
+            say(&format!("blake3={}", blake3::hash(&content).to_hex()));
+            m.unmount().expect("unmount");
+            say("ok");
+        }
         "user" => {
             assert!(
                 !m.privileged(),
                 "an ordinary user mounts through fusermount3"
             );
+            // No CAP_SYS_ADMIN: the probe is refused, reads are served.
+            let path = m.read_path();
+            assert!(
+                matches!(&path, ReadPath::Served(why) if why.contains("CAP_SYS_ADMIN")),
+                "{path:?}"
+            );
             let content = fs::read(mnt.join("hello.txt")).expect("read through the user's mount");
             assert_eq!(content, b"hello\n");
+            assert!(m.read_requests() > 0, "served reads are requests");
             say(&format!("allow_other={}", m.allow_other()));
             m.unmount().expect("unmount as a user");
             say("ok");
@@ -692,4 +716,141 @@ fn an_ordinary_user_mounts_through_fusermount3() {
         "{stdout}"
     );
     assert!(!is_mounted(&mnt));
+}
+
+/// Files of every interesting size, written to `src`; returns their names
+/// and contents.
+fn passthrough_files(src: &Path) -> Vec<(&'static str, Vec<u8>)> {
+    let mut rng = Rng(0xb10b);
+    let mut bytes = |n: usize| (0..n).map(|_| rng.next() as u8).collect::<Vec<u8>>();
+    let files = vec![
+        ("big.bin", bytes((48 << 20) + 4097)),
+        ("odd.bin", bytes(300_001)),
+        ("small.txt", b"hello\n".to_vec()),
+        ("empty", Vec::new()),
+    ];
+    for (name, content) in &files {
+        write(&src.join(name), content);
+    }
+    files
+}
+
+/// The backing ids held once the kernel has sent every release queued so
+/// far: the lookup of a name never seen is answered after them (one
+/// session thread, requests in order).
+fn backing_ids_settled(m: &strata_fuse::MountHandle, probe: &str) -> usize {
+    let _ = fs::metadata(m.mountpoint().join(probe));
+    m.backing_ids()
+}
+
+#[test]
+fn passthrough_reads_make_no_requests_and_give_the_right_bytes() {
+    if !require_fuse("passthrough_reads_make_no_requests_and_give_the_right_bytes") {
+        return;
+    }
+    assert!(
+        std::env::var_os(PASSTHROUGH_ENV).is_none(),
+        "unset {PASSTHROUGH_ENV} to run this test"
+    );
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root,
+        "FUSE passthrough needs CAP_SYS_ADMIN: run the FUSE tests as root (`./scripts/test` does)"
+    );
+    let t = TestStore::new();
+    let src = t.mkdir("src");
+    let files = passthrough_files(&src);
+    let layer = t.ingest(&src);
+    let mnt = t.mkdir("mnt");
+    let m = mount_layers(&t.store, &Layers::One(layer), &mnt, &opts()).expect("mount");
+    assert_eq!(
+        m.read_path(),
+        ReadPath::Passthrough,
+        "this kernel (6.9+) passes reads through"
+    );
+
+    for (name, want) in &files {
+        assert!(
+            fs::read(mnt.join(name)).expect("read") == *want,
+            "{name} reads whole"
+        );
+    }
+    let big = &files[0].1;
+    let f = fs::File::open(mnt.join("big.bin")).expect("open");
+    let again = fs::File::open(mnt.join("big.bin")).expect("open again");
+    let small = fs::File::open(mnt.join("small.txt")).expect("open small");
+    assert_eq!(
+        m.backing_ids(),
+        2,
+        "one backing id per open inode, shared by its opens"
+    );
+    let mut buf = vec![0u8; 1 << 20];
+    for at in [
+        0u64,
+        1,
+        4095,
+        4096,
+        1 << 20,
+        (big.len() - 1) as u64,
+        (big.len() - 70_000) as u64,
+    ] {
+        let n = read_full_at(&again, &mut buf, at);
+        let end = (at as usize + buf.len()).min(big.len());
+        assert_eq!(n, end - at as usize, "length read at {at}");
+        assert!(buf[..n] == big[at as usize..end], "bytes at {at}");
+    }
+    assert_eq!(
+        f.read_at(&mut buf[..10], big.len() as u64 + 3)
+            .expect("read past the end"),
+        0
+    );
+    let mut s = String::new();
+    (&small).read_to_string(&mut s).expect("read small");
+    assert_eq!(s, "hello\n");
+    assert_eq!(m.read_requests(), 0, "the kernel read every file itself");
+
+    drop((f, small));
+    assert_eq!(
+        backing_ids_settled(&m, "nothing-1"),
+        1,
+        "big.bin is still open once"
+    );
+    drop(again);
+    assert_eq!(
+        backing_ids_settled(&m, "nothing-2"),
+        0,
+        "the last release closes the backing id"
+    );
+    assert!(m.last_error().is_none(), "{:?}", m.last_error());
+    m.unmount().expect("unmount");
+}
+
+#[test]
+fn with_passthrough_off_every_read_is_served_by_layerfs() {
+    if !require_fuse("with_passthrough_off_every_read_is_served_by_layerfs") {
+        return;
+    }
+    let t = TestStore::new();
+    let src = t.mkdir("src");
+    let files = passthrough_files(&src);
+    let layer = t.ingest(&src);
+    let mnt = t.mkdir("mnt");
+    let exe = std::env::current_exe().expect("test binary");
+    let out = helper("served", &exe, &t.store_path(), &layer, &mnt)
+        .env(PASSTHROUGH_ENV, "0")
+        .output()
+        .expect("run the helper");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "helper failed: {said}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = format!("blake3={}", blake3::hash(&files[0].1).to_hex());
+    assert!(
+        said.contains(&want),
+        "the served mount reads big.bin right: {said}"
+    );
+    assert!(said.contains("ok"), "{said}");
 }

@@ -1,6 +1,7 @@
 //! `ci mount` and `ci umount` with the real binary: Ctrl-C and SIGTERM
 //! leave no mount behind, `--background` returns once the mount is ready,
-//! a mount whose process died is cleaned or reported with its cure.
+//! a mount whose process died is cleaned or reported with its cure, `ci -v
+//! mount` says whether the kernel reads files itself (FUSE passthrough).
 //!
 //! Needs FUSE; under `CI=true` a machine without it fails these tests.
 
@@ -244,5 +245,85 @@ fn wait_gone(pid: u64) {
     unsafe {
         libc::poll(&mut p, 1, 30_000);
         libc::close(fd);
+    }
+}
+
+/// Starts `ci -v mount` in the foreground; returns it and what it printed
+/// on stderr up to its "Mounted" line.
+fn mount_verbose(env: &Env, layer: &str, passthrough: Option<&str>) -> (Foreground, String) {
+    use std::io::BufRead;
+    let mut cmd = ci(env, &["-v", "mount", &layer[..12], "mnt"]);
+    match passthrough {
+        Some(v) => cmd.env("CI_FUSE_PASSTHROUGH", v),
+        None => cmd.env_remove("CI_FUSE_PASSTHROUGH"),
+    };
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ci mount");
+    let err = child.stderr.take().expect("stderr");
+    let mut said = String::new();
+    for line in std::io::BufReader::new(err).lines() {
+        let line = line.expect("read stderr");
+        said.push_str(&line);
+        said.push('\n');
+        if line.starts_with("Mounted") {
+            return (Foreground(Some(child)), said);
+        }
+    }
+    let o = Foreground(Some(child)).wait_with_output();
+    panic!("ci mount did not mount ({}):\n{said}", o.status);
+}
+
+#[test]
+fn ci_v_mount_says_how_files_are_read() {
+    if !fuse_or_fail("ci_v_mount_says_how_files_are_read") {
+        return;
+    }
+    let env = Env::new();
+    sample_tree(&env.path("src"));
+    let big: Vec<u8> = (0..(8u32 << 20) + 3)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(env.path("src/big.bin"), &big).expect("write big.bin");
+    std::fs::write(env.path("src/empty"), b"").expect("write empty");
+    let layer = env.add("src");
+    let mnt = env.path("mnt");
+    std::fs::create_dir(&mnt).expect("create the mount point");
+    let _umount = UmountOnDrop(&env);
+    for (knob, says) in [
+        (
+            None,
+            "File reads: the kernel reads blob files itself (FUSE passthrough)",
+        ),
+        (
+            Some("0"),
+            "File reads: LayerFs serves every read (CI_FUSE_PASSTHROUGH=0)",
+        ),
+    ] {
+        let (child, said) = mount_verbose(&env, &layer, knob);
+        assert!(
+            said.contains(says),
+            "with CI_FUSE_PASSTHROUGH={knob:?}, ci -v mount said:\n{said}"
+        );
+        assert_same_tree(&env.path("src"), &mnt);
+        assert!(
+            std::fs::read(mnt.join("big.bin")).expect("read big.bin") == big,
+            "big.bin's bytes"
+        );
+        // SAFETY: the child is not reaped yet, so its pid is still its own.
+        assert_eq!(
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
+            0
+        );
+        let out = child.wait_with_output();
+        assert!(
+            out.status.success(),
+            "ci mount after Ctrl-C: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!is_mounted(&mnt), "Ctrl-C left the mount behind");
     }
 }

@@ -92,6 +92,9 @@ impl Blob for FileBlob {
         }
         self.0.read_at(buf, offset)
     }
+    fn file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(&self.0))
+    }
 }
 
 /// Above this many blobs to make durable, one `syncfs` is cheaper than one

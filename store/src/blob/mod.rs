@@ -19,6 +19,12 @@ pub trait Blob: Send + Sync {
     fn size(&self) -> u64;
     /// Reads up to `buf.len()` bytes at `offset`; returns 0 at or past the end.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// The open file holding exactly these bytes, for a reader that hands
+    /// the file itself to the kernel (FUSE passthrough); `None` when the
+    /// backend keeps no such file (memory).
+    fn file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// A blob being written: bytes go in, the digest is computed on the way.
