@@ -71,6 +71,9 @@ pub struct IngestReport {
     pub new_blob_bytes: u64,
 }
 
+/// A directory record to put (`Some`) or delete (`None`), by its key.
+type RecordWrite = (Vec<u8>, Option<Vec<u8>>);
+
 /// A file that was read and hashed.
 struct Hashed {
     digest: Digest,
@@ -112,7 +115,7 @@ struct Walk<'a> {
     scan_start_ns: i64,
     /// Encoded trees (digest, bytes) and records (key, value) to write.
     trees: Mutex<Vec<(Digest, Vec<u8>)>>,
-    records: Mutex<Vec<(Vec<u8>, Option<Vec<u8>>)>>,
+    records: Mutex<Vec<RecordWrite>>,
     hashed_files: AtomicU64,
     hashed_bytes: AtomicU64,
     /// Blobs new to the store (identical files hashed in parallel each saw
