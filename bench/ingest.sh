@@ -13,6 +13,7 @@
 #   ci store add COPY (same content at another path: blobs present, stat cache cold),
 #   b3sum over every file, cp -a TREE COPY (+ the sync that flushes it),
 #   git add -A && git write-tree (cold, then again as a no-op),
+#   then both no-ops 5 times, interleaved, reporting the medians side by side,
 #   ci store add of a directory holding the big file (wall time and peak RSS), b3sum of it.
 # Prints a markdown table and the machine facts on stdout; progress goes to stderr.
 #
@@ -144,6 +145,18 @@ export GIT_DIR_ TREE
 measure git "git add -A && git write-tree, cold (new repo)" "$WORK/git.cold" bash -c git_add
 sync
 measure git "git add -A && git write-tree again (no-op)" "$WORK/git.again" bash -c git_add
+
+# The two no-ops side by side, 5 rounds interleaved (load hits both alike): medians.
+CI_NOOP=()
+GIT_NOOP=()
+wall() { /usr/bin/time -f '%e' -o "$WORK/time.out" "$@" >/dev/null 2>&1 && tail -n 1 "$WORK/time.out"; }
+for _ in 1 2 3 4 5; do
+    CI_NOOP+=("$(wall "$CI_BIN" --store "$STORE" store add "$TREE")")
+    GIT_NOOP+=("$(wall bash -c git_add)")
+done
+median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+ROWS+=("| ci | store add TREE unchanged, 5 runs interleaved with git's: median (all) | $(median "${CI_NOOP[@]}") (${CI_NOOP[*]}) | | |")
+ROWS+=("| git | no-op add + write-tree, 5 runs interleaved with ci's: median (all) | $(median "${GIT_NOOP[@]}") (${GIT_NOOP[*]}) | | |")
 
 # The 16 MiB reserve file is space held back, not content.
 RESERVE_MIB=$(disk_mib "$STORE/reserve")

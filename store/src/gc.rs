@@ -287,10 +287,15 @@ impl Store {
                 Ok(Flow::Continue)
             })?;
         }
-        self.meta.scan(Family::StatCache, &[], &mut |k, v| {
-            let d = v.get(48..80).and_then(Digest::from_slice);
-            if d.is_none_or(|d| !live_blobs.contains(&d)) {
-                batch.delete(Family::StatCache, k.to_vec());
+        // The file-level stat cache of older stores is read no more.
+        self.meta.scan(Family::StatCache, &[], &mut |k, _| {
+            batch.delete(Family::StatCache, k.to_vec());
+            Ok(Flow::Continue)
+        })?;
+        // A directory record names its tree, which names its blobs.
+        self.meta.scan(Family::DirCache, &[], &mut |k, v| {
+            if crate::dircache::record_tree(v).is_none_or(|d| !live_trees.contains(&d)) {
+                batch.delete(Family::DirCache, k.to_vec());
             }
             Ok(Flow::Continue)
         })?;
@@ -521,6 +526,7 @@ impl Store {
             Family::Leases,
             Family::Events,
             Family::StatCache,
+            Family::DirCache,
             Family::Remote,
             Family::LazyActions,
         ] {
@@ -635,6 +641,10 @@ impl Store {
                     }),
                     None => problems.push(corrupt(family, k)),
                 },
+                Family::DirCache => match crate::dircache::DirRecord::decode(v) {
+                    Some(r) => need_tree("a directory-cache record", &r.tree, &mut problems),
+                    None => problems.push(corrupt(family, k)),
+                },
                 _ => {}
             }
         }
@@ -725,6 +735,7 @@ impl Store {
             Family::Actions,
             Family::Runs,
             Family::StatCache,
+            Family::DirCache,
         ] {
             self.meta.scan(family, &[], &mut |k, v| {
                 rows.push((family, k.to_vec(), v.to_vec()));
@@ -797,6 +808,11 @@ impl Store {
                         .and_then(Digest::from_slice)
                         .is_some_and(|d| blobs.contains(&d))
                     {
+                        batch.delete(family, k.clone());
+                    }
+                }
+                Family::DirCache => {
+                    if !crate::dircache::record_tree(&v).is_some_and(|d| whole(&d)) {
                         batch.delete(family, k.clone());
                     }
                 }

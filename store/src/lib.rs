@@ -15,6 +15,7 @@ mod checkout;
 mod closure;
 mod diff;
 mod digest;
+pub mod dircache;
 mod error;
 mod gc;
 mod ingest;

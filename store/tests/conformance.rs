@@ -50,6 +50,12 @@ conformance!(
     stat_cache_detects_changes_of_the_same_size,
     ingest_refuses_fifo_and_socket,
     ingest_honours_ignore_files_and_excludes,
+    dircache_file_edited_below_an_unchanged_directory,
+    dircache_entry_added,
+    dircache_entry_removed,
+    dircache_dir_replaced_by_file_and_back,
+    dircache_ignore_file_edited_in_place,
+    dircache_symlink_mode_and_excludes,
     refs_set_get_delete_list,
     resolve_ref_digest_and_prefix,
     diff_kinds,
@@ -846,6 +852,251 @@ fn ingest_honours_ignore_files_and_excludes(new: Backend) {
 // ---------------------------------------------------------------------------
 // Refs and resolve
 // ---------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------
+// The directory cache: each change below must give the tree of what is on
+// disk although every record was trusted (settled) before it.
+// ---------------------------------------------------------------------------
+
+/// A nested tree, materialised, settled and ingested twice (the second time
+/// from the directory cache alone).
+fn warm(t: &TestStore, spec: &Dir, opts: &IngestOptions) -> std::path::PathBuf {
+    let src = t.materialise(spec);
+    wait_until_settled(&src);
+    let first = t.ingest(&src, opts).unwrap();
+    let again = t.ingest(&src, opts).unwrap();
+    assert_eq!(again.layer, first.layer);
+    assert_eq!(
+        again.hashed_files, 0,
+        "[{}] a settled tree comes from the directory cache",
+        t.kind
+    );
+    src
+}
+
+/// Ingests `src` and checks it gives `want`'s tree and stats; returns the
+/// files hashed.
+fn ingest_gives(
+    t: &TestStore,
+    src: &std::path::Path,
+    opts: &IngestOptions,
+    want: &Dir,
+    what: &str,
+) -> u64 {
+    let r = t.ingest(src, opts).unwrap();
+    assert_same(
+        &format!("[{}] {what}", t.kind),
+        &snapshot(&t.checkout_new(&r.layer)),
+        &want.snapshot(),
+    );
+    assert_eq!(r.layer, want.build(t), "[{}] {what}: the layer", t.kind);
+    assert_eq!(r.stats, want.stats(), "[{}] {what}: the stats", t.kind);
+    // And once more: what the changed ingest recorded is right too.
+    let again = t.ingest(src, opts).unwrap();
+    assert_eq!(again.layer, r.layer, "[{}] {what}: ingested again", t.kind);
+    assert_eq!(again.stats, r.stats);
+    r.hashed_files
+}
+
+fn nested() -> Dir {
+    Dir::new().file("top", "t").dir(
+        "a",
+        Dir::new().file("x", "x").dir(
+            "b",
+            Dir::new()
+                .file("deep", "deep")
+                .exec("run", "#!/bin/sh\n")
+                .link("to-deep", "deep")
+                .dir("c", Dir::new().file("leaf", "leaf")),
+        ),
+    )
+}
+
+fn dircache_file_edited_below_an_unchanged_directory(new: Backend) {
+    let t = new();
+    let opts = IngestOptions::default();
+    let src = warm(&t, &nested(), &opts);
+    // Written in place: no directory's mtime moves, only the file's.
+    let dirs = ["", "a", "a/b", "a/b/c"].map(|d| src.join(d));
+    let before: Vec<_> = dirs
+        .iter()
+        .map(|d| fs::metadata(d).unwrap().mtime_nsec())
+        .collect();
+    fs::write(src.join("a/b/c/leaf"), "leaf, longer now").unwrap();
+    let after: Vec<_> = dirs
+        .iter()
+        .map(|d| fs::metadata(d).unwrap().mtime_nsec())
+        .collect();
+    assert_eq!(before, after, "an edit in place leaves directories alone");
+    let want = nested().dir(
+        "a",
+        Dir::new().file("x", "x").dir(
+            "b",
+            Dir::new()
+                .file("deep", "deep")
+                .exec("run", "#!/bin/sh\n")
+                .link("to-deep", "deep")
+                .dir("c", Dir::new().file("leaf", "leaf, longer now")),
+        ),
+    );
+    let hashed = ingest_gives(&t, &src, &opts, &want, "a file edited three levels down");
+    assert_eq!(hashed, 1, "only the edited file is read");
+}
+
+fn dircache_entry_added(new: Backend) {
+    let t = new();
+    let opts = IngestOptions::default();
+    let src = warm(&t, &nested(), &opts);
+    fs::write(src.join("a/b/new"), "new").unwrap();
+    fs::create_dir(src.join("a/b/c/empty")).unwrap();
+    let mut want = nested();
+    if let Some(Node::Dir(a)) = want.0.get_mut(&b"a"[..]) {
+        if let Some(Node::Dir(b)) = a.0.get_mut(&b"b"[..]) {
+            *b = b.clone().file("new", "new");
+            if let Some(Node::Dir(c)) = b.0.get_mut(&b"c"[..]) {
+                *c = c.clone().dir("empty", Dir::new());
+            }
+        }
+    }
+    let hashed = ingest_gives(&t, &src, &opts, &want, "a file and a directory added");
+    assert_eq!(hashed, 1, "only the new file is read");
+}
+
+fn dircache_entry_removed(new: Backend) {
+    let t = new();
+    let opts = IngestOptions::default();
+    let src = warm(&t, &nested(), &opts);
+    fs::remove_file(src.join("a/b/deep")).unwrap();
+    fs::remove_dir_all(src.join("a/b/c")).unwrap();
+    let want = nested().without("a/b/deep").without("a/b/c");
+    let hashed = ingest_gives(&t, &src, &opts, &want, "a file and a directory removed");
+    assert_eq!(hashed, 0, "nothing left needs reading");
+}
+
+fn dircache_dir_replaced_by_file_and_back(new: Backend) {
+    let t = new();
+    let opts = IngestOptions::default();
+    let src = warm(&t, &nested(), &opts);
+    fs::remove_dir_all(src.join("a/b")).unwrap();
+    fs::write(src.join("a/b"), "a file now").unwrap();
+    let want = nested()
+        .without("a/b")
+        .dir("a", Dir::new().file("x", "x").file("b", "a file now"));
+    ingest_gives(&t, &src, &opts, &want, "a directory replaced by a file");
+    // And a directory again under the same path, with other content.
+    fs::remove_file(src.join("a/b")).unwrap();
+    fs::create_dir(src.join("a/b")).unwrap();
+    fs::write(src.join("a/b/other"), "other").unwrap();
+    let want = want.dir(
+        "a",
+        Dir::new()
+            .file("x", "x")
+            .dir("b", Dir::new().file("other", "other")),
+    );
+    ingest_gives(&t, &src, &opts, &want, "a file replaced by a directory");
+}
+
+fn dircache_ignore_file_edited_in_place(new: Backend) {
+    let t = new();
+    let opts = IngestOptions {
+        ignore_files: true,
+        ..Default::default()
+    };
+    let spec = Dir::new().file(".gitignore", "*.log\n").dir(
+        "sub",
+        Dir::new()
+            .file(".gitignore", "*.tmp\n")
+            .file("a.log", "log")
+            .file("b.tmp", "tmp")
+            .file("c.txt", "txt")
+            .dir("d", Dir::new().file("e.log", "e").file("f.tmp", "f")),
+    );
+    let src = warm(&t, &spec, &opts);
+    // The same size, the old mtime put back: only the content tells.
+    let p = src.join("sub/.gitignore");
+    let old = filetime::FileTime::from_last_modification_time(&fs::metadata(&p).unwrap());
+    fs::write(&p, "*.txt\n").unwrap();
+    filetime::set_file_mtime(&p, old).unwrap();
+    let want = spec.clone().dir(
+        "sub",
+        Dir::new()
+            .file(".gitignore", "*.txt\n")
+            .file("b.tmp", "tmp")
+            .dir("d", Dir::new().file("f.tmp", "f")),
+    );
+    ingest_gives(&t, &src, &opts, &want, "a .gitignore edited in place");
+    // The root's rules apply below too: un-ignoring `*.log` there brings
+    // back files two levels down.
+    fs::write(src.join(".gitignore"), "\n").unwrap();
+    let want = want.file(".gitignore", "\n").dir(
+        "sub",
+        Dir::new()
+            .file(".gitignore", "*.txt\n")
+            .file("a.log", "log")
+            .file("b.tmp", "tmp")
+            .dir("d", Dir::new().file("e.log", "e").file("f.tmp", "f")),
+    );
+    ingest_gives(&t, &src, &opts, &want, "the root's .gitignore edited");
+    // A new ignore file where there was none.
+    fs::write(src.join("sub/d/.ignore"), "f.tmp\n").unwrap();
+    let want = want.dir(
+        "sub",
+        Dir::new()
+            .file(".gitignore", "*.txt\n")
+            .file("a.log", "log")
+            .file("b.tmp", "tmp")
+            .dir(
+                "d",
+                Dir::new().file(".ignore", "f.tmp\n").file("e.log", "e"),
+            ),
+    );
+    ingest_gives(&t, &src, &opts, &want, "a new .ignore");
+}
+
+fn dircache_symlink_mode_and_excludes(new: Backend) {
+    let t = new();
+    let opts = IngestOptions::default();
+    let src = warm(&t, &nested(), &opts);
+    fs::remove_file(src.join("a/b/to-deep")).unwrap();
+    std::os::unix::fs::symlink("c/leaf", src.join("a/b/to-deep")).unwrap();
+    fs::set_permissions(src.join("a/x"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(src.join("a/b/run"), fs::Permissions::from_mode(0o644)).unwrap();
+    let want = nested().dir(
+        "a",
+        Dir::new().exec("x", "x").dir(
+            "b",
+            Dir::new()
+                .file("deep", "deep")
+                .file("run", "#!/bin/sh\n")
+                .link("to-deep", "c/leaf")
+                .dir("c", Dir::new().file("leaf", "leaf")),
+        ),
+    );
+    ingest_gives(
+        &t,
+        &src,
+        &opts,
+        &want,
+        "a symlink retargeted, exec bits flipped",
+    );
+    // Settled again, so that the records below are trusted.
+    wait_until_settled(&src);
+    t.ingest(&src, &opts).unwrap();
+    assert_eq!(t.ingest(&src, &opts).unwrap().hashed_files, 0);
+    // The same directories under other options: other rules, other records.
+    let ex = IngestOptions {
+        exclude: vec!["a/b/c/".into()],
+        ..Default::default()
+    };
+    ingest_gives(
+        &t,
+        &src,
+        &ex,
+        &want.clone().without("a/b/c"),
+        "an exclude added",
+    );
+    ingest_gives(&t, &src, &opts, &want, "the exclude gone again");
+}
 
 fn refs_set_get_delete_list(new: Backend) {
     let t = new();

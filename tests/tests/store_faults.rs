@@ -290,10 +290,11 @@ fn blob_path(env: &Env, bytes: &[u8]) -> std::path::PathBuf {
     env.store().join("blobs").join(&hex[..2]).join(&hex[2..])
 }
 
-/// Moves every stat-cache entry's "cached at" 10 s later: entries of files
-/// changed just before are then trusted, as they are once the file has
-/// been left alone a while.
+/// Moves every directory-cache record's "cached at" 10 s later: entries of
+/// files changed just before are then trusted, as they are once the file
+/// has been left alone a while.
 fn settle_stat_cache(env: &Env) {
+    use strata_store::dircache::CACHED_AT_OFFSET as AT;
     use strata_store::{Batch, Family, Flow, OpenMode, Store, StoreUrl};
     let store = Store::open(
         &StoreUrl::Local(env.store().to_owned()),
@@ -304,15 +305,15 @@ fn settle_stat_cache(env: &Env) {
     let mut batch = Batch::new();
     store
         .meta()
-        .scan(Family::StatCache, &[], &mut |k, v| {
+        .scan(Family::DirCache, &[], &mut |k, v| {
             let mut v = v.to_vec();
-            let at = i64::from_le_bytes(v[40..48].try_into().unwrap()) + 10_000_000_000;
-            v[40..48].copy_from_slice(&at.to_le_bytes());
-            batch.put(Family::StatCache, k.to_vec(), v);
+            let at = i64::from_le_bytes(v[AT..AT + 8].try_into().unwrap()) + 10_000_000_000;
+            v[AT..AT + 8].copy_from_slice(&at.to_le_bytes());
+            batch.put(Family::DirCache, k.to_vec(), v);
             Ok(Flow::Continue)
         })
         .unwrap();
-    assert!(!batch.is_empty(), "no stat-cache entries");
+    assert!(!batch.is_empty(), "no directory-cache records");
     store.meta().write(batch).unwrap();
     store.sync().unwrap();
 }

@@ -26,7 +26,9 @@ pub enum Family {
     Runs,
     /// lease id → lease (JSON)
     Leases,
-    /// absolute path → stat fields and content digest
+    /// absolute path → stat fields and content digest: the file-level stat
+    /// cache of stores made before the directory cache; no longer written
+    /// or read (GC drops its records)
     StatCache,
     /// task label → its latest successful output (JSON)
     Labels,
@@ -42,10 +44,13 @@ pub enum Family {
     /// action key → an action entry recorded without its layers (JSON,
     /// `lazy.rs`): a hit of a cache that fetches layers when they are read
     LazyActions,
+    /// absolute directory path → what an ingest saw of that directory
+    /// (`dircache.rs`): the directory cache
+    DirCache,
 }
 
 impl Family {
-    pub const ALL: [Family; 14] = [
+    pub const ALL: [Family; 15] = [
         Family::Trees,
         Family::Layers,
         Family::Lineage,
@@ -60,6 +65,7 @@ impl Family {
         Family::BazelActions,
         Family::Remote,
         Family::LazyActions,
+        Family::DirCache,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +84,7 @@ impl Family {
             Family::BazelActions => "bazel_actions",
             Family::Remote => "remote",
             Family::LazyActions => "lazy_actions",
+            Family::DirCache => "dircache",
         }
     }
 
